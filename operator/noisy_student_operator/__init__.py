@@ -1,0 +1,1 @@
+"""Noisy Student operator: API models, core planner, drivers."""

@@ -1,0 +1,1 @@
+"""Workloads that run inside Noisy Student jobs: data, artifacts, train, label, balance."""
