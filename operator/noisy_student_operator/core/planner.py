@@ -1,0 +1,390 @@
+"""The planner: a pure function from what was observed to what to do next.
+
+`plan_run(run, observation)` takes the run (spec and last status), the observed
+job states and completion markers, and the current time; it returns a `Plan`:
+the actions of this pass (submit or cancel jobs), Events to post, when to look
+again, and the complete next status. It never performs I/O, so every driver —
+the kopf operator, the local runner, tests, `--dry-run` — shares it.
+
+Rules it follows:
+
+* A stage is complete when its completion marker exists (the marker is the last
+  thing a workload writes); a job that succeeded without one has failed.
+* Job names are deterministic, so a job that the backend does not know is
+  submitted again under the same name (create-if-absent), never twice.
+* A failed attempt is retried after `backoffSeconds * 2**failures` (capped),
+  as a new attempt with its own name, until `retry.limit` failures; then the
+  run is Failed with a condition naming the stage.
+* `spec.suspend` cancels the running job and launches nothing; on resume the
+  interrupted stage is submitted again as a new attempt (not counted as a failure).
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+from typing import Any
+
+from ..api import GenerationStatus, JobStatus, RunSpec, RunStatus
+from . import reasons
+from .conditions import is_true, set_condition
+from .layout import BALANCE, STAGE_SUMMARY, STUDENT, RunLayout, Stage, job_name, plan_stages
+from .render import JobRequest, render_job
+
+
+class JobState(str, enum.Enum):
+    """What a backend reports about a job."""
+
+    PENDING = "Pending"
+    RUNNING = "Running"
+    SUCCEEDED = "Succeeded"
+    FAILED = "Failed"
+    CANCELLED = "Cancelled"
+    MISSING = "Missing"  # the backend has no job of that name
+
+    @property
+    def active(self) -> bool:
+        return self in (JobState.PENDING, JobState.RUNNING)
+
+
+ACTIVE_STATES = ("Pending", "Running")
+
+
+@dataclass(frozen=True)
+class JobObservation:
+    state: JobState
+    message: str | None = None
+
+
+@dataclass(frozen=True)
+class RunRef:
+    """The run as the drivers see it."""
+
+    name: str
+    namespace: str
+    spec: RunSpec
+    status: RunStatus
+    generation: int | None = None  # metadata.generation
+
+
+@dataclass(frozen=True)
+class Observation:
+    """What a driver observed this pass."""
+
+    now: datetime
+    jobs: Mapping[str, JobObservation] = field(default_factory=dict)
+    markers: Mapping[Stage, Mapping[str, Any]] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Submit:
+    request: JobRequest
+
+
+@dataclass(frozen=True)
+class Cancel:
+    job: JobStatus
+
+
+@dataclass(frozen=True)
+class Event:
+    type: str  # Normal or Warning
+    reason: str
+    message: str
+
+
+@dataclass
+class Plan:
+    """What to do this pass and the status to write afterwards."""
+
+    status: RunStatus
+    actions: list[Submit | Cancel] = field(default_factory=list)
+    events: list[Event] = field(default_factory=list)
+    requeue_after: float | None = None
+
+    @property
+    def finished(self) -> bool:
+        return is_true(self.status.conditions, reasons.SUCCEEDED) or is_true(
+            self.status.conditions, reasons.FAILED
+        )
+
+    def describe(self) -> str:
+        lines = [f"stage: {self.status.stage} (generation {self.status.generation})"]
+        for action in self.actions:
+            if isinstance(action, Submit):
+                lines.append(f"submit {action.request.name} ({action.request.component})")
+            else:
+                lines.append(f"cancel {action.job.name}")
+        for event in self.events:
+            lines.append(f"event {event.type} {event.reason}: {event.message}")
+        if self.requeue_after is not None:
+            lines.append(f"look again in {self.requeue_after:.0f}s")
+        return "\n".join(lines)
+
+
+def backoff_delay(spec: RunSpec, failures: int) -> float:
+    """Delay before the retry that follows `failures` failed attempts (>= 1)."""
+    retry = spec.retry
+    return float(min(retry.backoff_seconds * 2 ** (failures - 1), retry.max_backoff_seconds))
+
+
+def _generation_from_marker(
+    spec: RunSpec,
+    layout: RunLayout,
+    stage: Stage,
+    marker: Mapping[str, Any],
+    balance_marker: Mapping[str, Any] | None,
+    now: datetime,
+) -> GenerationStatus:
+    metrics = marker.get("metrics") or {}
+    images_used = (balance_marker or {}).get("metrics", {}).get("images")
+    return GenerationStatus(
+        generation=stage.generation,
+        model=spec.model_for(stage.generation),
+        parameters=metrics.get("parameters"),
+        checkpoint=marker.get("checkpoint") or layout.checkpoint_uri(stage.generation),
+        top1=metrics.get("top1"),
+        top5=metrics.get("top5"),
+        images_used=images_used,
+        finished_at=marker.get("finished_at") or now,
+    )
+
+
+class _Pass:
+    """State of one planning pass; `plan_run` is the public entry point."""
+
+    def __init__(self, run: RunRef, observation: Observation) -> None:
+        self.run = run
+        self.spec = run.spec
+        self.now = observation.now
+        self.observation = observation
+        self.layout = RunLayout.for_run(run.spec, run.namespace, run.name)
+        previous = run.status
+        self.jobs = [job.model_copy() for job in previous.jobs]
+        self.generations = {g.generation: g for g in previous.generations}
+        self.conditions = list(previous.conditions)
+        self.events: list[Event] = []
+        self.actions: list[Submit | Cancel] = []
+        self.requeue_after: float | None = None
+        self.next_retry_at: datetime | None = None
+
+    # -- observe ---------------------------------------------------------------
+
+    def refresh_jobs(self) -> None:
+        """Fold observed job states into the job records."""
+        for job in self.jobs:
+            if job.state not in ACTIVE_STATES:
+                continue
+            seen = self.observation.jobs.get(job.name)
+            if seen is None or seen.state is JobState.MISSING:
+                continue
+            if seen.state.active:
+                job.state = seen.state.value
+                continue
+            job.state = "Succeeded" if seen.state is JobState.SUCCEEDED else "Failed"
+            job.finished_at = self.now
+            if seen.state is JobState.CANCELLED:
+                job.message = seen.message or "the job was cancelled outside the operator"
+            elif seen.state is JobState.FAILED:
+                job.message = seen.message or "the job failed"
+
+    def records(self, stage: Stage) -> list[JobStatus]:
+        return [j for j in self.jobs if j.stage == stage.kind and j.generation == stage.generation]
+
+    def teacher_parameters(self, generation: int) -> int | None:
+        teacher = self.generations.get(generation - 1)
+        return teacher.parameters if teacher else None
+
+    # -- decide ----------------------------------------------------------------
+
+    def complete(self, stage: Stage, marker: Mapping[str, Any]) -> bool:
+        """Record a completed stage; False while its job still runs."""
+        records = self.records(stage)
+        for job in records:
+            seen = self.observation.jobs.get(job.name)
+            if job.state in ACTIVE_STATES and seen is not None and seen.state.active:
+                return False  # the marker is written last; the process is exiting
+        for job in records:
+            if job.state in ACTIVE_STATES:
+                job.state = "Succeeded"
+                job.finished_at = self.now
+        if stage.is_training and stage.generation not in self.generations:
+            balance = self.observation.markers.get(Stage(stage.generation, BALANCE))
+            generation = _generation_from_marker(
+                self.spec, self.layout, stage, marker, balance, self.now
+            )
+            self.generations[stage.generation] = generation
+            if stage.kind == STUDENT:
+                top1 = f"{generation.top1:.4f}" if generation.top1 is not None else "unknown"
+                self.event(
+                    "Normal",
+                    reasons.PROMOTED,
+                    f"Student of generation {stage.generation} ({generation.model}, top-1 {top1}) "
+                    "is now the teacher.",
+                )
+            else:
+                self.event("Normal", reasons.STAGE_COMPLETED, f"Completed {stage.describe()}.")
+        return True
+
+    def event(self, type_: str, reason: str, message: str) -> None:
+        self.events.append(Event(type_, reason, message))
+
+    def submit(self, stage: Stage, attempt: int, resubmit: bool = False) -> None:
+        name = job_name(self.run.name, stage, attempt)
+        request = render_job(
+            self.spec, self.layout, name, stage, attempt, self.teacher_parameters(stage.generation)
+        )
+        self.actions.append(Submit(request))
+        existing = next((j for j in self.jobs if j.name == name), None)
+        if existing is None:
+            self.jobs.append(
+                JobStatus(
+                    name=name,
+                    stage=stage.kind,
+                    generation=stage.generation,
+                    attempt=attempt,
+                    state="Pending",
+                    submitted_at=self.now,
+                )
+            )
+        reason = reasons.JOB_RESUBMITTED if resubmit else reasons.JOB_SUBMITTED
+        self.event("Normal", reason, f"Submitted job {name} for {stage.describe()}.")
+
+    def drive(self, stage: Stage) -> str | None:
+        """Act on the current stage; returns a failure message when the run has failed."""
+        records = sorted(self.records(stage), key=lambda j: j.attempt)
+        latest = records[-1] if records else None
+        if self.spec.suspend:
+            for job in records:
+                if job.state in ACTIVE_STATES:
+                    self.actions.append(Cancel(job.model_copy()))
+                    job.state = "Cancelled"
+                    job.finished_at = self.now
+                    job.message = "cancelled because the run was suspended"
+                    self.event("Normal", reasons.JOB_CANCELLED, f"Cancelled job {job.name}: run suspended.")
+            return None
+        if latest is None:
+            self.submit(stage, 0)
+            return None
+        if latest.state in ACTIVE_STATES:
+            seen = self.observation.jobs.get(latest.name)
+            if seen is not None and seen.state is JobState.MISSING:
+                self.submit(stage, latest.attempt, resubmit=True)
+            return None
+        if latest.state == "Succeeded":
+            # Succeeded without a marker (the marker check came first): a failure.
+            latest.state = "Failed"
+            latest.message = "the job succeeded but wrote no completion marker"
+        if latest.state == "Cancelled":
+            self.submit(stage, latest.attempt + 1)
+            return None
+        failures = sum(1 for j in records if j.state == "Failed")
+        if latest.finished_at is None:
+            latest.finished_at = self.now
+        message = latest.message or "the job failed"
+        if failures > self.spec.retry.limit:
+            return (
+                f"Stage {stage.kind} of generation {stage.generation} failed after {failures} attempts: "
+                f"{message} (job {latest.name})."
+            )
+        retry_at = latest.finished_at + timedelta(seconds=backoff_delay(self.spec, failures))
+        if self.now >= retry_at:
+            self.submit(stage, latest.attempt + 1)
+            return None
+        if self.next_retry_at is None:
+            self.event(
+                "Warning",
+                reasons.JOB_FAILED,
+                f"Job {latest.name} failed: {message}; retry {failures} of "
+                f"{self.spec.retry.limit} at {retry_at.isoformat()}.",
+            )
+        self.next_retry_at = retry_at
+        self.requeue_after = max((retry_at - self.now).total_seconds(), 0.0)
+        return None
+
+    # -- report ----------------------------------------------------------------
+
+    def conditions_for(self, state: str, stage: Stage | None, detail: str) -> None:
+        generation = self.run.generation
+        now = self.now
+
+        def put(type_: str, value: bool, reason: str, message: str) -> None:
+            self.conditions = set_condition(
+                self.conditions, type_, value, reason, message, now, generation
+            )
+
+        running = state == "Running"
+        put(reasons.READY, state == "Succeeded",
+            reasons.RUN_SUCCEEDED if state == "Succeeded" else reasons.IN_PROGRESS if running
+            else reasons.RUN_FAILED if state == "Failed" else reasons.RUN_SUSPENDED, detail)
+        put(reasons.PROGRESSING, running,
+            (reasons.WAITING_FOR_RETRY if self.next_retry_at else reasons.STAGE_RUNNING) if running
+            else reasons.COMPLETED if state == "Succeeded"
+            else reasons.RUN_FAILED if state == "Failed" else reasons.RUN_SUSPENDED, detail)
+        put(reasons.SUCCEEDED, state == "Succeeded",
+            reasons.RUN_SUCCEEDED if state == "Succeeded" else reasons.IN_PROGRESS, detail)
+        put(reasons.FAILED, state == "Failed",
+            reasons.STAGE_FAILED if state == "Failed" else reasons.NO_FAILURE,
+            detail if state == "Failed" else "No stage has failed.")
+        put(reasons.SUSPENDED, state == "Suspended",
+            reasons.RUN_SUSPENDED if state == "Suspended" else reasons.NOT_SUSPENDED,
+            detail if state == "Suspended" else "The run is not suspended.")
+
+    def status(self, stage_summary: str, generation: int) -> RunStatus:
+        generations = [self.generations[g] for g in sorted(self.generations)]
+        teacher = generations[-1] if generations else None
+        return RunStatus(
+            observed_generation=self.run.generation,
+            generation=generation,
+            stage=stage_summary,
+            teacher_top1=teacher.top1 if teacher else None,
+            artifacts=self.layout.prefix + "/",
+            next_retry_at=self.next_retry_at,
+            jobs=self.jobs[-50:],
+            generations=generations,
+            conditions=self.conditions,
+        )
+
+
+def plan_run(run: RunRef, observation: Observation) -> Plan:
+    """Decide this pass's actions and the next status of `run`."""
+    work = _Pass(run, observation)
+    if is_true(run.status.conditions, reasons.FAILED):
+        # A failed run stays failed: nothing is submitted again.
+        return Plan(status=run.status.model_copy(update={"observed_generation": run.generation}))
+    work.refresh_jobs()
+    current: Stage | None = None
+    for stage in plan_stages(run.spec):
+        marker = observation.markers.get(stage)
+        if marker is not None and work.complete(stage, marker):
+            continue
+        current = stage
+        break
+
+    if current is None:
+        last = len(run.spec.students)
+        work.conditions_for("Succeeded", None, f"All {last} student generations are trained.")
+        if not is_true(run.status.conditions, reasons.SUCCEEDED):
+            work.event("Normal", reasons.RUN_SUCCEEDED, "The run has trained every generation.")
+        return Plan(work.status("Succeeded", last), work.actions, work.events)
+
+    failure = work.drive(current)
+    if failure is not None:
+        work.conditions_for("Failed", current, failure)
+        work.event("Warning", reasons.RUN_FAILED, failure)
+        return Plan(work.status("Failed", current.generation), work.actions, work.events)
+    if run.spec.suspend:
+        work.conditions_for("Suspended", current, f"Suspended before {current.describe()}.")
+        return Plan(work.status("Suspended", current.generation), work.actions, work.events)
+    detail = f"Running {current.describe()}."
+    if work.next_retry_at is not None:
+        detail = f"Waiting to retry {current.describe()}."
+    work.conditions_for("Running", current, detail)
+    return Plan(
+        work.status(STAGE_SUMMARY[current.kind], current.generation),
+        work.actions,
+        work.events,
+        work.requeue_after,
+    )

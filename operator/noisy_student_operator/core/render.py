@@ -1,0 +1,149 @@
+"""Render the job request of a stage: component name, its arguments and the workload config.
+
+The config dictionaries are the contract with the workload entry points in
+`noisy_student_workloads` (train, label, balance); the component names and
+arguments are those of `noisy_student_workloads.components`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from ..api import RunSpec
+from .layout import BALANCE, LABEL, PREPARE, STUDENT, TEACHER, RunLayout, Stage, join_uri
+
+
+@dataclass(frozen=True)
+class JobRequest:
+    """Everything a job backend needs to submit one stage attempt."""
+
+    name: str
+    stage: Stage
+    attempt: int
+    component: str
+    args: dict[str, Any] = field(default_factory=dict)
+    config: dict[str, Any] | None = None
+
+
+def render_train_config(
+    spec: RunSpec, layout: RunLayout, generation: int, teacher_parameters: int | None
+) -> dict[str, Any]:
+    urls = layout.data_urls(spec)
+    student = generation > 0
+    noised = student or spec.teacher.noise
+    noise = spec.noise
+    pseudo = None
+    teacher = None
+    if student:
+        pseudo = {
+            "manifest": layout.stage_uri(Stage(generation, BALANCE), "manifest.npz"),
+            "unlabeled": urls["unlabeled"],
+            "type": spec.pseudo_labels.type,
+            "temperature": spec.pseudo_labels.temperature,
+            "ratio": spec.training.unlabeled_ratio,
+        }
+        teacher = {"model": spec.model_for(generation - 1), "parameters": teacher_parameters}
+    rand_augment = noise.rand_augment if noised else None
+    return {
+        "role": STUDENT if student else TEACHER,
+        "model": spec.model_for(generation),
+        "num_classes": spec.data.num_classes,
+        "image_size": spec.data.image_size,
+        "labeled": urls["labeled"],
+        "validation": urls["validation"],
+        "pseudo": pseudo,
+        "noise": {
+            "rand_augment": (
+                {"ops": rand_augment.ops, "magnitude": rand_augment.magnitude} if rand_augment else None
+            ),
+            "dropout": noise.dropout if noised else 0.0,
+            "stochastic_depth": noise.stochastic_depth if noised else 0.0,
+        },
+        "epochs": spec.epochs_for(generation),
+        "batch_size": spec.training.batch_size,
+        "lr": spec.training.learning_rate,
+        "weight_decay": spec.training.weight_decay,
+        "optimizer": spec.training.optimizer,
+        "warmup_epochs": spec.training.warmup_epochs,
+        "seed": spec.training.seed + generation,
+        "teacher": teacher,
+        "allow_smaller_student": spec.training.allow_smaller_student,
+        "workers": spec.resources.workers,
+        "output": layout.stage_uri(Stage(generation, STUDENT if student else TEACHER)) + "/",
+    }
+
+
+def render_label_config(spec: RunSpec, layout: RunLayout, generation: int) -> dict[str, Any]:
+    return {
+        "checkpoint": layout.checkpoint_uri(generation - 1),
+        "unlabeled": layout.data_urls(spec)["unlabeled"],
+        "batch_size": max(256, spec.training.batch_size),
+        "topk": 5,
+        "output": layout.stage_uri(Stage(generation, LABEL)) + "/",
+    }
+
+
+def render_balance_config(spec: RunSpec, layout: RunLayout, generation: int) -> dict[str, Any]:
+    pseudo = spec.pseudo_labels
+    return {
+        "labels": layout.stage_uri(Stage(generation, LABEL)) + "/",
+        "num_classes": spec.data.num_classes,
+        "confidence_threshold": pseudo.confidence_threshold,
+        "images_per_class": pseudo.images_per_class,
+        "balance": pseudo.balance,
+        "seed": spec.training.seed + generation,
+        "output": layout.stage_uri(Stage(generation, BALANCE)) + "/",
+    }
+
+
+def _replica_args(spec: RunSpec) -> dict[str, Any]:
+    resources = spec.resources
+    return {
+        "image": resources.image,
+        "cpu": resources.cpu,
+        "gpu": resources.gpu,
+        "memMB": resources.memory_mi_b,
+    }
+
+
+def render_job(
+    spec: RunSpec,
+    layout: RunLayout,
+    name: str,
+    stage: Stage,
+    attempt: int,
+    teacher_parameters: int | None,
+) -> JobRequest:
+    """The job request of one attempt of `stage`."""
+    args = _replica_args(spec)
+    if stage.kind == PREPARE:
+        prepare = spec.data.prepare
+        assert prepare is not None  # plan_stages adds the stage only with prepare
+        args.pop("gpu")
+        args.update(
+            source=prepare.source,
+            output=join_uri(layout.prefix, "data") + "/",
+            labels_per_class=prepare.labels_per_class,
+            seed=prepare.seed,
+            shard_size=prepare.shard_size,
+            path=prepare.path,
+            validation_size=prepare.validation_size,
+        )
+        return JobRequest(name, stage, attempt, "prepare", args, None)
+    if stage.kind in (TEACHER, STUDENT):
+        resources = spec.resources
+        nodes = resources.nodes
+        args.update(
+            nnodes=str(nodes.min) if nodes.min == nodes.max else f"{nodes.min}:{nodes.max}",
+            nproc_per_node=resources.procs_per_node,
+        )
+        config = render_train_config(spec, layout, stage.generation, teacher_parameters)
+        return JobRequest(name, stage, attempt, "train", args, config)
+    if stage.kind == LABEL:
+        args["replicas"] = spec.resources.label_shards
+        return JobRequest(name, stage, attempt, "label", args, render_label_config(spec, layout, stage.generation))
+    if stage.kind == BALANCE:
+        args.pop("gpu")
+        return JobRequest(name, stage, attempt, "balance", args, render_balance_config(spec, layout, stage.generation))
+    raise ValueError(f"unknown stage kind {stage.kind!r}")

@@ -1,0 +1,62 @@
+"""Run files: parsing, defaults, and errors that name the field."""
+
+from pathlib import Path
+
+import pytest
+
+from noisy_student_operator.api import RunFileError, load_run_file, parse_run
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def minimal(**spec_overrides):
+    spec = {
+        "data": {"labeled": "file:///d/l-{0..1}.tar", "unlabeled": "file:///d/u-0.tar",
+                 "validation": "file:///d/v-0.tar", "numClasses": 10},
+        "artifacts": {"uri": "file:///tmp/runs/"},
+        "teacher": {"model": "resnet18"},
+        "students": [{"model": "resnet18"}],
+    }
+    spec.update(spec_overrides)
+    return {"apiVersion": "noisystudent.dev/v1alpha1", "kind": "NoisyStudentRun",
+            "metadata": {"name": "demo"}, "spec": spec}
+
+
+def test_examples_parse():
+    for path in sorted((ROOT / "examples").glob("*.yaml")):
+        run = load_run_file(path)
+        assert run.spec.students, path
+
+
+def test_defaults_fill_in():
+    run = parse_run(minimal())
+    assert run.spec.pseudo_labels.confidence_threshold == 0.3
+    assert run.spec.noise.rand_augment.ops == 2
+    assert run.spec.resources.nodes.min == 1
+    assert run.metadata.namespace == "default"
+
+
+@pytest.mark.parametrize(
+    "overrides, field",
+    [
+        ({"pseudoLabels": {"confidenceThreshold": 1.5}}, "spec.pseudoLabels.confidenceThreshold"),
+        ({"pseudoLabels": {"imagesPerClass": 0}}, "spec.pseudoLabels"),
+        ({"students": []}, "spec.students"),
+        ({"training": {"batchSize": 0}}, "spec.training.batchSize"),
+        ({"resources": {"nodes": {"min": 3, "max": 2}}}, "spec.resources.nodes"),
+        ({"teacher": {"model": "ResNet 18"}}, "spec.teacher.model"),
+        ({"artifacts": {"uri": "http://x"}}, "spec.artifacts.uri"),
+        ({"data": {"numClasses": 10}}, "spec.data"),
+        ({"trainig": {}}, "spec.trainig"),
+    ],
+)
+def test_invalid_specs_name_the_field(overrides, field):
+    with pytest.raises(RunFileError) as error:
+        parse_run(minimal(**overrides), "run.yaml")
+    assert field in str(error.value)
+    assert "run.yaml" in str(error.value)
+
+
+def test_missing_file_is_named(tmp_path):
+    with pytest.raises(RunFileError, match="nope.yaml: no such file"):
+        load_run_file(tmp_path / "nope.yaml")
