@@ -1,0 +1,280 @@
+"""Job backends: the narrow seam between the core's job requests and a scheduler.
+
+`TorchXJobBackend` builds each stage's `AppDef` with the components of
+`noisy_student_workloads.components` and submits it through a TorchX runner:
+
+* `kubernetes` — Volcano Jobs. The dry-run request is renamed to the
+  deterministic job name before `schedule`, labelled, owned by the run, and its
+  pod templates receive the run's S3 Secret by reference (`envFrom`); an
+  AlreadyExists answer means the job was submitted before.
+* `local_cwd` — processes on this host, for the local runner. Handles are only
+  valid in the process that launched them, so a job this process does not know
+  is reported missing and resubmitted by the planner.
+
+Tests use `InMemoryJobBackend`, which implements the same interface.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import threading
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+from .api import API_VERSION, KIND
+from .api import JobStatus as JobRecord
+from .core.planner import JobObservation, JobState
+from .core.render import JobRequest
+
+log = logging.getLogger(__name__)
+
+MANAGED_BY = "noisy-student-operator"
+LABEL_RUN = "noisystudent.dev/run"
+LABEL_STAGE = "noisystudent.dev/stage"
+LABEL_GENERATION = "noisystudent.dev/generation"
+LABEL_ATTEMPT = "noisystudent.dev/attempt"
+
+
+@dataclass(frozen=True)
+class JobContext:
+    """The run a job belongs to."""
+
+    run: str
+    namespace: str
+    uid: str | None = None
+    secret_name: str | None = None
+    queue: str = "default"
+    env: dict[str, str] = field(default_factory=dict)
+
+    def labels(self, request: JobRequest) -> dict[str, str]:
+        return {
+            "app.kubernetes.io/managed-by": MANAGED_BY,
+            LABEL_RUN: self.run,
+            LABEL_STAGE: request.stage.kind,
+            LABEL_GENERATION: str(request.stage.generation),
+            LABEL_ATTEMPT: str(request.attempt),
+        }
+
+
+class JobBackend(Protocol):
+    """Submit, observe and cancel stage jobs by their deterministic names."""
+
+    def submit(self, request: JobRequest, context: JobContext) -> str:
+        """Create the job if absent; return its handle."""
+
+    def observe(self, jobs: Sequence[JobRecord], context: JobContext) -> dict[str, JobObservation]:
+        """Current state of each job, by name (`MISSING` when the scheduler has none)."""
+
+    def cancel(self, job: JobRecord, context: JobContext) -> None:
+        """Stop a job; a job that no longer exists is not an error."""
+
+    def log_tail(self, job: JobRecord, lines: int = 40) -> str | None:
+        """The end of the job's log, when the backend can read it."""
+
+
+def render_app(request: JobRequest, image: str, env: dict[str, str]) -> Any:
+    """The TorchX `AppDef` of a job request (imports TorchX, not torch)."""
+    from noisy_student_workloads import components
+
+    args = dict(request.args)
+    args["image"] = image
+    args["env"] = env
+    args["name"] = request.name
+    if request.config is not None:
+        args["config"] = json.dumps(request.config, separators=(",", ":"), sort_keys=True)
+    component = getattr(components, request.component)
+    return component(**args)
+
+
+def _state_of(app_state: Any) -> JobState:
+    from torchx.specs import AppState
+
+    return {
+        AppState.UNSUBMITTED: JobState.PENDING,
+        AppState.SUBMITTED: JobState.PENDING,
+        AppState.PENDING: JobState.PENDING,
+        AppState.RUNNING: JobState.RUNNING,
+        AppState.SUCCEEDED: JobState.SUCCEEDED,
+        AppState.FAILED: JobState.FAILED,
+        AppState.CANCELLED: JobState.CANCELLED,
+    }.get(app_state, JobState.PENDING)
+
+
+def patch_volcano_job(resource: dict[str, Any], request: JobRequest, context: JobContext) -> None:
+    """Rename, label and own the Volcano Job; give its pods the Secret by reference."""
+    from kubernetes import client
+
+    metadata = resource.setdefault("metadata", {})
+    metadata["name"] = request.name
+    metadata["namespace"] = context.namespace
+    metadata.pop("generateName", None)
+    labels = context.labels(request)
+    metadata.setdefault("labels", {}).update(labels)
+    if context.uid:
+        metadata["ownerReferences"] = [
+            {
+                "apiVersion": API_VERSION,
+                "kind": KIND,
+                "name": context.run,
+                "uid": context.uid,
+                "controller": True,
+                "blockOwnerDeletion": True,
+            }
+        ]
+    for task in resource["spec"]["tasks"]:
+        pod = task["template"]
+        pod.metadata = pod.metadata or client.V1ObjectMeta()
+        pod.metadata.labels = {**(pod.metadata.labels or {}), **labels}
+        if context.secret_name:
+            for container in pod.spec.containers:
+                container.env_from = (container.env_from or []) + [
+                    client.V1EnvFromSource(secret_ref=client.V1SecretEnvSource(name=context.secret_name))
+                ]
+
+
+class TorchXJobBackend:
+    """Jobs through a TorchX runner on the `kubernetes` or `local_cwd` scheduler."""
+
+    def __init__(
+        self,
+        scheduler: str,
+        session: str = "noisy-student",
+        local_root: Path | None = None,
+        runner: Any = None,
+    ) -> None:
+        from torchx.runner import get_runner
+
+        if scheduler not in ("kubernetes", "local_cwd"):
+            raise ValueError(f"scheduler: unsupported TorchX scheduler {scheduler!r}")
+        self.scheduler = scheduler
+        self.session = session
+        self.runner = runner or get_runner(name=session)
+        self.local_root = local_root
+        self._handles: dict[str, str] = {}  # local_cwd: name -> handle of this process
+        self._log_dirs: dict[str, str] = {}
+        self._lock = threading.Lock()
+
+    # -- kubernetes ------------------------------------------------------------
+
+    def _k8s_handle(self, name: str, namespace: str) -> str:
+        return f"kubernetes://{self.session}/{namespace}:{name}"
+
+    def _submit_kubernetes(self, request: JobRequest, context: JobContext, image: str) -> str:
+        app = render_app(request, image, dict(context.env))
+        cfg = {"queue": context.queue, "namespace": context.namespace, "validate_spec": False}
+        dryrun = self.runner.dryrun(app, "kubernetes", cfg=cfg)
+        patch_volcano_job(dryrun.request.resource, request, context)
+        try:
+            self.runner.schedule(dryrun)
+        except ValueError as error:
+            cause = error.__cause__
+            if getattr(cause, "status", None) != 409:
+                raise
+            log.info("job %s already exists; treating it as submitted", request.name)
+        return self._k8s_handle(request.name, context.namespace)
+
+    # -- local_cwd -------------------------------------------------------------
+
+    def _submit_local(self, request: JobRequest, context: JobContext) -> str:
+        from noisy_student_workloads.components import local_env
+
+        root = self.local_root or Path.cwd()
+        workdir = root / "work"
+        workdir.mkdir(parents=True, exist_ok=True)
+        env = local_env({"PYTHONUNBUFFERED": "1", **context.env})
+        app = render_app(request, str(workdir), env)
+        cfg = {"log_dir": str(root / "logs")}
+        dryrun = self.runner.dryrun(app, "local_cwd", cfg=cfg)
+        handle = self.runner.schedule(dryrun)
+        with self._lock:
+            self._handles[request.name] = handle
+            self._log_dirs[request.name] = dryrun.request.log_dir
+        return handle
+
+    # -- interface ---------------------------------------------------------------
+
+    def submit(self, request: JobRequest, context: JobContext) -> str:
+        image = request.args.get("image", "")
+        if self.scheduler == "kubernetes":
+            return self._submit_kubernetes(request, context, image)
+        return self._submit_local(request, context)
+
+    def _handle(self, job: JobRecord, context: JobContext) -> str | None:
+        if self.scheduler == "kubernetes":
+            return job.handle or self._k8s_handle(job.name, context.namespace)
+        return self._handles.get(job.name)
+
+    def observe(self, jobs: Sequence[JobRecord], context: JobContext) -> dict[str, JobObservation]:
+        observed: dict[str, JobObservation] = {}
+        for job in jobs:
+            handle = self._handle(job, context)
+            if handle is None:
+                observed[job.name] = JobObservation(JobState.MISSING)
+                continue
+            status = self.runner.status(handle)
+            if status is None:
+                observed[job.name] = JobObservation(JobState.MISSING)
+                continue
+            state = _state_of(status.state)
+            message = None
+            if state is JobState.FAILED:
+                message = (status.msg or "").strip() or None
+                if self.scheduler == "local_cwd":
+                    message = message or "a process exited with an error"
+            observed[job.name] = JobObservation(state, message)
+        return observed
+
+    def cancel(self, job: JobRecord, context: JobContext) -> None:
+        handle = self._handle(job, context)
+        if handle is None:
+            return
+        try:
+            self.runner.cancel(handle)
+        except Exception as error:  # the job may be gone already
+            if getattr(error, "status", None) == 404:
+                return
+            log.warning("could not cancel %s: %s", job.name, error)
+
+    def log_tail(self, job: JobRecord, lines: int = 40) -> str | None:
+        log_dir = self._log_dirs.get(job.name)
+        if not log_dir or not os.path.isdir(log_dir):
+            return None
+        files = sorted(Path(log_dir).rglob("stderr.log")) or sorted(Path(log_dir).rglob("*.log"))
+        chunks = []
+        for path in files:
+            text = path.read_text(errors="replace").splitlines()
+            if text:
+                chunks.append(f"==> {path.relative_to(log_dir)} <==\n" + "\n".join(text[-lines:]))
+        return "\n".join(chunks) or None
+
+
+class InMemoryJobBackend:
+    """A backend whose jobs are entries in a dict: for unit tests of the drivers."""
+
+    def __init__(self) -> None:
+        self.jobs: dict[str, JobState] = {}
+        self.requests: dict[str, JobRequest] = {}
+        self.submissions: list[str] = []
+        self.cancelled: list[str] = []
+
+    def submit(self, request: JobRequest, context: JobContext) -> str:
+        self.submissions.append(request.name)
+        if request.name not in self.jobs:
+            self.jobs[request.name] = JobState.RUNNING
+            self.requests[request.name] = request
+        return f"memory://{context.namespace}/{request.name}"
+
+    def observe(self, jobs: Sequence[JobRecord], context: JobContext) -> dict[str, JobObservation]:
+        return {j.name: JobObservation(self.jobs.get(j.name, JobState.MISSING)) for j in jobs}
+
+    def cancel(self, job: JobRecord, context: JobContext) -> None:
+        self.cancelled.append(job.name)
+        if job.name in self.jobs:
+            self.jobs[job.name] = JobState.CANCELLED
+
+    def log_tail(self, job: JobRecord, lines: int = 40) -> str | None:
+        return None

@@ -1,0 +1,137 @@
+"""The `noisy-student` command line.
+
+    noisy-student run RUN.yaml [--artifacts URI] [--output text|json] [--dry-run]
+    noisy-student status RUN.yaml [--artifacts URI] [--output text|json]
+    noisy-student crd
+    noisy-student operator [--namespace NS ... | --all-namespaces]
+    noisy-student data pack --source mnist --labels-per-class 40 --output file:///tmp/mnist/
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+
+from rich.console import Console
+
+from .api import RunFileError, load_run_file
+
+
+def _run_parser(sub: argparse._SubParsersAction, name: str, help_: str) -> argparse.ArgumentParser:
+    parser = sub.add_parser(name, help=help_)
+    parser.add_argument("file", help="run file (the YAML that `kubectl apply -f` takes)")
+    parser.add_argument("--artifacts", help="artifact prefix URI or directory, replacing spec.artifacts.uri")
+    parser.add_argument("--output", "-o", choices=("text", "json"), default="text")
+    return parser
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="noisy-student", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--verbose", "-v", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", required=True)
+    run = _run_parser(sub, "run", "run a NoisyStudentRun on this machine (TorchX local_cwd)")
+    run.add_argument("--dry-run", action="store_true", help="print the next pass's plan and exit")
+    _run_parser(sub, "status", "print the status of a local run")
+    crd = sub.add_parser("crd", help="print the CustomResourceDefinition generated from the API models")
+    crd.add_argument("--output-file", help="write to this file instead of stdout")
+    op = sub.add_parser("operator", help="run the kopf operator")
+    scope = op.add_mutually_exclusive_group()
+    scope.add_argument("--namespace", "-n", action="append", default=[], help="namespace to watch (repeatable)")
+    scope.add_argument("--all-namespaces", "-A", action="store_true", help="watch every namespace")
+    op.add_argument("--metrics-port", type=int, default=8080, help="Prometheus port (0 disables)")
+    op.add_argument("--liveness", default="http://0.0.0.0:8081/healthz", help="kopf liveness endpoint")
+    op.add_argument("--scheduler", choices=("kubernetes", "local_cwd"), default=None,
+                    help="override every run's spec.scheduler.name (local_cwd: jobs on the operator's host)")
+    op.add_argument("--interval", type=float, default=10.0, help="seconds between re-observations")
+    sub.add_parser("data", help="pack data sets into shards (see `noisy-student data --help`)", add_help=False)
+    return parser
+
+
+def _status_json(status) -> str:
+    return json.dumps(status.to_api(), indent=2, sort_keys=True)
+
+
+def cmd_run(args: argparse.Namespace, console: Console) -> int:
+    from .core.planner import RunRef, plan_run
+    from .local import LocalRunner, RunFailed, render_table, with_artifacts
+
+    run = with_artifacts(load_run_file(args.file), args.artifacts)
+    runner = LocalRunner(run, console=console)
+    if args.dry_run:
+        status = runner.status_file.load()
+        observation = runner.reconciler.observe(runner.ref(status), runner.context)
+        print(plan_run(runner.ref(status), observation).describe())
+        return 0
+    try:
+        status = runner.execute()
+    except RunFailed as failure:
+        console.print(f"[red]Run {run.metadata.name} failed[/red]: {failure}")
+        return 1
+    except KeyboardInterrupt:
+        return 130
+    if args.output == "json":
+        print(_status_json(status))
+    else:
+        Console().print(render_table(status))
+        console.print(f"Plot: {runner.layout.prefix}/top1.png   Status: {runner.layout.status_uri}")
+    return 0
+
+
+def cmd_status(args: argparse.Namespace, console: Console) -> int:
+    from .local import StatusFile, render_table, with_artifacts
+
+    run = with_artifacts(load_run_file(args.file), args.artifacts)
+    status = StatusFile(run).load()
+    if args.output == "json":
+        print(_status_json(status))
+    else:
+        console.print(f"stage: {status.stage}  generation: {status.generation}")
+        Console().print(render_table(status))
+    return 0
+
+
+def cmd_crd(args: argparse.Namespace) -> int:
+    from .crd import render_crd_yaml
+
+    text = render_crd_yaml()
+    if args.output_file:
+        with open(args.output_file, "w") as handle:
+            handle.write(text)
+    else:
+        sys.stdout.write(text)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["data"]:
+        from noisy_student_workloads.data import main as data_main
+
+        return data_main(argv[1:]) or 0
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.WARNING,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    console = Console(stderr=True)
+    try:
+        if args.command == "run":
+            return cmd_run(args, console)
+        if args.command == "status":
+            return cmd_status(args, console)
+        if args.command == "crd":
+            return cmd_crd(args)
+        if args.command == "operator":
+            from .operator_main import run_operator
+
+            return run_operator(args)
+    except RunFileError as error:
+        console.print(f"[red]error[/red]: {error}")
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

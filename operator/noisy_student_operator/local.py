@@ -1,0 +1,249 @@
+"""The local runner: drive a run file on this machine with TorchX `local_cwd` jobs.
+
+It is the second driver of the core (the kopf operator is the first): every
+pass reads the completion markers and job states, plans, submits, and writes
+the status next to the artifacts (`<prefix>/status.json`). A rerun after
+Ctrl-C or a crash reads that status and the markers and resumes without
+redoing completed stages; training resumes from its last epoch checkpoint::
+
+    noisy-student run examples/quickstart.yaml
+    noisy-student status examples/quickstart.yaml --output json
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from noisy_student_workloads.store import ArtifactStore, open_store
+
+from .api import NoisyStudentRun, RunStatus
+from .backend import JobContext, TorchXJobBackend
+from .core import reasons
+from .core.conditions import get_condition, is_true
+from .core.layout import STUDENT, TEACHER, RunLayout, Stage, join_uri, plan_stages
+from .core.planner import Plan, RunRef
+from .reconcile import Reconciler
+
+log = logging.getLogger(__name__)
+
+PLOT_FILE = "top1.png"
+
+
+class RunFailed(RuntimeError):
+    """The run ended Failed; the message names the stage and ends with its log."""
+
+
+def with_artifacts(run: NoisyStudentRun, artifacts: str | None) -> NoisyStudentRun:
+    """The run with `spec.artifacts.uri` replaced (`--artifacts`)."""
+    if not artifacts:
+        return run
+    if "://" not in artifacts:
+        artifacts = Path(artifacts).resolve().as_uri()
+    spec = run.spec.model_copy(
+        update={"artifacts": run.spec.artifacts.model_copy(update={"uri": artifacts})}
+    )
+    return run.model_copy(update={"spec": spec})
+
+
+def local_root(layout: RunLayout) -> Path:
+    """Where local_cwd jobs get their working directory and logs."""
+    if layout.prefix.startswith("file://"):
+        return Path(layout.prefix.removeprefix("file://")) / "local"
+    cache = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache"))
+    return cache / "noisy-student" / "local" / layout.prefix.replace("://", "/")
+
+
+class RunProgress:
+    """One progress bar per stage; training stages count epochs."""
+
+    def __init__(self, console: Console, store: ArtifactStore, layout: RunLayout, run: NoisyStudentRun):
+        self.progress = Progress(
+            TextColumn("{task.description:<34}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TimeElapsedColumn(),
+            TextColumn("{task.fields[note]}"),
+            console=console,
+        )
+        self.store = store
+        self.layout = layout
+        self.spec = run.spec
+        self.tasks: dict[Stage, Any] = {}
+
+    def __enter__(self) -> RunProgress:
+        self.progress.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.progress.stop()
+
+    def _label(self, stage: Stage) -> str:
+        if stage.is_training:
+            role = "teacher" if stage.kind == TEACHER else "student"
+            return f"g{stage.generation} {role} ({self.spec.model_for(stage.generation)})"
+        return f"g{stage.generation} {stage.kind}"
+
+    def update(self, status: RunStatus, done: set[Stage]) -> None:
+        for stage in plan_stages(self.spec):
+            started = any(j.stage == stage.kind and j.generation == stage.generation for j in status.jobs)
+            if stage not in done and not started:
+                continue
+            total = self.spec.epochs_for(stage.generation) if stage.is_training else 1
+            if stage not in self.tasks:
+                self.tasks[stage] = self.progress.add_task(self._label(stage), total=total, note="")
+            task = self.tasks[stage]
+            if stage in done:
+                self.progress.update(task, completed=total, note="done")
+                continue
+            note = ""
+            completed = 0
+            if stage.is_training:
+                progress = self._read_progress(stage)
+                completed = int(progress.get("epoch", 0))
+                if progress.get("top1") is not None:
+                    note = f"top-1 {progress['top1']:.3f}"
+            self.progress.update(task, completed=completed, note=note)
+
+    def _read_progress(self, stage: Stage) -> dict[str, Any]:
+        try:
+            return self.store.get_json(self.layout.stage_uri(stage, "progress.json"))
+        except (FileNotFoundError, ValueError):
+            return {}
+
+
+class StatusFile:
+    """The run's status, kept next to its artifacts (`<prefix>/status.json`)."""
+
+    def __init__(self, run: NoisyStudentRun) -> None:
+        self.layout = RunLayout.for_run(run.spec, run.metadata.namespace, run.metadata.name)
+        self.store = open_store(self.layout.prefix)
+
+    def load(self) -> RunStatus:
+        if self.store.exists(self.layout.status_uri):
+            return RunStatus.model_validate(self.store.get_json(self.layout.status_uri))
+        return RunStatus()
+
+    def save(self, status: RunStatus) -> None:
+        self.store.put_json(self.layout.status_uri, status.to_api())
+
+
+class LocalRunner:
+    """Drive one run to its end on this machine."""
+
+    def __init__(
+        self,
+        run: NoisyStudentRun,
+        console: Console | None = None,
+        poll_seconds: float = 2.0,
+        backend: Any = None,
+    ) -> None:
+        self.run = run
+        self.console = console or Console(stderr=True)
+        self.poll_seconds = poll_seconds
+        self.status_file = StatusFile(run)
+        self.layout = self.status_file.layout
+        self.store = self.status_file.store
+        self.backend = backend or TorchXJobBackend("local_cwd", local_root=local_root(self.layout))
+        self.reconciler = Reconciler(self.backend)
+        self.context = JobContext(run=run.metadata.name, namespace=run.metadata.namespace)
+
+    def ref(self, status: RunStatus) -> RunRef:
+        meta = self.run.metadata
+        return RunRef(meta.name, meta.namespace, self.run.spec, status, meta.generation or 1)
+
+    def execute(self) -> RunStatus:
+        """Run until Succeeded, Failed or Suspended; returns the final status."""
+        status = self.status_file.load()
+        if status.jobs:
+            self.console.print(f"Resuming {self.run.metadata.name} from {self.layout.status_uri}")
+        with RunProgress(self.console, self.store, self.layout, self.run) as progress:
+            try:
+                while True:
+                    plan = self.reconciler.reconcile(self.ref(status), self.context)
+                    status = plan.status
+                    self.status_file.save(status)
+                    self._report(plan)
+                    done = set(self.reconciler.markers.read(self.ref(status)))
+                    progress.update(status, done)
+                    if plan.finished or self.run.spec.suspend:
+                        break
+                    time.sleep(min(plan.requeue_after or self.poll_seconds, self.poll_seconds))
+            except KeyboardInterrupt:
+                cancelled = self.reconciler.cancel_all(self.ref(status), self.context)
+                self.status_file.save(status)
+                self.console.print(
+                    f"Interrupted; cancelled {', '.join(cancelled) or 'nothing'}. "
+                    "Run the same command again to resume."
+                )
+                raise
+        if is_true(status.conditions, reasons.SUCCEEDED):
+            self.write_plot(status)
+        if is_true(status.conditions, reasons.FAILED):
+            raise RunFailed(self.failure_report(status))
+        return status
+
+    def _report(self, plan: Plan) -> None:
+        for event in plan.events:
+            style = "yellow" if event.type == "Warning" else "dim"
+            self.console.print(f"[{style}]{event.reason}: {event.message}[/{style}]")
+
+    def failure_report(self, status: RunStatus) -> str:
+        failed = get_condition(status.conditions, reasons.FAILED)
+        message = failed.message if failed else "the run failed"
+        job = next((j for j in reversed(status.jobs) if j.state == "Failed"), None)
+        tail = self.backend.log_tail(job) if job else None
+        if tail:
+            message += f"\n\nLast lines of the log of {job.name}:\n{tail}"
+        return message
+
+    def write_plot(self, status: RunStatus) -> str:
+        """A PNG of top-1 per generation, stored next to the artifacts."""
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        generations = [g for g in status.generations if g.top1 is not None]
+        figure, axes = plt.subplots(figsize=(5, 3.2), dpi=120)
+        axes.plot([g.generation for g in generations], [g.top1 for g in generations], marker="o")
+        for g in generations:
+            axes.annotate(g.model, (g.generation, g.top1), textcoords="offset points", xytext=(0, 6),
+                          ha="center", fontsize=7)
+        axes.set_xlabel("generation (0 = teacher)")
+        axes.set_ylabel("validation top-1")
+        axes.set_xticks([g.generation for g in generations])
+        axes.set_title(self.run.metadata.name)
+        axes.grid(alpha=0.3)
+        figure.tight_layout()
+        buffer = io.BytesIO()
+        figure.savefig(buffer, format="png")
+        plt.close(figure)
+        uri = join_uri(self.layout.prefix, PLOT_FILE)
+        self.store.put_bytes(uri, buffer.getvalue())
+        return uri
+
+
+def render_table(status: RunStatus) -> Table:
+    """Generation, model, parameters and top-1 of every trained model."""
+    table = Table(title="Noisy Student generations")
+    for column in ("generation", "role", "model", "parameters", "top-1", "top-5"):
+        table.add_column(column, justify="right" if column not in ("role", "model") else "left")
+    for g in status.generations:
+        table.add_row(
+            str(g.generation),
+            "teacher" if g.generation == 0 else STUDENT,
+            g.model,
+            f"{g.parameters:,}" if g.parameters is not None else "-",
+            f"{g.top1:.4f}" if g.top1 is not None else "-",
+            f"{g.top5:.4f}" if g.top5 is not None else "-",
+        )
+    return table
