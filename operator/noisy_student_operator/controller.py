@@ -1,0 +1,184 @@
+"""The operator's reconcile of one NoisyStudentRun, independent of kopf.
+
+`RunController.reconcile(namespace, name)` reads the run fresh from the API
+(so concurrent hints and timers never act on a stale status), runs the shared
+observe → plan → act pass, posts the plan's Events, updates metrics, and
+writes the full status when it changed. Passes over the same run are
+serialised by a per-run lock.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections import defaultdict
+from collections.abc import Callable
+from typing import Any
+
+from . import metrics
+from .api import RunFileError, RunSpec, RunStatus, parse_run
+from .backend import JobBackend, JobContext
+from .core import reasons
+from .core.conditions import is_true, set_condition
+from .core.planner import ACTIVE_STATES, Plan, RunRef, Submit
+from .reconcile import Reconciler, utcnow
+
+log = logging.getLogger(__name__)
+
+EventFn = Callable[[Any, str, str, str], None]
+
+
+class InvalidRun(ValueError):
+    """The stored spec does not validate (something the CRD schema cannot express)."""
+
+
+def _no_events(body: Any, type_: str, reason: str, message: str) -> None:
+    log.info("%s %s: %s", type_, reason, message)
+
+
+class RunController:
+    """Reconcile NoisyStudentRuns stored in the API server."""
+
+    def __init__(
+        self,
+        runs_api: Any,
+        backends: dict[str, JobBackend],
+        reconciler_for: Callable[[JobBackend], Reconciler] = Reconciler,
+        scheduler_override: str | None = None,
+        post_event: EventFn = _no_events,
+    ) -> None:
+        self.runs_api = runs_api
+        self.backends = backends
+        self.reconcilers = {name: reconciler_for(backend) for name, backend in backends.items()}
+        self.scheduler_override = scheduler_override
+        self.post_event = post_event
+        self._locks: dict[str, threading.Lock] = defaultdict(threading.Lock)
+        self._conditions: dict[str, str] = {}
+
+    # -- parsing -----------------------------------------------------------------
+
+    def _ref(self, body: dict[str, Any]) -> RunRef:
+        meta = body["metadata"]
+        document = {key: body[key] for key in ("apiVersion", "kind", "spec") if key in body}
+        document["metadata"] = {"name": meta["name"], "namespace": meta.get("namespace") or "default"}
+        try:
+            run = parse_run(document, f"{document['metadata']['namespace']}/{meta['name']}")
+        except RunFileError as error:
+            raise InvalidRun(str(error)) from None
+        status = RunStatus.model_validate(body.get("status") or {})
+        return RunRef(run.metadata.name, run.metadata.namespace, run.spec, status, meta.get("generation"))
+
+    def _scheduler(self, spec: RunSpec) -> str:
+        return self.scheduler_override or spec.scheduler.name
+
+    def _context(self, body: dict[str, Any], spec: RunSpec) -> JobContext:
+        meta = body["metadata"]
+        secret = spec.artifacts.secret_ref
+        return JobContext(
+            run=meta["name"],
+            namespace=meta.get("namespace") or "default",
+            uid=meta.get("uid"),
+            secret_name=secret.name if secret else None,
+            queue=spec.scheduler.queue,
+        )
+
+    def settled(self, body: Any) -> bool:
+        """Finished (Succeeded or Failed) and no spec change since: nothing to do."""
+        status = body.get("status") or {}
+        conditions = {c.get("type"): c.get("status") for c in status.get("conditions") or []}
+        finished = conditions.get(reasons.SUCCEEDED) == "True" or conditions.get(reasons.FAILED) == "True"
+        return finished and status.get("observedGeneration") == body["metadata"].get("generation")
+
+    # -- passes ------------------------------------------------------------------
+
+    def reconcile(self, namespace: str, name: str) -> Plan | None:
+        started = time.perf_counter()
+        with self._locks[f"{namespace}/{name}"]:
+            body = self.runs_api.get(namespace, name)
+            if body is None or body["metadata"].get("deletionTimestamp"):
+                return None
+            try:
+                plan = self._reconcile(body)
+            except InvalidRun as error:
+                self._mark_invalid(body, str(error))
+                raise
+            except Exception:
+                metrics.RECONCILE_ERRORS.inc()
+                raise
+            finally:
+                metrics.RECONCILE_SECONDS.observe(time.perf_counter() - started)
+        return plan
+
+    def _reconcile(self, body: dict[str, Any]) -> Plan:
+        run = self._ref(body)
+        context = self._context(body, run.spec)
+        reconciler = self.reconcilers[self._scheduler(run.spec)]
+        plan = reconciler.reconcile(run, context)
+        self._record_metrics(run.status, plan)
+        new_status = plan.status.model_dump(mode="json", by_alias=True)
+        old_status = run.status.model_dump(mode="json", by_alias=True)
+        if new_status != old_status:
+            self.runs_api.patch_status(run.namespace, run.name, new_status)
+        for event in plan.events:
+            self.post_event(body, event.type, event.reason, event.message)
+        return plan
+
+    def _mark_invalid(self, body: dict[str, Any], message: str) -> None:
+        meta = body["metadata"]
+        status = RunStatus.model_validate(body.get("status") or {})
+        conditions = set_condition(
+            status.conditions, reasons.FAILED, True, "InvalidSpec", message, utcnow(), meta.get("generation")
+        )
+        patch = {"conditions": [c.model_dump(mode="json", by_alias=True) for c in conditions],
+                 "stage": "Failed", "observedGeneration": meta.get("generation")}
+        self.runs_api.patch_status(meta.get("namespace") or "default", meta["name"], patch)
+        self.post_event(body, "Warning", "InvalidSpec", message)
+
+    def _record_metrics(self, before: RunStatus, plan: Plan) -> None:
+        for action in plan.actions:
+            if isinstance(action, Submit):
+                stage = action.request.stage.kind
+                metrics.JOB_SUBMISSIONS.labels(stage).inc()
+                if action.request.attempt > 0:
+                    metrics.JOB_RETRIES.labels(stage).inc()
+        previous = {j.name: j.state for j in before.jobs}
+        for job in plan.status.jobs:
+            if job.state == "Failed" and previous.get(job.name) != "Failed":
+                metrics.JOB_FAILURES.labels(job.stage).inc()
+            if job.state == "Succeeded" and previous.get(job.name) in ACTIVE_STATES:
+                first = min(
+                    (j.submitted_at for j in plan.status.jobs
+                     if j.stage == job.stage and j.generation == job.generation and j.submitted_at),
+                    default=None,
+                )
+                if first and job.finished_at:
+                    metrics.STAGE_SECONDS.labels(job.stage).observe((job.finished_at - first).total_seconds())
+        condition = next(
+            (t for t in (reasons.FAILED, reasons.SUCCEEDED, reasons.SUSPENDED, reasons.PROGRESSING)
+             if is_true(plan.status.conditions, t)),
+            "Unknown",
+        )
+        key = f"{plan.status.artifacts}"
+        old = self._conditions.get(key)
+        if old != condition:
+            if old is not None:
+                metrics.RUNS.labels(old).dec()
+            metrics.RUNS.labels(condition).inc()
+            self._conditions[key] = condition
+
+    def cancel_all(self, body: dict[str, Any]) -> list[str]:
+        """Cancel the run's running jobs (the run is being deleted)."""
+        try:
+            run = self._ref(body)
+        except InvalidRun:
+            return []
+        context = self._context(body, run.spec)
+        reconciler = self.reconcilers[self._scheduler(run.spec)]
+        with self._locks[f"{run.namespace}/{run.name}"]:
+            cancelled = reconciler.cancel_all(run, context)
+        key = f"{run.status.artifacts}"
+        old = self._conditions.pop(key, None)
+        if old is not None:
+            metrics.RUNS.labels(old).dec()
+        return cancelled

@@ -1,0 +1,103 @@
+"""All kopf handlers of the operator. Each one is thin: it calls `RunController`.
+
+Level-based: a timer re-observes every run; create, resume and spec-update
+events and Volcano Job phase changes are only hints that make the next pass
+come sooner. A pass reads the run fresh from the API, observes, plans, acts,
+and writes the full status. Nothing in a pass sleeps; a failed pass raises
+`kopf.TemporaryError` and kopf retries it.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import kopf
+
+from .api import GROUP, PLURAL, VERSION
+from .controller import InvalidRun, RunController
+
+log = logging.getLogger(__name__)
+
+FINALIZER = f"{GROUP}/finalizer"
+ANNOTATION_PREFIX = GROUP
+
+_controller: RunController | None = None
+
+
+def controller() -> RunController:
+    if _controller is None:
+        raise RuntimeError("the operator is not configured: call handlers.register() first")
+    return _controller
+
+
+def _event(body: Any, type_: str, reason: str, message: str) -> None:
+    kopf.event(body, type=type_, reason=reason, message=message)
+
+
+def reconcile(namespace: str, name: str) -> None:
+    try:
+        controller().reconcile(namespace, name)
+    except InvalidRun as error:
+        raise kopf.PermanentError(str(error)) from error
+    except Exception as error:
+        log.exception("reconcile of %s/%s failed", namespace, name)
+        raise kopf.TemporaryError(f"reconcile failed: {error}", delay=10) from error
+
+
+def on_startup(settings: kopf.OperatorSettings, **_: Any) -> None:
+    settings.persistence.finalizer = FINALIZER
+    # Keep kopf's bookkeeping in our own annotations, never in status or spec.
+    settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix=ANNOTATION_PREFIX)
+    settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(
+        prefix=ANNOTATION_PREFIX, key="last-handled-configuration"
+    )
+    settings.posting.level = logging.WARNING  # Events come from the controller, not from logs
+    settings.watching.server_timeout = 300
+    settings.execution.max_workers = 20
+
+
+def on_run_changed(namespace: str, name: str, **_: Any) -> None:
+    reconcile(namespace, name)
+
+
+def on_timer(namespace: str, name: str, body: Any, **_: Any) -> None:
+    if controller().settled(body):
+        return  # finished and unchanged: nothing to observe
+    reconcile(namespace, name)
+
+
+def on_run_deleted(namespace: str, name: str, body: Any, **_: Any) -> None:
+    cancelled = controller().cancel_all(body)
+    if cancelled:
+        log.info("run %s/%s deleted; cancelled %s", namespace, name, ", ".join(cancelled))
+
+
+def on_job_event(namespace: str, labels: dict[str, str], type: str | None, **_: Any) -> None:
+    """A Volcano Job of a run changed: look at its run now instead of at the next tick."""
+    run = labels.get(f"{GROUP}/run")
+    if run and type in ("MODIFIED", "DELETED"):
+        try:
+            controller().reconcile(namespace, run)
+        except Exception:  # the timer retries; a hint must not fail
+            log.debug("hint reconcile of %s/%s failed", namespace, run, exc_info=True)
+
+
+def register(run_controller: RunController, interval: float = 10.0, watch_jobs: bool = True) -> None:
+    """Install the handlers in kopf's default registry."""
+    global _controller
+    _controller = run_controller
+    run_controller.post_event = _event
+    resource = dict(group=GROUP, version=VERSION, plural=PLURAL)
+    kopf.on.startup()(on_startup)
+    kopf.on.resume(**resource)(on_run_changed)
+    kopf.on.create(**resource)(on_run_changed)
+    kopf.on.update(**resource, field="spec")(on_run_changed)
+    kopf.timer(**resource, interval=interval, initial_delay=interval)(on_timer)
+    kopf.on.delete(**resource)(on_run_deleted)
+    if watch_jobs:
+        kopf.on.event(
+            "batch.volcano.sh", "v1alpha1", "jobs",
+            labels={"app.kubernetes.io/managed-by": "noisy-student-operator"},
+        )(on_job_event)
+

@@ -1,0 +1,41 @@
+"""The operator's narrow seam to the Kubernetes API for NoisyStudentRun objects."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from .api import GROUP, PLURAL, VERSION
+
+
+def load_kube_config() -> None:
+    """In-cluster configuration when running in a pod, else the kubeconfig."""
+    from kubernetes import config
+
+    try:
+        config.load_incluster_config()
+    except config.ConfigException:
+        config.load_kube_config()
+
+
+class RunsApi:
+    """Get NoisyStudentRuns and patch their status subresource."""
+
+    def __init__(self, api_client: Any = None) -> None:
+        from kubernetes import client
+
+        self.api = client.CustomObjectsApi(api_client)
+
+    def get(self, namespace: str, name: str) -> dict[str, Any] | None:
+        from kubernetes.client.rest import ApiException
+
+        try:
+            return self.api.get_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, name)
+        except ApiException as error:
+            if error.status == 404:
+                return None
+            raise
+
+    def patch_status(self, namespace: str, name: str, status: dict[str, Any]) -> None:
+        self.api.patch_namespaced_custom_object_status(
+            GROUP, VERSION, namespace, PLURAL, name, {"status": status}
+        )

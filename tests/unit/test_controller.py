@@ -1,0 +1,142 @@
+"""The operator's reconcile (without kopf): fresh reads, status writes, events, restarts."""
+
+import copy
+
+import pytest
+
+from noisy_student_operator.backend import InMemoryJobBackend
+from noisy_student_operator.controller import InvalidRun, RunController
+from noisy_student_operator.core.planner import JobState
+from noisy_student_operator.reconcile import MarkerReader, Reconciler
+from noisy_student_workloads.store import open_store
+
+
+class InMemoryRunsApi:
+    """The RunsApi seam over a dict, counting calls."""
+
+    def __init__(self):
+        self.objects = {}
+        self.patches = 0
+
+    def add(self, body):
+        body = copy.deepcopy(body)
+        body["metadata"].setdefault("generation", 1)
+        body["metadata"].setdefault("uid", "uid-1")
+        self.objects[(body["metadata"]["namespace"], body["metadata"]["name"])] = body
+
+    def get(self, namespace, name):
+        body = self.objects.get((namespace, name))
+        return copy.deepcopy(body) if body else None
+
+    def patch_status(self, namespace, name, status):
+        self.patches += 1
+        body = self.objects[(namespace, name)]
+        merged = dict(body.get("status") or {})
+        for key, value in status.items():
+            if value is None:
+                merged.pop(key, None)
+            else:
+                merged[key] = value
+        body["status"] = merged
+
+
+@pytest.fixture
+def setup(tmp_path):
+    api = InMemoryRunsApi()
+    backend = InMemoryJobBackend()
+    events = []
+    controller = RunController(
+        api,
+        {"kubernetes": backend},
+        reconciler_for=lambda b: Reconciler(b, MarkerReader()),
+        post_event=lambda body, t, r, m: events.append((t, r, m)),
+    )
+    body = {
+        "apiVersion": "noisystudent.dev/v1alpha1",
+        "kind": "NoisyStudentRun",
+        "metadata": {"name": "demo", "namespace": "ml"},
+        "spec": {
+            "data": {"labeled": "s3://d/l.tar", "unlabeled": "s3://d/u.tar", "validation": "s3://d/v.tar",
+                     "numClasses": 10},
+            "artifacts": {"uri": tmp_path.as_uri() + "/", "secretRef": {"name": "s3-creds"}},
+            "teacher": {"model": "resnet18"},
+            "students": [{"model": "resnet18"}],
+        },
+    }
+    api.add(body)
+    store = open_store(tmp_path.as_uri())
+    return api, backend, controller, events, store, tmp_path.as_uri() + "/ml/demo"
+
+
+def write_marker(store, prefix, path, metrics=None):
+    store.put_json(f"{prefix}/{path}/_DONE.json", {"metrics": metrics or {}})
+
+
+def test_first_pass_submits_teacher_and_writes_status(setup):
+    api, backend, controller, events, store, prefix = setup
+    controller.reconcile("ml", "demo")
+    assert backend.submissions == ["demo-g0-teacher"]
+    status = api.objects[("ml", "demo")]["status"]
+    assert status["stage"] == "Training"
+    assert status["jobs"][0]["handle"] == "memory://ml/demo-g0-teacher"
+    assert status["observedGeneration"] == 1
+    assert [r for _, r, _ in events] == ["JobSubmitted"]
+
+
+def test_idle_pass_writes_nothing(setup):
+    api, backend, controller, events, store, prefix = setup
+    controller.reconcile("ml", "demo")
+    controller.reconcile("ml", "demo")  # Pending -> Running is a change
+    assert api.objects[("ml", "demo")]["status"]["jobs"][0]["state"] == "Running"
+    patches = api.patches
+    controller.reconcile("ml", "demo")
+    controller.reconcile("ml", "demo")
+    assert api.patches == patches
+    assert backend.submissions == ["demo-g0-teacher"]
+
+
+def test_restart_mid_run_never_duplicates_or_redoes(setup):
+    api, backend, controller, events, store, prefix = setup
+    controller.reconcile("ml", "demo")
+    backend.jobs["demo-g0-teacher"] = JobState.SUCCEEDED
+    write_marker(store, prefix, "gen-0/teacher", {"top1": 0.6, "parameters": 10})
+    # A new controller (operator restart) with empty caches.
+    restarted = RunController(api, {"kubernetes": backend})
+    restarted.reconcile("ml", "demo")
+    assert backend.submissions == ["demo-g0-teacher", "demo-g1-label"]
+    # Status lost its record of the label job (killed before the status write): the
+    # planner submits the same name again and the backend treats it as existing.
+    api.objects[("ml", "demo")]["status"]["jobs"] = api.objects[("ml", "demo")]["status"]["jobs"][:1]
+    restarted.reconcile("ml", "demo")
+    assert backend.submissions.count("demo-g1-label") == 2
+    assert len([n for n in backend.jobs if n.startswith("demo-g1-label")]) == 1
+
+
+def test_delete_cancels_running_jobs(setup):
+    api, backend, controller, events, store, prefix = setup
+    controller.reconcile("ml", "demo")
+    body = api.get("ml", "demo")
+    assert controller.cancel_all(body) == ["demo-g0-teacher"]
+    assert backend.jobs["demo-g0-teacher"] is JobState.CANCELLED
+
+
+def test_invalid_stored_spec_marks_failed(setup):
+    api, backend, controller, events, store, prefix = setup
+    api.objects[("ml", "demo")]["spec"]["pseudoLabels"] = {"confidenceThreshold": 2}
+    with pytest.raises(InvalidRun, match="spec.pseudoLabels.confidenceThreshold"):
+        controller.reconcile("ml", "demo")
+    status = api.objects[("ml", "demo")]["status"]
+    failed = next(c for c in status["conditions"] if c["type"] == "Failed")
+    assert failed["status"] == "True" and failed["reason"] == "InvalidSpec"
+
+
+def test_settled_runs_are_skipped_by_the_timer(setup):
+    api, backend, controller, events, store, prefix = setup
+    for path in ("gen-0/teacher", "gen-1/labels", "gen-1/balance", "gen-1/student"):
+        write_marker(store, prefix, path, {"top1": 0.5, "parameters": 1})
+    controller.reconcile("ml", "demo")
+    body = api.get("ml", "demo")
+    assert body["status"]["stage"] == "Succeeded"
+    assert controller.settled(body)
+    body["metadata"]["generation"] = 2
+    assert not controller.settled(body)
