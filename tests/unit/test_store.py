@@ -21,13 +21,15 @@ def test_open_store_picks_by_scheme(tmp_path: Path) -> None:
         open_store("gs://b/k")
 
 
-def test_store_module_does_not_import_boto3_or_torch() -> None:
+def test_data_layer_imports_neither_torch_nor_eagerly_boto3() -> None:
     code = (
         "import sys, noisy_student_workloads.store as s; s.open_store('s3://b/k');"
-        "print(sorted(m for m in ('boto3', 'torch') if m in sys.modules))"
+        "print(sorted(m for m in ('boto3', 'torch', 'numpy') if m in sys.modules));"
+        "import noisy_student_workloads.data;"
+        "print('torch' in sys.modules)"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
-    assert out.stdout.strip() == "[]"
+    assert out.stdout.split() == ["[]", "False"]
 
 
 def test_bytes_json_and_files_round_trip(tmp_path: Path) -> None:
