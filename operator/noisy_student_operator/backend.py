@@ -142,7 +142,6 @@ class TorchXJobBackend:
     def __init__(
         self,
         scheduler: str,
-        session: str = "noisy-student",
         local_root: Path | None = None,
         runner: Any = None,
     ) -> None:
@@ -151,8 +150,8 @@ class TorchXJobBackend:
         if scheduler not in ("kubernetes", "local_cwd"):
             raise ValueError(f"scheduler: unsupported TorchX scheduler {scheduler!r}")
         self.scheduler = scheduler
-        self.session = session
-        self.runner = runner or get_runner(name=session)
+        self.runner = runner or get_runner()
+        self.session = getattr(self.runner, "_name", "torchx")
         self.local_root = local_root
         self._handles: dict[str, str] = {}  # local_cwd: name -> handle of this process
         self._log_dirs: dict[str, str] = {}

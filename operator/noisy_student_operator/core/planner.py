@@ -148,7 +148,7 @@ def _generation_from_marker(
         top1=metrics.get("top1"),
         top5=metrics.get("top5"),
         images_used=images_used,
-        finished_at=marker.get("finished_at") or now,
+        finished_at=marker.get("finished") or now,
     )
 
 

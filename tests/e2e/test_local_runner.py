@@ -1,0 +1,114 @@
+"""The local runner end to end: real TorchX local_cwd jobs, real timm models, real images.
+
+A tiny run (scikit-learn digits, 1-epoch models) goes through every stage,
+including data preparation; an interrupted run resumes without redoing
+completed stages; a failing stage ends with a non-zero exit and its log.
+"""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+pytestmark = pytest.mark.e2e
+
+CLI = [sys.executable, "-m", "noisy_student_operator.cli"]
+
+
+def tiny_run(name: str, students: int = 1, epochs: int = 1, **overrides) -> dict:
+    spec = {
+        "data": {"numClasses": 10, "imageSize": 16,
+                 "prepare": {"source": "digits", "labelsPerClass": 10, "validationSize": 300,
+                             "shardSize": 400}},
+        "artifacts": {"uri": "file:///unused/"},
+        "teacher": {"model": "test_resnet", "epochs": epochs},
+        "students": [{"model": "test_resnet", "epochs": epochs}] * students,
+        "training": {"batchSize": 16, "unlabeledRatio": 2, "epochs": epochs},
+        "resources": {"labelShards": 2, "workers": 0},
+        "retry": {"limit": 0},
+        "scheduler": {"name": "local_cwd"},
+    }
+    spec.update(overrides)
+    return {"apiVersion": "noisystudent.dev/v1alpha1", "kind": "NoisyStudentRun",
+            "metadata": {"name": name}, "spec": spec}
+
+
+def write(tmp_path: Path, document: dict) -> Path:
+    path = tmp_path / "run.yaml"
+    path.write_text(yaml.safe_dump(document))
+    return path
+
+
+def run_cli(*args, timeout=900):
+    return subprocess.run([*CLI, *args], capture_output=True, text=True, timeout=timeout)
+
+
+def test_whole_run_with_prepare_label_balance_and_students(tmp_path):
+    run_file = write(tmp_path, tiny_run("tiny", students=2))
+    artifacts = tmp_path / "artifacts"
+    result = run_cli("run", str(run_file), "--artifacts", str(artifacts), "--output", "json")
+    assert result.returncode == 0, result.stderr[-4000:]
+    status = json.loads(result.stdout)
+    assert status["stage"] == "Succeeded"
+    assert [g["generation"] for g in status["generations"]] == [0, 1, 2]
+    for generation in status["generations"]:
+        assert 0.0 <= generation["top1"] <= 1.0
+        assert generation["parameters"] > 0
+    prefix = artifacts / "default" / "tiny"
+    for path in ("data/_DONE.json", "gen-0/teacher/_DONE.json", "gen-1/labels/_DONE.json",
+                 "gen-1/balance/_DONE.json", "gen-2/student/checkpoint.pt", "top1.png", "status.json"):
+        assert (prefix / path).exists(), path
+    names = [j["name"] for j in status["jobs"]]
+    assert len(names) == len(set(names)) == 1 + 1 + 3 * 2
+
+    again = run_cli("status", str(run_file), "--artifacts", str(artifacts), "--output", "json")
+    assert json.loads(again.stdout)["generations"] == status["generations"]
+
+
+def test_interrupted_run_resumes_without_redoing_stages(tmp_path):
+    run_file = write(tmp_path, tiny_run("resume", students=1, epochs=2))
+    artifacts = tmp_path / "artifacts"
+    prefix = artifacts / "default" / "resume"
+    process = subprocess.Popen([*CLI, "run", str(run_file), "--artifacts", str(artifacts)],
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 600
+    while not (prefix / "gen-0/teacher/_DONE.json").exists():
+        assert process.poll() is None, process.communicate()[1][-3000:]
+        assert time.time() < deadline
+        time.sleep(0.5)
+    process.send_signal(signal.SIGINT)
+    process.communicate(timeout=120)
+    assert process.returncode != 0
+    teacher_marker = (prefix / "gen-0/teacher/_DONE.json").stat().st_mtime
+
+    result = run_cli("run", str(run_file), "--artifacts", str(artifacts), "--output", "json")
+    assert result.returncode == 0, result.stderr[-4000:]
+    status = json.loads(result.stdout)
+    assert status["stage"] == "Succeeded"
+    assert (prefix / "gen-0/teacher/_DONE.json").stat().st_mtime == teacher_marker
+    teacher_jobs = [j for j in status["jobs"] if j["stage"] in ("teacher", "prepare")]
+    assert [j["name"] for j in teacher_jobs] == ["resume-g0-prepare", "resume-g0-teacher"]
+
+
+def test_failing_stage_exits_non_zero_with_stage_and_log(tmp_path):
+    document = tiny_run("broken", students=1)
+    document["spec"]["teacher"]["model"] = "no_such_model"
+    run_file = write(tmp_path, document)
+    result = run_cli("run", str(run_file), "--artifacts", str(tmp_path / "artifacts"))
+    assert result.returncode == 1
+    assert "Stage teacher of generation 0 failed" in result.stderr
+    assert "no_such_model" in result.stderr  # from the tail of the job's log
+
+
+def test_invalid_run_file_names_the_field(tmp_path):
+    document = tiny_run("bad")
+    document["spec"]["pseudoLabels"] = {"confidenceThreshold": 3}
+    result = run_cli("run", str(write(tmp_path, document)))
+    assert result.returncode == 2
+    assert "spec.pseudoLabels.confidenceThreshold" in result.stderr
