@@ -1,0 +1,168 @@
+"""Stage configurations: the contract between the core planner and the workloads.
+
+The planner renders one JSON object per stage; each entry point reads it with
+:func:`load_config` (``--config`` is a JSON string or the URI of a JSON file)
+and validates it with the model below. Keys are snake_case, unknown keys are
+rejected, and every error names the offending field. This module imports no
+torch, so the operator can import it to render configs.
+
+Example::
+
+    python -c "from noisy_student_workloads.config import BalanceConfig; \
+print(BalanceConfig(labels='file:///tmp/l/', num_classes=10, output='file:///tmp/b/'))"
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any, Literal, TypeVar
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from .store import open_store
+
+
+class ConfigError(ValueError):
+    """A stage config is malformed; the message names the field."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class RandAugmentConfig(_Strict):
+    """timm RandAugment: ``ops`` operations per image at magnitude ``magnitude`` (0-10 scale)."""
+
+    ops: int = Field(2, ge=1, le=10)
+    magnitude: float = Field(9, ge=0, le=30)
+
+
+class NoiseConfig(_Strict):
+    """Student noise: input noise (RandAugment) and model noise (dropout, stochastic depth)."""
+
+    rand_augment: RandAugmentConfig | None = None
+    dropout: float = Field(0.0, ge=0, lt=1)
+    stochastic_depth: float = Field(0.0, ge=0, lt=1)
+
+
+class PseudoConfig(_Strict):
+    """Pseudo-labeled data for a student: the balance manifest and the unlabeled shards."""
+
+    manifest: str = Field(min_length=1)
+    unlabeled: str = Field(min_length=1)
+    type: Literal["soft", "hard"] = "soft"
+    temperature: float = Field(1.0, gt=0)
+    ratio: int = Field(3, ge=1)
+
+
+class TeacherRef(_Strict):
+    """The teacher a student learns from (used to refuse a smaller student)."""
+
+    model: str = Field(min_length=1)
+    parameters: int = Field(ge=1)
+
+
+class TrainConfig(_Strict):
+    """Config of ``noisy_student_workloads.train`` (teacher or student)."""
+
+    role: Literal["teacher", "student"]
+    model: str = Field(min_length=1)
+    num_classes: int = Field(ge=2)
+    image_size: int = Field(32, ge=8, le=1024)
+    labeled: str = Field(min_length=1)
+    validation: str = Field(min_length=1)
+    pseudo: PseudoConfig | None = None
+    noise: NoiseConfig = NoiseConfig()
+    epochs: int = Field(ge=1)
+    batch_size: int = Field(64, ge=1)
+    lr: float = Field(0.1, gt=0)
+    weight_decay: float = Field(5e-5, ge=0)
+    optimizer: str = Field("sgd", min_length=1)
+    warmup_epochs: int = Field(0, ge=0)
+    seed: int = 0
+    teacher: TeacherRef | None = None
+    allow_smaller_student: bool = False
+    workers: int = Field(2, ge=0)
+    output: str = Field(min_length=1)
+
+    @model_validator(mode="after")
+    def _check_role(self) -> TrainConfig:
+        if self.role == "student" and self.pseudo is None:
+            raise ValueError("pseudo: a student needs pseudo-labeled data (role is 'student')")
+        if self.role == "teacher" and self.pseudo is not None:
+            raise ValueError("pseudo: a teacher trains on labeled data only; set pseudo to null")
+        if self.warmup_epochs >= self.epochs and self.warmup_epochs > 0:
+            raise ValueError(f"warmup_epochs: {self.warmup_epochs} must be less than epochs ({self.epochs})")
+        return self
+
+
+class LabelConfig(_Strict):
+    """Config of ``noisy_student_workloads.label`` (one replica of N)."""
+
+    checkpoint: str = Field(min_length=1)
+    unlabeled: str = Field(min_length=1)
+    batch_size: int = Field(256, ge=1)
+    topk: int = Field(5, ge=1)
+    output: str = Field(min_length=1)
+
+
+class BalanceConfig(_Strict):
+    """Config of ``noisy_student_workloads.balance``."""
+
+    labels: str = Field(min_length=1)
+    num_classes: int = Field(ge=2)
+    confidence_threshold: float = 0.3
+    images_per_class: Literal["auto"] | int = "auto"
+    balance: bool = True
+    seed: int = 0
+    output: str = Field(min_length=1)
+
+    @model_validator(mode="after")
+    def _check_ranges(self) -> BalanceConfig:
+        if not 0.0 <= self.confidence_threshold <= 1.0:
+            raise ValueError(f"confidence_threshold: {self.confidence_threshold} is outside [0, 1]")
+        if isinstance(self.images_per_class, int) and self.images_per_class < 1:
+            raise ValueError(f"images_per_class: {self.images_per_class} must be 'auto' or a positive integer")
+        return self
+
+
+ConfigT = TypeVar("ConfigT", bound=BaseModel)
+
+
+def _describe(exc: ValidationError, kind: str) -> str:
+    lines = []
+    for err in exc.errors():
+        field = ".".join(str(p) for p in err["loc"])
+        msg = err["msg"].removeprefix("Value error, ")
+        if err["type"] == "extra_forbidden":
+            msg = "unknown key"
+        lines.append(f"{field}: {msg}" if field and not msg.startswith(f"{field}:") else msg)
+    return f"invalid {kind} config: " + "; ".join(lines)
+
+
+def parse_config(raw: dict[str, Any] | str, model: type[ConfigT]) -> ConfigT:
+    """Validate a config mapping (or ``--config`` argument) against ``model``.
+
+    Raises :class:`ConfigError` whose message names each offending field.
+    """
+    data = load_config(raw) if isinstance(raw, str) else raw
+    if not isinstance(data, dict):
+        raise ConfigError(f"invalid {model.__name__} config: expected a JSON object, got {type(data).__name__}")
+    try:
+        return model.model_validate(data)
+    except ValidationError as exc:
+        raise ConfigError(_describe(exc, model.__name__)) from None
+
+
+def load_config(arg: str) -> Any:
+    """Parse ``--config``: inline JSON (starts with ``{``) or the URI of a JSON file."""
+    text = arg.strip()
+    if text.startswith("{"):
+        try:
+            return json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise ConfigError(f"--config: not valid JSON: {exc}") from None
+    try:
+        return open_store(text).get_json(text)
+    except (FileNotFoundError, ValueError) as exc:
+        raise ConfigError(f"--config: {exc}") from None

@@ -1,0 +1,96 @@
+"""What every stage entry point shares: CLI, JSON progress events, outputs and the completion marker.
+
+Progress goes to stderr as one JSON object per line (``{"event": "epoch",
+...}``) so a driver can follow a job's log. The completion marker
+``_DONE.json`` is written last, as one whole object, and names the stage,
+its metrics, its outputs and their sha256 digests.
+
+Example::
+
+    python -c "from noisy_student_workloads.stage import sha256; print(sha256(b''))"
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import hashlib
+import json
+import logging
+import os
+from collections.abc import Sequence
+from typing import Any
+
+from .store import join_uri, open_store
+
+log = logging.getLogger("noisy_student_workloads")
+
+DONE = "_DONE.json"
+
+
+def parse_args(description: str, argv: Sequence[str] | None = None, replicas: bool = False) -> argparse.Namespace:
+    """``--config`` (inline JSON or URI), plus ``--replica-id/--num-replicas`` for sharded stages."""
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--config", required=True, help="the stage config: inline JSON or the URI of a JSON file")
+    if replicas:
+        parser.add_argument("--replica-id", type=int, default=0, help="this replica's index (0-based)")
+        parser.add_argument("--num-replicas", type=int, default=1, help="number of replicas")
+    return parser.parse_args(argv)
+
+
+def setup_logging(quiet: bool = False) -> None:
+    """Log bare messages (JSON events) to stderr; ``quiet`` for non-zero ranks."""
+    logging.basicConfig(level=logging.WARNING, format="%(message)s", force=True)
+    log.setLevel(logging.WARNING if quiet else logging.INFO)
+
+
+def event(name: str, **fields: Any) -> None:
+    """Log one progress event as a JSON line."""
+    log.info(json.dumps({"event": name, **fields}, sort_keys=False))
+
+
+def sha256(data: bytes) -> str:
+    """Hex sha256 digest."""
+    return hashlib.sha256(data).hexdigest()
+
+
+def now() -> str:
+    """UTC timestamp, ISO 8601 with seconds."""
+    return dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
+
+
+def put(uri: str, data: bytes, digests: dict[str, str] | None = None) -> str:
+    """Write ``data`` to ``uri`` and record its digest in ``digests``; returns ``uri``."""
+    open_store(uri).put_bytes(uri, data)
+    if digests is not None:
+        digests[uri] = sha256(data)
+    return uri
+
+
+def put_json(uri: str, obj: Any, digests: dict[str, str] | None = None) -> str:
+    """Write ``obj`` as indented, key-sorted JSON (see :func:`put`)."""
+    return put(uri, (json.dumps(obj, indent=2, sort_keys=True) + "\n").encode(), digests)
+
+
+def write_done(
+    output: str, stage: str, metrics: dict[str, Any], digests: dict[str, str], finished: str | None = None
+) -> dict[str, Any]:
+    """Write the completion marker ``<output>/_DONE.json`` — always the stage's last write."""
+    marker = {
+        "stage": stage,
+        "metrics": metrics,
+        "outputs": sorted(digests),
+        "sha256": dict(sorted(digests.items())),
+        "finished": finished or now(),
+    }
+    put_json(join_uri(output, DONE), marker)
+    return marker
+
+
+def cpu_threads(local_processes: int = 1) -> int:
+    """CPUs available to each of ``local_processes`` processes on this node."""
+    try:
+        cpus = len(os.sched_getaffinity(0))
+    except AttributeError:
+        cpus = os.cpu_count() or 1
+    return max(1, cpus // max(1, local_processes))
