@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import os
 import subprocess
+import tarfile
 import tomllib
 from functools import cache
 from pathlib import Path
@@ -109,8 +110,7 @@ def values_files(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 
 
 def helm_run(helm: Path, *args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([str(helm), *args], capture_output=True, text=True, timeout=120,
-                          env={**os.environ, "HELM_CACHE_HOME": os.environ.get("HELM_CACHE_HOME", "/tmp/helm-cache")})
+    return subprocess.run([str(helm), *args], capture_output=True, text=True, timeout=120)
 
 
 def render(helm: Path, values: Path, *extra: str) -> list[dict[str, Any]]:
@@ -331,7 +331,6 @@ def test_chart_packages(helm: Path, tmp_path: Path) -> None:
     assert result.returncode == 0, result.stderr
     (package,) = tmp_path.glob("noisy-student-operator-*.tgz")
     assert package.name == f"noisy-student-operator-{package_version()}.tgz"
-    import tarfile
     with tarfile.open(package) as archive:
         names = set(archive.getnames())
     assert "noisy-student-operator/files/crds/noisystudent.dev_noisystudentruns.yaml" in names

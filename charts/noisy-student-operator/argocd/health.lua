@@ -55,25 +55,19 @@ if generation ~= nil and (observed == nil or observed < generation) then
 end
 
 local conditions = status.conditions
-local failed = find_condition(conditions, "Failed")
-if is_true(failed) then
-  hs.status = "Degraded"
-  hs.message = describe(failed, "Run failed")
-  return hs
-end
-
-local succeeded = find_condition(conditions, "Succeeded")
-if is_true(succeeded) then
-  hs.status = "Healthy"
-  hs.message = describe(succeeded, "Run succeeded")
-  return hs
-end
-
-local suspended = find_condition(conditions, "Suspended")
-if is_true(suspended) then
-  hs.status = "Suspended"
-  hs.message = describe(suspended, "Run suspended")
-  return hs
+-- First match wins: a failure outranks success and suspension.
+local verdicts = {
+  {condition = "Failed", health = "Degraded", fallback = "Run failed"},
+  {condition = "Succeeded", health = "Healthy", fallback = "Run succeeded"},
+  {condition = "Suspended", health = "Suspended", fallback = "Run suspended"},
+}
+for _, verdict in ipairs(verdicts) do
+  local condition = find_condition(conditions, verdict.condition)
+  if is_true(condition) then
+    hs.status = verdict.health
+    hs.message = describe(condition, verdict.fallback)
+    return hs
+  end
 end
 
 local progressing = find_condition(conditions, "Progressing")
