@@ -1,0 +1,109 @@
+"""Confidence filtering and class balancing on constructed predictions and histograms."""
+
+import numpy as np
+import pytest
+
+from noisy_student_workloads.balance import auto_target, class_thresholds, histogram, select
+from noisy_student_workloads.config import BalanceConfig, ConfigError, parse_config
+
+
+def predictions(per_class: dict[int, list[float]]) -> tuple[np.ndarray, np.ndarray]:
+    classes = np.concatenate([np.full(len(v), c) for c, v in per_class.items()])
+    confidences = np.concatenate([np.asarray(v, dtype=float) for v in per_class.values()])
+    return classes, confidences
+
+
+def totals(sel, classes: np.ndarray, num_classes: int) -> list[int]:
+    return np.bincount(classes[sel.indices], weights=sel.copies, minlength=num_classes).astype(int).tolist()
+
+
+def test_threshold_filters_low_confidence_without_balancing():
+    classes, conf = predictions({0: [0.9, 0.2, 0.31], 1: [0.29, 0.5]})
+    sel = select(classes, conf, 2, threshold=0.3, balance=False)
+    assert conf[sel.indices].tolist() == [0.9, 0.31, 0.5]
+    assert sel.copies.tolist() == [1, 1, 1]
+    assert sel.target is None
+    assert [c["above_threshold"] for c in sel.classes] == [2, 1]
+
+
+def test_short_class_is_duplicated_to_exact_target():
+    classes, conf = predictions({0: [0.9] * 3, 1: [0.8] * 10})
+    sel = select(classes, conf, 2, threshold=0.3, images_per_class=10, seed=1)
+    assert totals(sel, classes, 2) == [10, 10]
+    short = sel.copies[classes[sel.indices] == 0]
+    assert sorted(short.tolist()) == [3, 3, 4]  # 10 / 3 with the remainder spread at random
+
+
+def test_duplication_is_deterministic_for_a_seed():
+    classes, conf = predictions({0: list(np.linspace(0.4, 0.9, 7)), 1: [0.9] * 20})
+    a = select(classes, conf, 2, 0.3, 20, seed=5)
+    b = select(classes, conf, 2, 0.3, 20, seed=5)
+    assert a.copies.tolist() == b.copies.tolist()
+
+
+def test_crowded_class_keeps_its_most_confident_images():
+    conf0 = [0.35, 0.99, 0.5, 0.95, 0.97, 0.6]
+    classes, conf = predictions({0: conf0, 1: [0.9, 0.8, 0.7]})
+    sel = select(classes, conf, 2, threshold=0.3, images_per_class=3)
+    kept0 = sorted(conf[sel.indices][classes[sel.indices] == 0].tolist())
+    assert kept0 == [0.95, 0.97, 0.99]
+    assert totals(sel, classes, 2) == [3, 3]
+    assert sel.classes[0]["threshold"] == pytest.approx(0.95)  # raised from the histogram
+    assert sel.classes[1]["threshold"] == pytest.approx(0.3)
+
+
+def test_auto_target_is_median_of_nonempty_filtered_classes():
+    assert auto_target(np.array([0, 10, 20, 100])) == 20
+    assert auto_target(np.array([0, 0])) == 0
+    classes, conf = predictions({0: [0.9] * 2, 1: [0.9] * 4, 2: [0.9] * 9 + [0.1] * 50})
+    sel = select(classes, conf, 3, threshold=0.3, images_per_class="auto")
+    assert sel.target == 4
+    assert totals(sel, classes, 3) == [4, 4, 4]
+
+
+def test_class_thresholds_from_constructed_histograms():
+    hist = np.zeros((3, 100), dtype=int)
+    hist[0, 90] = 5  # 5 images at 0.90-0.91
+    hist[0, 50] = 5
+    hist[1, 40] = 2  # fewer than the target: stays at the global threshold
+    hist[2, 10] = 100  # below the global threshold only
+    t = class_thresholds(hist, threshold=0.3, target=5)
+    assert t.tolist() == pytest.approx([0.90, 0.3, 0.3])
+    assert class_thresholds(hist, 0.3, None).tolist() == [0.3, 0.3, 0.3]
+
+
+def test_histogram_bins_include_one():
+    h = histogram(np.array([0, 0, 1]), np.array([0.0, 1.0, 0.555]), 2)
+    assert h[0, 0] == 1 and h[0, 99] == 1 and h[1, 55] == 1 and h.sum() == 3
+
+
+def test_empty_class_stays_empty():
+    classes, conf = predictions({0: [0.9] * 4})
+    sel = select(classes, conf, 3, 0.3, images_per_class=4)
+    assert totals(sel, classes, 3) == [4, 0, 0]
+
+
+@pytest.mark.parametrize("threshold", [-0.1, 1.5])
+def test_threshold_outside_unit_interval_is_refused(threshold):
+    classes, conf = predictions({0: [0.9]})
+    with pytest.raises(ConfigError, match="confidence_threshold"):
+        select(classes, conf, 1, threshold)
+    with pytest.raises(ConfigError, match="confidence_threshold"):
+        parse_config({"labels": "file:///l/", "num_classes": 10, "confidence_threshold": threshold,
+                      "output": "file:///b/"}, BalanceConfig)
+
+
+def test_balance_config_rejects_bad_fields():
+    base = {"labels": "file:///l/", "num_classes": 10, "output": "file:///b/"}
+    assert parse_config(base, BalanceConfig).images_per_class == "auto"
+    with pytest.raises(ConfigError, match="images_per_class"):
+        parse_config({**base, "images_per_class": 0}, BalanceConfig)
+    with pytest.raises(ConfigError, match="images_per_class"):
+        parse_config({**base, "images_per_class": "many"}, BalanceConfig)
+    with pytest.raises(ConfigError, match="extra: unknown key"):
+        parse_config({**base, "extra": 1}, BalanceConfig)
+
+
+def test_class_out_of_range_names_num_classes():
+    with pytest.raises(ConfigError, match="num_classes"):
+        select(np.array([0, 5]), np.array([0.9, 0.9]), 3, 0.3)

@@ -1,0 +1,122 @@
+"""Train / label config validation: errors name the field; models and student size are checked."""
+
+import json
+
+import pytest
+
+from noisy_student_workloads.config import ConfigError, LabelConfig, TrainConfig, parse_config
+
+
+def teacher_config(**overrides) -> dict:
+    cfg = {
+        "role": "teacher", "model": "test_resnet", "num_classes": 10, "image_size": 16,
+        "labeled": "file:///d/labeled-{000000..000001}.tar", "validation": "file:///d/validation-000000.tar",
+        "pseudo": None, "noise": {"rand_augment": None, "dropout": 0.0, "stochastic_depth": 0.0},
+        "epochs": 2, "batch_size": 8, "lr": 0.1, "weight_decay": 5e-5, "optimizer": "sgd", "warmup_epochs": 0,
+        "seed": 0, "teacher": None, "allow_smaller_student": False, "workers": 0, "output": "file:///r/teacher/",
+    }
+    cfg.update(overrides)
+    return cfg
+
+
+def student_config(**overrides) -> dict:
+    return teacher_config(
+        role="student",
+        pseudo={"manifest": "file:///r/balance/manifest.npz", "unlabeled": "file:///d/unlabeled-000000.tar",
+                "type": "soft", "temperature": 1.0, "ratio": 3},
+        noise={"rand_augment": {"ops": 2, "magnitude": 9}, "dropout": 0.5, "stochastic_depth": 0.2},
+        **overrides,
+    )
+
+
+def test_full_contract_parses_from_json_string():
+    cfg = parse_config(json.dumps(student_config()), TrainConfig)
+    assert cfg.pseudo.ratio == 3 and cfg.noise.rand_augment.magnitude == 9
+    assert parse_config(teacher_config(), TrainConfig).role == "teacher"
+
+
+@pytest.mark.parametrize(
+    "overrides, field",
+    [
+        ({"role": "critic"}, "role"),
+        ({"num_classes": 1}, "num_classes"),
+        ({"epochs": 0}, "epochs"),
+        ({"batch_size": "big"}, "batch_size"),
+        ({"lr": -1}, "lr"),
+        ({"noise": {"dropout": 1.5}}, "noise.dropout"),
+        ({"noise": {"rand_augment": {"ops": 0}}}, "noise.rand_augment.ops"),
+        ({"warmup_epochs": 5}, "warmup_epochs"),
+        ({"learning_rate": 0.1}, "learning_rate"),
+        ({"pseudo": {"manifest": "m", "unlabeled": "u"}}, "pseudo"),
+    ],
+)
+def test_validation_errors_name_the_field(overrides, field):
+    with pytest.raises(ConfigError, match=rf"\b{field}\b"):
+        parse_config(teacher_config(**overrides), TrainConfig)
+
+
+def test_missing_key_and_bad_pseudo_fields_are_named():
+    cfg = teacher_config()
+    del cfg["output"]
+    with pytest.raises(ConfigError, match="output: Field required"):
+        parse_config(cfg, TrainConfig)
+    bad = student_config()
+    bad["pseudo"]["type"] = "fuzzy"
+    with pytest.raises(ConfigError, match="pseudo.type"):
+        parse_config(bad, TrainConfig)
+    with pytest.raises(ConfigError, match="pseudo"):
+        parse_config(teacher_config(role="student"), TrainConfig)
+
+
+def test_config_from_uri_and_bad_json(tmp_path):
+    path = tmp_path / "config.json"
+    path.write_text(json.dumps(teacher_config()))
+    assert parse_config(f"file://{path}", TrainConfig).model == "test_resnet"
+    with pytest.raises(ConfigError, match="--config"):
+        parse_config("{not json", TrainConfig)
+    with pytest.raises(ConfigError, match="--config"):
+        parse_config(f"file://{tmp_path}/missing.json", TrainConfig)
+
+
+def test_label_config_rejects_unknown_keys():
+    with pytest.raises(ConfigError, match="replicas: unknown key"):
+        parse_config({"checkpoint": "c", "unlabeled": "u", "output": "o", "replicas": 2}, LabelConfig)
+
+
+def test_unknown_model_names_field_and_close_matches():
+    from noisy_student_workloads.train import build_model
+
+    cfg = parse_config(teacher_config(model="resnet19"), TrainConfig)
+    with pytest.raises(ConfigError, match=r"model: unknown timm model 'resnet19'.*resnet18"):
+        build_model(cfg)
+
+
+def test_unknown_optimizer_is_named():
+    from noisy_student_workloads.train import check_optimizer
+
+    with pytest.raises(ConfigError, match="optimizer"):
+        check_optimizer("sgdd")
+    check_optimizer("adamw")
+
+
+def test_student_smaller_than_teacher_is_refused_unless_allowed():
+    from noisy_student_workloads.train import build_model
+
+    big = {"model": "resnet18", "parameters": 11_000_000}
+    cfg = parse_config(student_config(teacher=big), TrainConfig)
+    with pytest.raises(ConfigError, match=r"model: student 'test_resnet' has .* fewer than its teacher 'resnet18'"):
+        build_model(cfg)
+    allowed = parse_config(student_config(teacher=big, allow_smaller_student=True), TrainConfig)
+    model, parameters = build_model(allowed)
+    assert 0 < parameters < big["parameters"]
+    same = parse_config(student_config(teacher={"model": "test_resnet", "parameters": parameters}), TrainConfig)
+    assert build_model(same)[1] == parameters
+
+
+def test_model_noise_reaches_timm():
+    from noisy_student_workloads.train import build_model
+
+    model, _ = build_model(parse_config(student_config(model="resnet10t"), TrainConfig))
+    assert model.drop_rate == 0.5
+    drop_paths = [m.drop_prob for m in model.modules() if type(m).__name__ == "DropPath"]
+    assert drop_paths and max(drop_paths) == pytest.approx(0.2)
