@@ -38,6 +38,13 @@ log = logging.getLogger(__name__)
 PLOT_FILE = "top1.png"
 
 
+def _termination_signals() -> tuple[type[BaseException], ...]:
+    """TorchX's local scheduler turns SIGINT/SIGTERM into its own exception."""
+    from torchx.schedulers.local_scheduler import SignalException
+
+    return (SignalException,)
+
+
 class RunFailed(RuntimeError):
     """The run ended Failed; the message names the stage and ends with its log."""
 
@@ -177,14 +184,14 @@ class LocalRunner:
                     if plan.finished or self.run.spec.suspend:
                         break
                     time.sleep(min(plan.requeue_after or self.poll_seconds, self.poll_seconds))
-            except KeyboardInterrupt:
+            except (KeyboardInterrupt, *_termination_signals()) as interrupt:
                 cancelled = self.reconciler.cancel_all(self.ref(status), self.context)
                 self.status_file.save(status)
                 self.console.print(
                     f"Interrupted; cancelled {', '.join(cancelled) or 'nothing'}. "
                     "Run the same command again to resume."
                 )
-                raise
+                raise KeyboardInterrupt from interrupt
         if is_true(status.conditions, reasons.SUCCEEDED):
             self.write_plot(status)
         if is_true(status.conditions, reasons.FAILED):
