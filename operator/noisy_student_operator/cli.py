@@ -57,7 +57,14 @@ def cmd_run(args: argparse.Namespace, console: Console) -> int:
     from .core.planner import RunRef, plan_run
     from .local import LocalRunner, RunFailed, render_table, with_artifacts
 
+    from .preflight import PreflightError, preflight
+
     run = with_artifacts(load_run_file(args.file), args.artifacts)
+    try:
+        preflight(run)
+    except PreflightError as error:
+        console.print(f"[red]error[/red]: {args.file}: {error}")
+        return 2
     runner = LocalRunner(run, console=console)
     if args.dry_run:
         status = runner.status_file.load()

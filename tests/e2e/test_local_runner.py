@@ -98,12 +98,23 @@ def test_interrupted_run_resumes_without_redoing_stages(tmp_path):
 
 def test_failing_stage_exits_non_zero_with_stage_and_log(tmp_path):
     document = tiny_run("broken", students=1)
-    document["spec"]["teacher"]["model"] = "no_such_model"
+    missing = tmp_path / "no-such-images"
+    document["spec"]["data"]["prepare"] = {"source": "folder", "path": str(missing), "labelsPerClass": 1}
     run_file = write(tmp_path, document)
     result = run_cli("run", str(run_file), "--artifacts", str(tmp_path / "artifacts"))
     assert result.returncode == 1
-    assert "Stage teacher of generation 0 failed" in result.stderr
-    assert "no_such_model" in result.stderr  # from the tail of the job's log
+    assert "Stage prepare of generation 0 failed" in result.stderr
+    assert "no-such-images" in result.stderr  # from the tail of the job's log
+
+
+def test_unknown_model_is_refused_before_anything_runs(tmp_path):
+    document = tiny_run("typo", students=1)
+    document["spec"]["students"][0]["model"] = "test_resnett"
+    result = run_cli("run", str(write(tmp_path, document)), "--artifacts", str(tmp_path / "artifacts"))
+    assert result.returncode == 2
+    assert "spec.students[0].model: unknown timm model 'test_resnett'" in result.stderr
+    assert "test_resnet" in result.stderr  # close match offered
+    assert not (tmp_path / "artifacts").exists()
 
 
 def test_invalid_run_file_names_the_field(tmp_path):
