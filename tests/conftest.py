@@ -8,6 +8,7 @@ import uuid
 from collections.abc import Iterator
 
 import pytest
+from kube_server import ApiServer, ApiServerUnavailable, start_api_server
 from s3_server import S3Server, find_weed, start_s3_server
 
 
@@ -46,3 +47,14 @@ def s3_env(s3_server: S3Server, monkeypatch: pytest.MonkeyPatch) -> S3Server:
 def s3_prefix(s3_env: S3Server) -> str:
     """A fresh ``s3://bucket/<unique>/`` prefix on the test S3 server."""
     return f"s3://{s3_env.bucket}/{uuid.uuid4().hex[:12]}/"
+
+
+@pytest.fixture(scope="session")
+def kube_api(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ApiServer]:
+    """A real Kubernetes API server (etcd + kube-apiextensions-apiserver) for the whole session."""
+    try:
+        server = start_api_server(tmp_path_factory.mktemp("kube-api"))
+    except ApiServerUnavailable as error:
+        skip_or_fail(f"no Kubernetes API server for tests: {error}")
+    yield server
+    server.stop()

@@ -49,6 +49,8 @@ class ImageSet:
 
 
 def _to_tensor(images: Any, image_size: int) -> torch.Tensor:
+    if len(images) == 0:
+        return torch.zeros((0, 3, image_size, image_size), dtype=torch.uint8)
     if isinstance(images, np.ndarray):
         x = torch.from_numpy(images).permute(0, 3, 1, 2).contiguous()  # N×C×H×W
         if x.shape[1] not in (1, 3):  # RGBA, LA: drop alpha the way PIL's convert does

@@ -121,8 +121,18 @@ def run(cfg: LabelConfig, replica_id: int, num_replicas: int) -> dict[str, Any] 
     if not shards:
         raise ConfigError(f"unlabeled: {cfg.unlabeled} names no shards")
     mine = shards[replica_id::num_replicas]
+    store = open_store(out)
+    done_uri = join_uri(out, part_name(replica_id, "done"))
+    if store.exists(done_uri):
+        previous = store.get_json(done_uri)
+        if previous.get("shards") == mine and previous.get("num_replicas") == num_replicas:
+            event("skip", replica=replica_id, reason="part already labeled")  # a retried replica
+            return finish_stage(out, num_replicas)
     if mine:
-        data = imgs.load_image_set(mine, int(meta["image_size"]))
+        try:
+            data = imgs.load_image_set(mine, int(meta["image_size"]))
+        except (FileNotFoundError, ValueError) as exc:
+            raise ConfigError(f"unlabeled: {exc}") from None
         keys, images = data.keys, data.images
     else:  # more replicas than shards: an empty part keeps the stage's bookkeeping uniform
         keys, images = [], torch.zeros((0, 3, 1, 1), dtype=torch.uint8)
