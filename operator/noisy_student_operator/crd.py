@@ -87,7 +87,15 @@ def _default_nested_objects(schema: dict[str, Any]) -> None:
         if prop.get("nullable") and name != "randAugment":
             continue  # truly optional objects stay absent
         if not set(prop.get("required", ())):
-            prop["default"] = {}
+            prop["default"] = _filled_default(prop)
+
+
+def _filled_default(schema: dict[str, Any]) -> dict[str, Any]:
+    """`{}`, or for an object with CEL rules its fields' defaults: the API server checks
+    the rules against the default as written (`{}` has no `min` for `self.min <= self.max`)."""
+    if "x-kubernetes-validations" not in schema:
+        return {}
+    return {name: prop["default"] for name, prop in schema["properties"].items() if "default" in prop}
 
 
 def _schema_of(model: type[api.ApiModel]) -> dict[str, Any]:
