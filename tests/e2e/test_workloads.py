@@ -1,0 +1,180 @@
+"""Workload entry points end to end on real (tiny) data: teacher → label → balance → student,
+two-process DDP through TorchX ``local_cwd``, and a killed training job that resumes."""
+
+import io
+import json
+import os
+import signal
+import subprocess
+import sys
+import tarfile
+import time
+
+import numpy as np
+import pytest
+
+from noisy_student_workloads import balance, components, label, train
+from noisy_student_workloads.datasets import pack_dataset
+from noisy_student_workloads.store import open_store
+
+pytestmark = pytest.mark.e2e
+
+MODEL = "test_resnet"
+IMAGE_SIZE = 16
+
+
+def uri(path) -> str:
+    return f"file://{path}"
+
+
+def read_json(path) -> dict:
+    return json.loads(open(path).read())
+
+
+@pytest.fixture(scope="module")
+def digits(tmp_path_factory) -> dict:
+    """scikit-learn digits packed into shards: 10 labels per class, 4 unlabeled shards."""
+    out = tmp_path_factory.mktemp("digits")
+    return pack_dataset("digits", uri(out) + "/", labels_per_class=10, seed=0, shard_size=400,
+                        validation_size=300)["patterns"]
+
+
+def train_config(data: dict, output, **overrides) -> dict:
+    cfg = {
+        "role": "teacher", "model": MODEL, "num_classes": 10, "image_size": IMAGE_SIZE,
+        "labeled": data["labeled"], "validation": data["validation"], "pseudo": None,
+        "noise": {"rand_augment": None, "dropout": 0.0, "stochastic_depth": 0.0},
+        "epochs": 1, "batch_size": 16, "lr": 0.05, "weight_decay": 5e-5, "optimizer": "sgd",
+        "warmup_epochs": 0, "seed": 0, "teacher": None, "allow_smaller_student": False, "workers": 0,
+        "output": uri(output) + "/",
+    }
+    cfg.update(overrides)
+    return cfg
+
+
+def test_teacher_label_balance_student(digits, tmp_path):
+    run = tmp_path / "run"
+    assert train.main(["--config", json.dumps(train_config(digits, run / "gen-0/teacher"))]) == 0
+    teacher = read_json(run / "gen-0/teacher/_DONE.json")
+    assert teacher["stage"] == "teacher"
+    assert 0.0 <= teacher["metrics"]["top1"] <= teacher["metrics"]["top5"] <= 1.0
+    assert {os.path.basename(u) for u in teacher["outputs"]} == {"checkpoint.pt", "config.json", "metrics.json"}
+    assert (run / "gen-0/teacher/checkpoints/epoch-001.pt").exists()
+    metrics = read_json(run / "gen-0/teacher/metrics.json")
+    assert metrics["epochs"] == 1 and [h["epoch"] for h in metrics["history"]] == [1]
+    assert metrics["images_per_second"] > 0
+
+    labels = run / "gen-1/labels"
+    label_cfg = json.dumps({"checkpoint": uri(run / "gen-0/teacher/checkpoint.pt"), "unlabeled": digits["unlabeled"],
+                            "batch_size": 256, "topk": 5, "output": uri(labels) + "/"})
+    assert label.main(["--config", label_cfg, "--replica-id", "1", "--num-replicas", "2"]) == 0
+    assert not (labels / "_DONE.json").exists()  # replica 0 has not finished
+    assert label.main(["--config", label_cfg, "--replica-id", "0", "--num-replicas", "2"]) == 0
+    done = read_json(labels / "_DONE.json")
+    assert done["metrics"]["images"] == 1397 and done["metrics"]["replicas"] == 2
+    with np.load(labels / "part-00000.npz") as part0, np.load(labels / "part-00001.npz") as part1:
+        assert not set(part0["keys"]) & set(part1["keys"])  # disjoint shards
+        assert part0["probs"].dtype == np.float16 and part0["probs"].shape[1] == 10
+        np.testing.assert_allclose(part0["probs"].astype(np.float32).sum(axis=1), 1.0, atol=1e-2)
+    stats = read_json(labels / "stats-00000.json")
+    assert len(stats["histograms"]) == 10 and len(stats["histograms"][0]) == 100
+    # A replica rerun (e.g. a retried pod) rewrites the same stage marker.
+    assert label.main(["--config", label_cfg, "--replica-id", "0", "--num-replicas", "2"]) == 0
+    assert read_json(labels / "_DONE.json") == done
+
+    balanced = run / "gen-1/balance"
+    balance_cfg = {"labels": uri(labels) + "/", "num_classes": 10, "confidence_threshold": 0.0,
+                   "images_per_class": 50, "balance": True, "seed": 0, "output": uri(balanced) + "/"}
+    assert balance.main(["--config", json.dumps(balance_cfg)]) == 0
+    marker = read_json(balanced / "_DONE.json")
+    per_class = marker["metrics"]["per_class"]  # a 1-epoch teacher may never predict some classes
+    assert set(per_class) <= {0, 50} and sum(per_class) >= 50
+    with np.load(balanced / "manifest.npz") as manifest:
+        assert int(manifest["copies"].sum()) == sum(per_class)
+        assert manifest["probs"].shape == (len(manifest["keys"]), 10)
+    assert len(read_json(balanced / "thresholds.json")["classes"]) == 10
+
+    student_cfg = train_config(
+        digits, run / "gen-1/student", role="student",
+        pseudo={"manifest": uri(balanced / "manifest.npz"), "unlabeled": digits["unlabeled"], "type": "soft",
+                "temperature": 1.0, "ratio": 2},
+        noise={"rand_augment": {"ops": 2, "magnitude": 9}, "dropout": 0.5, "stochastic_depth": 0.2},
+        teacher={"model": MODEL, "parameters": teacher["metrics"]["parameters"]},
+    )
+    assert train.main(["--config", json.dumps(student_cfg)]) == 0
+    student = read_json(run / "gen-1/student/_DONE.json")
+    assert student["stage"] == "student" and student["metrics"]["pseudo_images"] == sum(per_class)
+    assert 0.0 <= student["metrics"]["top1"] <= 1.0
+
+
+def test_errors_leave_no_marker(digits, tmp_path):
+    empty = tmp_path / "empty-000000.tar"
+    with tarfile.open(empty, "w"):
+        pass
+    teacher_out = tmp_path / "teacher"
+    smaller = train_config(digits, teacher_out, role="student", teacher={"model": "resnet50", "parameters": 10**8},
+                           pseudo={"manifest": uri(tmp_path / "m.npz"), "unlabeled": uri(empty)})
+    assert train.main(["--config", json.dumps(smaller)]) == 2
+    assert train.main(["--config", json.dumps(train_config(digits, teacher_out, num_classes=5))]) == 2
+    assert not (teacher_out / "_DONE.json").exists()
+    assert train.main(["--config", json.dumps(train_config(digits, teacher_out))]) == 0
+
+    labels = tmp_path / "labels"
+    cfg = json.dumps({"checkpoint": uri(teacher_out / "checkpoint.pt"), "unlabeled": uri(empty),
+                      "output": uri(labels) + "/"})
+    assert label.main(["--config", cfg]) == 2
+    assert not (labels / "_DONE.json").exists()
+    missing = json.dumps({"checkpoint": uri(teacher_out / "checkpoint.pt"),
+                          "unlabeled": uri(tmp_path / "nothing-{000000..000001}.tar"), "output": uri(labels) + "/"})
+    assert label.main(["--config", missing]) == 2
+
+
+def test_ddp_two_processes_through_local_cwd(digits, tmp_path):
+    from torchx.runner import get_runner
+    from torchx.specs import AppState
+
+    out = tmp_path / "ddp"
+    cfg = json.dumps(train_config(digits, out, batch_size=8))
+    app = components.train(cfg, str(tmp_path), nnodes="1", nproc_per_node=2, env=components.local_env(),
+                           name="ddp-test")
+    runner = get_runner()
+    try:
+        dryrun = runner.dryrun(app, "local_cwd", cfg={"log_dir": str(tmp_path / "logs")})
+        handle = runner.schedule(dryrun)
+        status = runner.wait(handle, wait_interval=1)
+    finally:
+        runner.close()
+    assert status is not None and status.state == AppState.SUCCEEDED, status
+    metrics = read_json(out / "metrics.json")
+    assert metrics["world_size"] == 2
+    assert (out / "_DONE.json").exists()
+
+
+def test_killed_training_resumes_from_its_checkpoint(tmp_path):
+    data = pack_dataset("digits", uri(tmp_path / "data") + "/", labels_per_class=100, seed=0, shard_size=1000,
+                        validation_size=200)["patterns"]
+    out = tmp_path / "resume"
+    cfg = json.dumps(train_config(data, out, epochs=4, batch_size=8))
+    cmd = [sys.executable, "-m", "noisy_student_workloads.train", "--config", cfg]
+    first_checkpoint = out / "checkpoints/epoch-001.pt"
+    with open(tmp_path / "first.log", "wb") as log:
+        proc = subprocess.Popen(cmd, stderr=log)
+        deadline = time.monotonic() + 300
+        while not first_checkpoint.exists() and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert proc.poll() is None, "training ended before it could be killed"
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    assert not (out / "_DONE.json").exists()
+
+    second = subprocess.run(cmd, stderr=subprocess.PIPE, text=True, timeout=600)
+    assert second.returncode == 0, second.stderr[-2000:]
+    events = [json.loads(line) for line in second.stderr.splitlines() if line.startswith("{")]
+    resume = next(e for e in events if e["event"] == "resume")
+    epochs = [e["epoch"] for e in events if e["event"] == "epoch"]
+    assert epochs[0] == resume["epoch"] + 1 and epochs[-1] == 4
+    assert resume["epoch"] >= 1
+    metrics = read_json(out / "metrics.json")
+    assert [h["epoch"] for h in metrics["history"]] == [1, 2, 3, 4]
+    assert read_json(out / "progress.json") == {"epoch": 4, "epochs": 4, "top1": metrics["top1"]}
+    assert open_store(uri(out)).exists(uri(out / "_DONE.json"))
