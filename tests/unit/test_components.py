@@ -1,5 +1,6 @@
 """TorchX components: entrypoints, replicas, arguments, environment, elastic node counts."""
 
+import inspect
 import json
 import os
 import subprocess
@@ -91,3 +92,9 @@ def test_local_env_puts_this_interpreter_first_on_path():
     assert env["X"] == "1"
     assert env["PATH"].split(os.pathsep)[:2] == [os.path.dirname(sys.executable), "/usr/bin"]
     assert components.local_env({"PATH": env["PATH"]})["PATH"] == env["PATH"]
+
+
+@pytest.mark.parametrize("component", [components.train, components.label, components.balance, components.prepare])
+def test_annotations_are_types_the_torchx_cli_can_decode(component):
+    for parameter in inspect.signature(component).parameters.values():
+        assert not isinstance(parameter.annotation, str), parameter.name

@@ -15,11 +15,12 @@ environment's ``python`` and ``torchrun`` are found.
 
 Example::
 
-    torchx run --scheduler local_cwd -m noisy_student_workloads.components:train \\
+    torchx run -s local_cwd workloads/noisy_student_workloads/components.py:train \\
         --config file:///tmp/run/gen-0/teacher/config.json --image . --nnodes 1 --nproc_per_node 2
-"""
 
-from __future__ import annotations
+Annotations stay real types (no ``from __future__ import annotations``):
+the ``torchx run`` command line decodes arguments by them.
+"""
 
 import os
 import re
