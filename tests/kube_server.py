@@ -1,0 +1,178 @@
+"""A real Kubernetes API server for tests: etcd + kube-apiextensions-apiserver via ``scripts/dev-cluster``.
+
+Each call of `start_api_server` starts a private instance (own etcd, own
+certificates, free loopback ports) with its state under the given directory;
+the binary is built once and cached by the script (see ``scripts/dev-cluster
+help``). The server serves CRDs and custom resources, discovery, OpenAPI,
+read-only namespaces and in-memory Events.
+
+Run by hand::
+
+    python tests/kube_server.py   # prints the kubeconfig path until Ctrl-C
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import tempfile
+import time
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, TypeVar
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+DEV_CLUSTER = REPO_ROOT / "scripts" / "dev-cluster"
+#: The first build downloads sources and compiles for about 6 minutes on 2 cores.
+BUILD_TIMEOUT = 1800.0
+START_TIMEOUT = 180.0
+
+T = TypeVar("T")
+
+
+class ApiServerUnavailable(RuntimeError):
+    """The API server binary could not be built (or etcd is missing): tests may skip."""
+
+
+@dataclass
+class ApiServer:
+    """A running private API server; `stop()` ends it (its state directory stays)."""
+
+    kubeconfig: Path
+    url: str
+    run_dir: Path
+
+    @property
+    def kubeconfig_path(self) -> Path:
+        return self.kubeconfig
+
+    def stop(self) -> None:
+        _dev_cluster(["down"], self.run_dir, timeout=60)
+
+    def api_client(self) -> Any:
+        """A fresh `kubernetes.client.ApiClient` for this server."""
+        from kubernetes import config
+
+        return config.new_client_from_config(config_file=str(self.kubeconfig))
+
+
+def _dev_cluster(args: Sequence[str], run_dir: Path | None, timeout: float) -> subprocess.CompletedProcess[str]:
+    env = dict(os.environ)
+    if run_dir is not None:
+        env["NSO_DEV_CLUSTER_DIR"] = str(run_dir)
+    return subprocess.run(
+        [str(DEV_CLUSTER), *args], env=env, capture_output=True, text=True, timeout=timeout, check=False
+    )
+
+
+def _tail(text: str, lines: int = 15) -> str:
+    return "\n".join(text.strip().splitlines()[-lines:])
+
+
+def build_api_server() -> Path:
+    """Build the API server binary if it is not cached; raise `ApiServerUnavailable` when that fails."""
+    try:
+        done = _dev_cluster(["build"], None, timeout=BUILD_TIMEOUT)
+    except (OSError, subprocess.TimeoutExpired) as error:
+        raise ApiServerUnavailable(f"scripts/dev-cluster build: {error}") from error
+    if done.returncode != 0:
+        raise ApiServerUnavailable(f"scripts/dev-cluster build failed:\n{_tail(done.stderr)}")
+    return Path(done.stdout.strip().splitlines()[-1])
+
+
+def start_api_server(tmp_path: Path, extra_args: Sequence[str] = ()) -> ApiServer:
+    """Start a private API server with its state under ``tmp_path/dev-cluster``.
+
+    ``extra_args`` go to the API server (e.g. audit log flags). Raises
+    `ApiServerUnavailable` when the binary cannot be built or etcd is missing,
+    and `RuntimeError` when a built server fails to start.
+    """
+    build_api_server()
+    run_dir = Path(tmp_path) / "dev-cluster"
+    done = _dev_cluster(["up", "--", *extra_args], run_dir, timeout=START_TIMEOUT)
+    if done.returncode != 0:
+        message = f"scripts/dev-cluster up failed:\n{_tail(done.stderr)}"
+        if "etcd is not installed" in done.stderr:
+            raise ApiServerUnavailable(message)
+        raise RuntimeError(message)
+    return ApiServer(
+        kubeconfig=Path(done.stdout.strip().splitlines()[-1]),
+        url=(run_dir / "url").read_text().strip(),
+        run_dir=run_dir,
+    )
+
+
+@contextmanager
+def api_server(tmp_path: Path, extra_args: Sequence[str] = ()) -> Iterator[ApiServer]:
+    """`start_api_server` as a context manager that stops the server on exit."""
+    server = start_api_server(tmp_path, extra_args)
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+def retry_while_initialising(call: Callable[[], T], timeout: float = 30.0) -> T:
+    """``call()``, retried while a new CRD's storage initialises (429, 503) or is not routed yet (404)."""
+    from kubernetes.client.rest import ApiException
+
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            return call()
+        except ApiException as error:
+            if error.status not in (404, 429, 503) or time.monotonic() > deadline:
+                raise
+            time.sleep(0.3)
+
+
+def wait_for_crd_established(api_client: Any, name: str, timeout: float = 30.0) -> None:
+    """Wait until the CRD ``name`` is Established and its resource answers a list."""
+    from kubernetes import client as k8s
+
+    extensions = k8s.ApiextensionsV1Api(api_client)
+    deadline = time.monotonic() + timeout
+    while True:
+        crd = extensions.read_custom_resource_definition(name)
+        conditions = (crd.status.conditions or []) if crd.status else []
+        if any(c.type == "Established" and c.status == "True" for c in conditions):
+            break
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"CRD {name} not Established after {timeout} s: {conditions}")
+        time.sleep(0.1)
+    version = next(v.name for v in crd.spec.versions if v.served)
+    custom = k8s.CustomObjectsApi(api_client)
+    retry_while_initialising(
+        lambda: custom.list_cluster_custom_object(crd.spec.group, version, crd.spec.names.plural, limit=1),
+        max(deadline - time.monotonic(), 5.0),
+    )
+
+
+def apply_crd(api_client: Any, manifest: dict[str, Any], timeout: float = 30.0) -> None:
+    """Create or replace a CRD from its manifest and wait until it is usable."""
+    from kubernetes import client as k8s
+    from kubernetes.client.rest import ApiException
+
+    extensions = k8s.ApiextensionsV1Api(api_client)
+    name = manifest["metadata"]["name"]
+    try:
+        extensions.create_custom_resource_definition(manifest)
+    except ApiException as error:
+        if error.status != 409:
+            raise
+        current = extensions.read_custom_resource_definition(name)
+        metadata = {**manifest["metadata"], "resourceVersion": current.metadata.resource_version}
+        extensions.replace_custom_resource_definition(name, {**manifest, "metadata": metadata})
+    wait_for_crd_established(api_client, name, timeout)
+
+
+if __name__ == "__main__":
+    with tempfile.TemporaryDirectory(prefix="kube-api-") as directory, api_server(Path(directory)) as server:
+        print(f"API server at {server.url}\nexport KUBECONFIG={server.kubeconfig}\n(Ctrl-C stops it)", flush=True)
+        try:
+            while True:
+                time.sleep(3600)
+        except KeyboardInterrupt:
+            pass
