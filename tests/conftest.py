@@ -58,3 +58,17 @@ def kube_api(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ApiServer]:
         skip_or_fail(f"no Kubernetes API server for tests: {error}")
     yield server
     server.stop()
+
+
+@pytest.fixture(scope="session")
+def kube_api_with_audit(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ApiServer]:
+    """A second API server that logs every request (metadata only) to ``audit_log``, for RBAC coverage."""
+    from operator_harness import audit_args
+
+    directory = tmp_path_factory.mktemp("kube-api-audit")
+    try:
+        server = start_api_server(directory, audit_args(directory))
+    except ApiServerUnavailable as error:
+        skip_or_fail(f"no Kubernetes API server for tests: {error}")
+    yield server
+    server.stop()

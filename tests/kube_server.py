@@ -43,6 +43,8 @@ class ApiServer:
     kubeconfig: Path
     url: str
     run_dir: Path
+    #: Where the server writes its audit log, when started with ``--audit-log-path=...``.
+    audit_log: Path | None = None
 
     @property
     def kubeconfig_path(self) -> Path:
@@ -97,10 +99,12 @@ def start_api_server(tmp_path: Path, extra_args: Sequence[str] = ()) -> ApiServe
         if "etcd is not installed" in done.stderr:
             raise ApiServerUnavailable(message)
         raise RuntimeError(message)
+    audit_logs = [arg.split("=", 1)[1] for arg in extra_args if arg.startswith("--audit-log-path=")]
     return ApiServer(
         kubeconfig=Path(done.stdout.strip().splitlines()[-1]),
         url=(run_dir / "url").read_text().strip(),
         run_dir=run_dir,
+        audit_log=Path(audit_logs[-1]) if audit_logs else None,
     )
 
 
