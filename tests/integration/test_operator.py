@@ -1,0 +1,522 @@
+"""The operator against a real API server and a real S3 server, with a harness playing Volcano.
+
+One API server (with an audit log), one S3 server and one operator process
+serve the whole module; every test works in its own namespace. The operator
+runs exactly as in a cluster (`noisy-student operator --all-namespaces`) and
+creates real `batch.volcano.sh` Jobs against the installed Volcano CRDs; the
+harness (tests/operator_harness.py) sets their status phase and writes the
+completion markers the workloads would write.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import time
+import uuid
+from collections import Counter
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+from conftest import skip_or_fail
+from kube_server import REPO_ROOT, ApiServer, ApiServerUnavailable, start_api_server
+from operator_harness import (
+    Harness,
+    OperatorProcess,
+    api_client,
+    apply_crds,
+    audit_args,
+    is_operator_request,
+    job_attempt,
+    job_phase,
+    job_stage,
+    load_permissions,
+    operator_kubeconfig,
+    operator_permissions,
+    read_audit,
+    run_crd,
+    save_permissions,
+    volcano_crds,
+    wait_for,
+)
+
+pytestmark = pytest.mark.integration
+
+SECRET_NAME = "s3-credentials"
+#: Generous for a loaded 2-core machine; each step normally takes about a second.
+STEP = 60.0
+
+
+# ----------------------------------------------------------------------------- fixtures
+
+
+def find_kubectl() -> str | None:
+    """kubectl on PATH, else the one scripts/get-kube-tools fetches (None when neither works)."""
+    found = shutil.which("kubectl")
+    if found:
+        return found
+    try:
+        done = subprocess.run([str(REPO_ROOT / "scripts" / "get-kube-tools"), "--bin-dir", "v35"],
+                              capture_output=True, text=True, timeout=300)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    candidate = Path(done.stdout.strip().splitlines()[-1]) / "kubectl" if done.returncode == 0 and done.stdout.strip() else None
+    return str(candidate) if candidate and candidate.exists() else None
+
+
+@dataclass
+class Cluster:
+    server: ApiServer
+    client: Any  # the harness's kubernetes ApiClient
+    audit_log: Path
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory) -> Iterator[Cluster]:
+    """A private API server with an audit log, the NoisyStudentRun CRD and Volcano's CRDs."""
+    volcano = volcano_crds()
+    if volcano is None:
+        skip_or_fail("Volcano CRDs not found in ../shared/crds/volcano/ (next to the repository)")
+    directory = tmp_path_factory.mktemp("kube-api")
+    audit = directory / "audit"
+    audit.mkdir()
+    try:
+        server = start_api_server(directory, audit_args(audit))
+    except ApiServerUnavailable as error:
+        skip_or_fail(str(error))
+    try:
+        client = api_client(server.kubeconfig)
+        apply_crds(client, [run_crd(), *volcano])
+        yield Cluster(server, client, audit / "audit.log")
+    finally:
+        server.stop()
+
+
+@pytest.fixture(scope="module")
+def operator(cluster, s3_server, tmp_path_factory) -> Iterator[OperatorProcess]:
+    directory = tmp_path_factory.mktemp("operator")
+    kubeconfig = operator_kubeconfig(cluster.server.kubeconfig, cluster.server.run_dir / "pki", directory)
+    process = OperatorProcess(kubeconfig, directory / "operator.log", env=s3_server.env())
+    process.start()
+    yield process
+    process.stop()
+
+
+@pytest.fixture(scope="module")
+def recorded_permissions(cluster):
+    """After the module: the operator's requests from the audit log, checked against the fixture file."""
+    yield
+    observed = operator_permissions(read_audit(cluster.audit_log))
+    if os.environ.get("NSO_UPDATE_PERMISSIONS"):
+        save_permissions(observed | load_permissions())
+        return
+    missing = observed - load_permissions()
+    assert not missing, (
+        f"the operator made requests not in tests/fixtures/operator_permissions.json: {sorted(missing)}; "
+        "regenerate it with NSO_UPDATE_PERMISSIONS=1"
+    )
+
+
+@pytest.fixture
+def h(cluster, operator, s3_env, recorded_permissions) -> Harness:
+    harness = Harness(cluster.client)
+    harness.operator = operator  # type: ignore[attr-defined]
+    return harness
+
+
+@pytest.fixture
+def ns() -> str:
+    """A fresh namespace (the test API server accepts any namespace name)."""
+    return f"t-{uuid.uuid4().hex[:8]}"
+
+
+def spec(s3_prefix: str, students: int = 2, prepare: bool = False, **overrides: Any) -> dict[str, Any]:
+    data: dict[str, Any] = {"numClasses": 10, "imageSize": 28}
+    if prepare:
+        data["prepare"] = {"source": "mnist", "labelsPerClass": 40, "validationSize": 1000}
+    else:
+        data.update(labeled="s3://datasets/mnist/labeled-{000000..000001}.tar",
+                    unlabeled="s3://datasets/mnist/unlabeled-{000000..000003}.tar",
+                    validation="s3://datasets/mnist/test-000000.tar")
+    models = ["resnet18", "resnet34", "resnet50"]
+    result = {
+        "data": data,
+        "artifacts": {"uri": s3_prefix, "secretRef": {"name": SECRET_NAME}},
+        "teacher": {"model": models[0], "epochs": 1},
+        "students": [{"model": models[min(i + 1, 2)]} for i in range(students)],
+        "resources": {"labelShards": 2},
+        "retry": {"limit": 2, "backoffSeconds": 1, "maxBackoffSeconds": 2},
+    }
+    result.update(overrides)
+    return result
+
+
+def expected_names(run: str, students: int, prepare: bool) -> list[str]:
+    names = [f"{run}-g0-prepare"] if prepare else []
+    names.append(f"{run}-g0-teacher")
+    for g in range(1, students + 1):
+        names += [f"{run}-g{g}-label", f"{run}-g{g}-balance", f"{run}-g{g}-student"]
+    return names
+
+
+def condition(status: dict[str, Any], type_: str) -> dict[str, Any]:
+    return next((c for c in status.get("conditions") or [] if c["type"] == type_), {})
+
+
+def is_true(status: dict[str, Any], type_: str) -> bool:
+    return condition(status, type_).get("status") == "True"
+
+
+def drive_to_end(h: Harness, ns: str, run: str, stages: int, on_job=None) -> list[dict[str, Any]]:
+    """Play Volcano and the workloads for every stage: Running, then marker + Completed."""
+    seen: set[str] = set()
+    layout = h.layout(ns, run)
+    jobs = []
+    for index in range(stages):
+        job = h.next_job(ns, run, seen, STEP, detail=h.operator.log_tail)
+        name = job["metadata"]["name"]
+        h.set_phase(ns, name, "Running")
+        h.wait_run(ns, run, lambda s: any(j["name"] == name and j["state"] == "Running" for j in s.get("jobs", [])),
+                   STEP, f"job {name} Running in status", detail=h.operator.log_tail)
+        if on_job:
+            on_job(index, job)
+        h.complete(ns, job, layout)
+        jobs.append(job)
+    return jobs
+
+
+# ----------------------------------------------------------------------------- (a) every stage
+
+
+def test_run_goes_through_every_stage_to_succeeded(h, ns, s3_prefix):
+    run = "every-stage"
+    h.create_run(ns, run, spec(s3_prefix, students=2, prepare=True))
+    names = expected_names(run, 2, prepare=True)
+
+    def check_stage(index: int, job: dict[str, Any]) -> None:
+        stage = job_stage(job)
+        expected = {"prepare": "Preparing", "teacher": "Training", "label": "Labeling",
+                    "balance": "Balancing", "student": "Training"}[stage.kind]
+        status = h.wait_run(ns, run, lambda s: s.get("stage") == expected and s.get("generation") == stage.generation,
+                            STEP, f"stage {expected} of generation {stage.generation}")
+        assert is_true(status, "Progressing") and not is_true(status, "Ready")
+
+    jobs = drive_to_end(h, ns, run, len(names), on_job=check_stage)
+    assert [j["metadata"]["name"] for j in jobs] == names
+
+    status = h.wait_run(ns, run, lambda s: s.get("stage") == "Succeeded", STEP, "Succeeded")
+    body = h.get_run(ns, run)
+    assert status["observedGeneration"] == body["metadata"]["generation"]
+    assert status["generation"] == 2
+    assert [g["generation"] for g in status["generations"]] == [0, 1, 2]
+    assert [g["model"] for g in status["generations"]] == ["resnet18", "resnet34", "resnet50"]
+    assert [g["top1"] for g in status["generations"]] == [0.7, 0.75, 0.8]
+    assert status["generations"][1]["imagesUsed"] == 3000
+    assert status["teacherTop1"] == 0.8
+    assert status["generations"][2]["checkpoint"].endswith(f"/{ns}/{run}/gen-2/student/checkpoint.pt")
+    for type_, value in {"Ready": "True", "Succeeded": "True", "Progressing": "False", "Failed": "False",
+                         "Suspended": "False"}.items():
+        assert condition(status, type_)["status"] == value, type_
+        assert condition(status, type_)["observedGeneration"] == body["metadata"]["generation"]
+    assert condition(status, "Succeeded")["reason"].isalpha()
+    assert sorted(j["name"] for j in status["jobs"]) == sorted(names)
+    assert all(j["state"] == "Succeeded" for j in status["jobs"])
+    assert sorted(j["metadata"]["name"] for j in h.jobs(ns, run)) == sorted(names)  # nothing submitted twice
+
+
+# ----------------------------------------------------------------------------- (b) restarts
+
+
+def test_operator_killed_at_several_moments_never_duplicates_or_redoes_a_stage(h, ns, s3_prefix):
+    run = "restarts"
+    names = expected_names(run, 2, prepare=False)
+    h.operator.kill()
+    h.create_run(ns, run, spec(s3_prefix, students=2))
+    h.operator.start()  # 1: the run was created while no operator ran
+    seen: set[str] = set()
+    layout = h.layout(ns, run)
+    for index in range(len(names)):
+        job = h.next_job(ns, run, seen, STEP, detail=h.operator.log_tail)
+        name = job["metadata"]["name"]
+        moment = index % 3
+        if moment == 0:
+            h.operator.restart()  # 2: right after the job was created, maybe before its status was written
+            h.set_phase(ns, name, "Running")
+            h.complete(ns, job, layout)
+        elif moment == 1:
+            h.set_phase(ns, name, "Running")
+            h.complete(ns, job, layout)
+            h.operator.restart()  # 3: the job completed; the next job may or may not be submitted yet
+        else:
+            h.set_phase(ns, name, "Running")
+            h.wait_run(ns, run, lambda s: any(j["name"] == name and j["state"] == "Running" for j in s.get("jobs", [])),
+                       STEP, f"{name} Running")
+            h.operator.kill()  # 4: killed while the job runs; it completes while no operator watches
+            h.complete(ns, job, layout)
+            h.operator.start()
+    status = h.wait_run(ns, run, lambda s: s.get("stage") == "Succeeded", STEP, "Succeeded",
+                        detail=h.operator.log_tail)
+    jobs = h.jobs(ns, run)
+    assert sorted(j["metadata"]["name"] for j in jobs) == sorted(names)
+    per_stage = Counter((job_stage(j), job_attempt(j)) for j in jobs)
+    assert set(per_stage.values()) == {1}
+    assert [g["generation"] for g in status["generations"]] == [0, 1, 2]
+    assert len(status["jobs"]) == len(names)
+    assert all(j["state"] == "Succeeded" for j in status["jobs"])
+    assert h.operator.starts >= len(names)
+
+
+# ----------------------------------------------------------------------------- (c) delete
+
+
+def test_delete_with_running_jobs_cancels_them_and_the_run_disappears(h, ns, s3_prefix):
+    run = "deleted"
+    h.create_run(ns, run, spec(s3_prefix, students=1))
+    job = h.next_job(ns, run, set(), STEP, detail=h.operator.log_tail)
+    name = job["metadata"]["name"]
+    h.set_phase(ns, name, "Running")
+    h.wait_run(ns, run, lambda s: any(j["state"] == "Running" for j in s.get("jobs", [])), STEP, "a running job")
+    body = h.get_run(ns, run)
+    assert "noisystudent.dev/finalizer" in body["metadata"]["finalizers"]
+
+    h.delete_run(ns, run)
+    wait_for(lambda: h.get_run(ns, run) is None, STEP, f"run {run} to disappear", detail=h.operator.log_tail)
+    assert job_phase(h.job(ns, name)) == "Aborted"
+    assert [j["metadata"]["name"] for j in h.jobs(ns, run)] == [name]
+
+
+# ----------------------------------------------------------------------------- (d) suspend
+
+
+def test_suspend_cancels_the_running_job_and_resume_continues_where_it_stopped(h, ns, s3_prefix):
+    run = "suspended"
+    h.create_run(ns, run, spec(s3_prefix, students=1))
+    seen: set[str] = set()
+    teacher = h.next_job(ns, run, seen, STEP, detail=h.operator.log_tail)
+    h.set_phase(ns, teacher["metadata"]["name"], "Running")
+    h.complete(ns, teacher)
+    label = h.next_job(ns, run, seen, STEP, detail=h.operator.log_tail)
+    assert label["metadata"]["name"] == f"{run}-g1-label"
+    h.set_phase(ns, label["metadata"]["name"], "Running")
+    h.wait_run(ns, run, lambda s: s.get("stage") == "Labeling", STEP, "Labeling")
+
+    h.patch_spec(ns, run, {"suspend": True})
+    wait_for(lambda: job_phase(h.job(ns, f"{run}-g1-label")) == "Aborted", STEP, "the label job to be Aborted",
+             detail=h.operator.log_tail)
+    status = h.wait_run(ns, run, lambda s: s.get("stage") == "Suspended" and is_true(s, "Suspended"), STEP,
+                        "Suspended")
+    assert not is_true(status, "Progressing")
+    time.sleep(3)  # three operator intervals: nothing new may be launched while suspended
+    assert {j["metadata"]["name"] for j in h.jobs(ns, run)} == seen
+
+    h.patch_spec(ns, run, {"suspend": False})
+    resumed = h.next_job(ns, run, seen, STEP, detail=h.operator.log_tail)
+    assert resumed["metadata"]["name"] == f"{run}-g1-label-1"  # the interrupted stage, as a new attempt
+    status = h.wait_run(ns, run, lambda s: s.get("stage") == "Labeling" and not is_true(s, "Suspended"), STEP,
+                        "Labeling again")
+    assert [g["generation"] for g in status["generations"]] == [0]  # the teacher was not redone
+    h.set_phase(ns, resumed["metadata"]["name"], "Running")
+    h.complete(ns, resumed)
+    for _ in range(2):  # balance, student
+        job = h.next_job(ns, run, seen, STEP, detail=h.operator.log_tail)
+        h.complete(ns, job)
+    status = h.wait_run(ns, run, lambda s: s.get("stage") == "Succeeded", STEP, "Succeeded")
+    assert sum(1 for j in h.jobs(ns, run) if job_stage(j).kind == "teacher") == 1
+    assert status["observedGeneration"] == h.get_run(ns, run)["metadata"]["generation"] == 3
+
+
+# ----------------------------------------------------------------------------- (e) failure
+
+
+def test_failed_stage_is_retried_with_backoff_then_the_run_fails(h, ns, s3_prefix):
+    run = "failing"
+    h.create_run(ns, run, spec(s3_prefix, students=1, retry={"limit": 2, "backoffSeconds": 2, "maxBackoffSeconds": 3}))
+    seen: set[str] = set()
+    teacher = h.next_job(ns, run, seen, STEP, detail=h.operator.log_tail)
+    h.complete(ns, teacher)
+    delays = []
+    for attempt in range(3):
+        job = h.next_job(ns, run, seen, STEP, detail=h.operator.log_tail)
+        if attempt:
+            delays.append(time.monotonic() - failed_at)
+        assert job["metadata"]["name"] == f"{run}-g1-label" + (f"-{attempt}" if attempt else "")
+        assert job_attempt(job) == attempt
+        h.set_phase(ns, job["metadata"]["name"], "Running")
+        h.set_phase(ns, job["metadata"]["name"], "Failed")
+        failed_at = time.monotonic()
+        if attempt < 2:
+            h.wait_run(ns, run, lambda s: s.get("nextRetryAt") is not None, STEP, "a scheduled retry")
+    # backoff 2 s, then 4 s capped at 3 s (the operator observes within its 1 s interval)
+    assert delays[0] >= 1.5 and delays[1] >= 2.5, delays
+
+    status = h.wait_run(ns, run, lambda s: is_true(s, "Failed"), STEP, "Failed", detail=h.operator.log_tail)
+    failed = condition(status, "Failed")
+    assert failed["reason"] == "StageFailed"
+    assert "Stage label of generation 1" in failed["message"] and f"{run}-g1-label-2" in failed["message"]
+    assert status["stage"] == "Failed" and not is_true(status, "Progressing")
+    time.sleep(2)
+    assert len(h.jobs(ns, run)) == 4  # teacher + three label attempts, no fourth
+
+
+# ----------------------------------------------------------------------------- (f) server-side validation
+
+
+INVALID: list[tuple[str, Any, str]] = [
+    # (dotted path below spec to set, value (None removes it), text the server's message must contain)
+    ("students", [], "spec.students"),
+    ("students", [{"model": "resnet18"}] * 33, "spec.students"),
+    ("teacher", None, "spec.teacher"),
+    ("teacher.model", "ResNet-18", "spec.teacher.model"),
+    ("teacher.epochs", 0, "spec.teacher.epochs"),
+    ("data.numClasses", 1, "spec.data.numClasses"),
+    ("data.imageSize", 4, "spec.data.imageSize"),
+    ("data.labeled", None, "labeled, unlabeled and validation are required unless prepare is set"),
+    ("data.prepare", {"source": "fashion-mnist", "labelsPerClass": 10}, "spec.data.prepare.path"),
+    ("data.prepare", {"source": "cifar", "labelsPerClass": 10}, "spec.data.prepare.source"),
+    ("artifacts.uri", "http://example.com/runs", "spec.artifacts.uri"),
+    ("artifacts.secretRef.name", "Bad_Name", "spec.artifacts.secretRef.name"),
+    ("noise.dropout", 1.0, "spec.noise.dropout"),
+    ("noise.stochasticDepth", -0.1, "spec.noise.stochasticDepth"),
+    ("noise.randAugment.magnitude", 31, "spec.noise.randAugment.magnitude"),
+    ("pseudoLabels.type", "medium", "spec.pseudoLabels.type"),
+    ("pseudoLabels.confidenceThreshold", 1.5, "spec.pseudoLabels.confidenceThreshold"),
+    ("training.batchSize", 0, "spec.training.batchSize"),
+    ("training.optimizer", "adam", "spec.training.optimizer"),
+    ("training.learningRate", 0, "spec.training.learningRate"),
+    ("resources.nodes", {"min": 4, "max": 2}, "min must not exceed max"),
+    ("resources.procsPerNode", 0, "spec.resources.procsPerNode"),
+    ("resources.memoryMiB", 100, "spec.resources.memoryMiB"),
+    ("scheduler.name", "slurm", "spec.scheduler.name"),
+    ("retry.limit", 21, "spec.retry.limit"),
+    ("suspend", "yes", "spec.suspend"),
+]
+
+
+def with_value(document: dict[str, Any], path: str, value: Any) -> dict[str, Any]:
+    document = json.loads(json.dumps(document))
+    *parents, leaf = path.split(".")
+    node = document
+    for key in parents:
+        node = node.setdefault(key, {})
+    if value is None:
+        node.pop(leaf, None)
+    else:
+        node[leaf] = value
+    return document
+
+
+@pytest.mark.parametrize("path,value,message", INVALID, ids=[f"{p}={v!r}"[:40] for p, v, _ in INVALID])
+def test_invalid_spec_is_rejected_by_the_server_naming_the_field(cluster, ns, path, value, message):
+    from kubernetes.client.rest import ApiException
+
+    h = Harness(cluster.client)
+    document = with_value(spec("s3://bucket/runs/"), path, value)
+    with pytest.raises(ApiException) as error:
+        h.create_run(ns, "invalid", document)
+    assert error.value.status == 422, error.value.body
+    assert message in json.loads(error.value.body)["message"], error.value.body
+
+
+def test_run_name_longer_than_40_is_rejected_by_the_server(cluster, ns):
+    from kubernetes.client.rest import ApiException
+
+    with pytest.raises(ApiException) as error:
+        Harness(cluster.client).create_run(ns, "n" * 41, spec("s3://bucket/runs/"))
+    assert error.value.status == 422 and "metadata.name must be at most 40" in error.value.body
+
+
+def test_unknown_field_is_rejected_under_strict_field_validation(cluster, ns):
+    from kubernetes import client as k8s
+    from kubernetes.client.rest import ApiException
+    from operator_harness import RUNS, run_document
+
+    document = run_document("unknown", {**spec("s3://bucket/runs/"), "teacherr": {"model": "x"}})
+    with pytest.raises(ApiException) as error:
+        k8s.CustomObjectsApi(cluster.client).create_namespaced_custom_object(
+            **RUNS, namespace=ns, body=document, field_validation="Strict")
+    assert 'unknown field "spec.teacherr"' in json.loads(error.value.body)["message"]
+
+
+# ----------------------------------------------------------------------------- (g) the Volcano Jobs
+
+
+def test_volcano_jobs_pass_the_server_schema_and_reference_the_secret(h, ns, s3_prefix, s3_server):
+    run = "jobs"
+    created = h.create_run(ns, run, spec(s3_prefix, students=1))
+    job = h.next_job(ns, run, set(), STEP, detail=h.operator.log_tail)  # created against Volcano's CRD
+    metadata = job["metadata"]
+    assert metadata["name"] == f"{run}-g0-teacher"
+    assert metadata["labels"] == {
+        "app.kubernetes.io/managed-by": "noisy-student-operator",
+        "noisystudent.dev/run": run, "noisystudent.dev/stage": "teacher",
+        "noisystudent.dev/generation": "0", "noisystudent.dev/attempt": "0",
+    }
+    assert metadata["ownerReferences"] == [{
+        "apiVersion": "noisystudent.dev/v1alpha1", "kind": "NoisyStudentRun", "name": run,
+        "uid": created["metadata"]["uid"], "controller": True, "blockOwnerDeletion": True,
+    }]
+    tasks = job["spec"]["tasks"]
+    assert tasks and job["spec"]["queue"] == "default" and job["spec"]["schedulerName"] == "volcano"
+    for task in tasks:
+        assert task["template"]["metadata"]["labels"]["noisystudent.dev/run"] == run
+        for container in task["template"]["spec"]["containers"]:
+            assert {"secretRef": {"name": SECRET_NAME}} in container["envFrom"]
+    status = h.wait_run(ns, run, lambda s: bool(s.get("jobs")), STEP, "a job in status")
+    everything = json.dumps(job) + json.dumps(status) + json.dumps(h.get_run(ns, run))
+    for secret in (s3_server.secret_key, s3_server.access_key):
+        where = everything.find(secret)
+        assert where < 0, f"{secret!r} found: ...{everything[max(0, where - 300):where + 100]}"
+
+
+# ----------------------------------------------------------------------------- (h) kubectl views
+
+
+def test_table_view_shows_the_printer_columns(h, ns, s3_prefix, cluster):
+    run = "table"
+    h.create_run(ns, run, spec(s3_prefix, students=1))
+    teacher = h.next_job(ns, run, set(), STEP, detail=h.operator.log_tail)
+    h.complete(ns, teacher)
+    h.wait_run(ns, run, lambda s: s.get("teacherTop1") is not None and s.get("stage") == "Labeling", STEP,
+               "Labeling with a teacher top-1")
+    response = cluster.client.call_api(
+        f"/apis/noisystudent.dev/v1alpha1/namespaces/{ns}/noisystudentruns", "GET",
+        header_params={"Accept": "application/json;as=Table;v=v1;g=meta.k8s.io"},
+        auth_settings=["BearerToken"], response_types_map={200: "object"}, _return_http_data_only=True)
+    columns = [c["name"] for c in response["columnDefinitions"]]
+    assert columns[:1] == ["Name"] and {"Generation", "Stage", "Teacher-Top1", "Age"} <= set(columns)
+    row = dict(zip(columns, response["rows"][0]["cells"]))
+    assert row["Name"] == run and row["Generation"] == 1 and row["Stage"] == "Labeling"
+    assert row["Teacher-Top1"] == pytest.approx(0.7)
+
+
+def test_field_descriptions_are_published(cluster):
+    kubectl = find_kubectl()
+    if kubectl:
+        result = subprocess.run([kubectl, "explain", "noisystudentrun.spec"], capture_output=True, text=True,
+                                env={**os.environ, "KUBECONFIG": str(cluster.server.kubeconfig)}, timeout=60)
+        assert result.returncode == 0, result.stderr
+        assert "One entry per student generation" in result.stdout
+        assert "Stop launching stages and cancel running jobs" in result.stdout
+        return
+    document = cluster.client.call_api("/openapi/v2", "GET", auth_settings=["BearerToken"], response_types_map={200: "object"},
+                               _return_http_data_only=True)
+    definition = document["definitions"]["dev.noisystudent.v1alpha1.NoisyStudentRun"]
+    spec_schema = definition["properties"]["spec"]
+    assert "One entry per student generation" in spec_schema["properties"]["students"]["description"]
+
+
+# ----------------------------------------------------------------------------- RBAC coverage
+
+
+def test_audit_log_sees_the_operator(h, cluster):
+    events = list(read_audit(cluster.audit_log))
+    assert any(is_operator_request(e) for e in events), "no request of the operator in the audit log"
+    permissions = operator_permissions(events)
+    assert ("noisystudent.dev", "noisystudentruns", "watch") in permissions
+    assert ("batch.volcano.sh", "jobs", "create") in permissions
+    assert not any(resource.startswith("secrets") for _, resource, _ in permissions)

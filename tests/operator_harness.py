@@ -1,0 +1,480 @@
+"""Drive the real operator against a real API server: play Volcano and the workloads.
+
+The operator (`noisy-student operator`) runs as a subprocess with its own
+kubeconfig and S3 credentials, exactly as in a cluster. No Volcano controller
+and no workload runs: `Harness` sets the status phase of the Volcano Jobs the
+operator created (Running, Completed, Failed) and writes the completion
+markers (`_DONE.json`) the workloads would write, into the real S3 server, at
+the paths the run layout defines.
+
+RBAC coverage: the operator gets its own client certificate (user
+`noisy-student-operator`, see `operator_kubeconfig`), the API server's audit
+log records every request, and `operator_permissions` reduces the operator's
+requests to (apiGroup, resource[/subresource], verb) triples. The integration
+tests keep the union in `tests/fixtures/operator_permissions.json`;
+`observed_operator_permissions()` reads it for other tests (the chart's RBAC).
+
+Used by tests/integration/test_operator.py, tests/e2e/test_operator_quickstart.py
+and bench/operator_scale.py.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Callable, Iterable, Iterator
+from pathlib import Path
+from typing import Any, TypeVar
+
+import yaml
+from kube_server import apply_crd, retry_while_initialising
+
+from noisy_student_operator.api import GROUP, PLURAL, VERSION, RunSpec
+from noisy_student_operator.backend import LABEL_ATTEMPT, LABEL_GENERATION, LABEL_RUN, LABEL_STAGE, MANAGED_BY
+from noisy_student_operator.core.layout import BALANCE, LABEL, PREPARE, RunLayout, Stage
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+RUN_CRD = REPO_ROOT / "crds" / "noisystudent.dev_noisystudentruns.yaml"
+#: Volcano's CRDs are shared data next to the repository, never copied into it.
+VOLCANO_CRD_DIR = REPO_ROOT.parent / "shared" / "crds" / "volcano"
+PERMISSIONS_FILE = Path(__file__).resolve().parent / "fixtures" / "operator_permissions.json"
+
+HARNESS_AGENT = "nso-harness"
+#: The operator's user name (CN of its client certificate) in the audit log.
+OPERATOR_USER = "noisy-student-operator"
+
+VOLCANO_JOBS = {"group": "batch.volcano.sh", "version": "v1alpha1", "plural": "jobs"}
+RUNS = {"group": GROUP, "version": VERSION, "plural": PLURAL}
+
+AUDIT_POLICY = """\
+apiVersion: audit.k8s.io/v1
+kind: Policy
+omitStages: [RequestReceived]
+rules:
+  - level: Metadata
+"""
+
+T = TypeVar("T")
+
+
+# ----------------------------------------------------------------------------- waiting
+
+
+def wait_for(
+    probe: Callable[[], T], timeout: float, what: str, interval: float = 0.2, detail: Callable[[], str] | None = None
+) -> T:
+    """Poll `probe` until it returns something truthy; fail naming `what` after `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    last: Any = None
+    while True:
+        last = probe()
+        if last:
+            return last
+        if time.monotonic() > deadline:
+            extra = f"\n{detail()}" if detail else ""
+            raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what}; last: {last!r}{extra}")
+        time.sleep(interval)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+# ----------------------------------------------------------------------------- API access
+
+
+def api_client(kubeconfig: str | os.PathLike[str]) -> Any:
+    """A Kubernetes `ApiClient` for the harness, with its own user agent."""
+    from kubernetes import config
+
+    client = config.new_client_from_config(config_file=str(kubeconfig))
+    client.user_agent = HARNESS_AGENT
+    return client
+
+
+def load_documents(paths: Iterable[Path]) -> list[dict[str, Any]]:
+    documents = []
+    for path in paths:
+        documents += [d for d in yaml.safe_load_all(path.read_text()) if d]
+    return documents
+
+
+def apply_crds(client: Any, documents: list[dict[str, Any]], timeout: float = 60.0) -> None:
+    """Create or replace CRDs and wait until each is Established and answers a list."""
+    for crd in documents:
+        apply_crd(client, crd, timeout)
+
+
+def volcano_crds() -> list[dict[str, Any]] | None:
+    """Volcano's CRDs from `../shared/crds/volcano/`, or None when that directory is absent."""
+    paths = sorted(VOLCANO_CRD_DIR.glob("*.yaml"))
+    return load_documents(paths) if paths else None
+
+
+def run_crd() -> dict[str, Any]:
+    return load_documents([RUN_CRD])[0]
+
+
+def operator_kubeconfig(admin_kubeconfig: Path, pki: Path, out: Path) -> Path:
+    """A kubeconfig for the same server with the operator's own client certificate (user OPERATOR_USER).
+
+    Signed by the dev server's CA (`<run dir>/pki/ca.key`); the group
+    `system:masters` is the only one this server authorises, so permissions
+    are learnt from the audit log rather than enforced.
+    """
+    import base64
+
+    out.mkdir(parents=True, exist_ok=True)
+    key, csr, crt, ext = (out / f"operator.{suffix}" for suffix in ("key", "csr", "crt", "ext"))
+    ext.write_text("extendedKeyUsage=clientAuth\n")
+    subprocess.run(["openssl", "req", "-newkey", "rsa:2048", "-nodes", "-subj",
+                    f"/O=system:masters/CN={OPERATOR_USER}", "-keyout", str(key), "-out", str(csr)],
+                   check=True, capture_output=True)
+    subprocess.run(["openssl", "x509", "-req", "-in", str(csr), "-CA", str(pki / "ca.crt"),
+                    "-CAkey", str(pki / "ca.key"), "-set_serial", str(int(time.time() * 1000)),
+                    "-days", "30", "-extfile", str(ext), "-out", str(crt)], check=True, capture_output=True)
+    config = yaml.safe_load(Path(admin_kubeconfig).read_text())
+    user = config["users"][0]["user"]
+    user["client-certificate-data"] = base64.b64encode(crt.read_bytes()).decode()
+    user["client-key-data"] = base64.b64encode(key.read_bytes()).decode()
+    path = out / "kubeconfig"
+    path.write_text(yaml.safe_dump(config))
+    path.chmod(0o600)
+    return path
+
+
+# ----------------------------------------------------------------------------- the operator
+
+
+class OperatorProcess:
+    """`noisy-student operator` as a subprocess: start, SIGKILL, restart, peak RSS, log."""
+
+    def __init__(
+        self,
+        kubeconfig: str | os.PathLike[str],
+        log_path: Path,
+        env: dict[str, str] | None = None,
+        args: Iterable[str] = ("--all-namespaces", "--interval", "1", "--metrics-port", "0"),
+        cwd: Path | None = None,
+    ) -> None:
+        self.kubeconfig = str(kubeconfig)
+        self.log_path = log_path
+        self.extra_env = dict(env or {})
+        self.args = list(args)
+        self.cwd = cwd
+        self.process: subprocess.Popen[bytes] | None = None
+        self.liveness_port = 0
+        self.starts = 0
+
+    def environment(self) -> dict[str, str]:
+        env = dict(os.environ)
+        # Only what a Deployment would give it: its kubeconfig and its S3 credentials.
+        for name in list(env):
+            if name.startswith("AWS_") or name == "KUBECONFIG":
+                del env[name]
+        env.update(
+            KUBECONFIG=self.kubeconfig,
+            AWS_CONFIG_FILE=os.devnull,
+            AWS_SHARED_CREDENTIALS_FILE=os.devnull,
+            PYTHONUNBUFFERED="1",
+            # torchrun and the console scripts of this interpreter (local_cwd jobs).
+            PATH=os.path.dirname(sys.executable) + os.pathsep + env.get("PATH", ""),
+        )
+        env.update(self.extra_env)
+        return env
+
+    def start(self, timeout: float = 90.0) -> None:
+        """Start the operator and wait until kopf reports itself alive."""
+        assert self.process is None or self.process.poll() is not None, "the operator is running"
+        self.liveness_port = free_port()
+        command = [
+            sys.executable, "-m", "noisy_student_operator.cli", "operator", *self.args,
+            "--liveness", f"http://127.0.0.1:{self.liveness_port}/healthz",
+        ]
+        self.starts += 1
+        with open(self.log_path, "ab") as log:
+            log.write(f"\n===== operator start {self.starts} =====\n".encode())
+            self.process = subprocess.Popen(
+                command, stdout=log, stderr=subprocess.STDOUT, env=self.environment(), cwd=self.cwd,
+                start_new_session=True,
+            )
+        wait_for(self.alive, timeout, "the operator's liveness endpoint", interval=0.3, detail=self.log_tail)
+
+    def alive(self) -> bool:
+        if self.process is None or self.process.poll() is not None:
+            raise AssertionError(f"the operator exited with {self.process and self.process.returncode}\n{self.log_tail()}")
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{self.liveness_port}/healthz", timeout=2) as response:
+                return response.status == 200
+        except OSError:
+            return False
+
+    @property
+    def running(self) -> bool:
+        return self.process is not None and self.process.poll() is None
+
+    def kill(self) -> None:
+        """SIGKILL: no finalizers, no cleanup — the worst moment for a restart."""
+        if self.running:
+            assert self.process is not None
+            os.killpg(self.process.pid, signal.SIGKILL)
+            self.process.wait(30)
+
+    def stop(self, timeout: float = 20.0) -> None:
+        if not self.running:
+            return
+        assert self.process is not None
+        os.killpg(self.process.pid, signal.SIGTERM)
+        try:
+            self.process.wait(timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(self.process.pid, signal.SIGKILL)
+            self.process.wait(30)
+
+    def restart(self) -> None:
+        self.kill()
+        self.start()
+
+    def peak_rss_bytes(self) -> int:
+        """Peak resident set size (VmHWM) of the running operator process."""
+        assert self.process is not None
+        with open(f"/proc/{self.process.pid}/status") as status:
+            for line in status:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+        raise RuntimeError("no VmHWM in /proc status")
+
+    def log_tail(self, lines: int = 60) -> str:
+        try:
+            text = self.log_path.read_text(errors="replace").splitlines()
+        except OSError:
+            return ""
+        return "operator log:\n" + "\n".join(text[-lines:])
+
+
+# ----------------------------------------------------------------------------- Volcano and workloads
+
+
+def run_document(name: str, spec: dict[str, Any]) -> dict[str, Any]:
+    return {"apiVersion": f"{GROUP}/{VERSION}", "kind": "NoisyStudentRun", "metadata": {"name": name}, "spec": spec}
+
+
+def job_stage(job: dict[str, Any]) -> Stage:
+    labels = job["metadata"]["labels"]
+    return Stage(int(labels[LABEL_GENERATION]), labels[LABEL_STAGE])
+
+
+def job_attempt(job: dict[str, Any]) -> int:
+    return int(job["metadata"]["labels"][LABEL_ATTEMPT])
+
+
+def job_phase(job: dict[str, Any]) -> str | None:
+    return ((job.get("status") or {}).get("state") or {}).get("phase")
+
+
+def stage_metrics(stage: Stage) -> dict[str, Any]:
+    """Plausible metrics of a completed stage; top-1 grows with the generation."""
+    if stage.is_training:
+        top1 = round(0.70 + 0.05 * stage.generation, 4)
+        return {"top1": top1, "top5": round(min(top1 + 0.2, 1.0), 4), "parameters": 11_000_000 + stage.generation}
+    if stage.kind == LABEL:
+        return {"images": 4000}
+    if stage.kind == BALANCE:
+        return {"images": 3000, "per_class": 300}
+    if stage.kind == PREPARE:
+        return {"labeled": 400, "unlabeled": 3600, "validation": 1000}
+    return {}
+
+
+class Harness:
+    """Runs, Volcano Jobs and completion markers on the real servers."""
+
+    def __init__(self, client: Any) -> None:
+        from kubernetes import client as k8s
+
+        self.client = client
+        self.custom = k8s.CustomObjectsApi(client)
+
+    # -- runs --------------------------------------------------------------------
+
+    def create_run(self, namespace: str, name: str, spec: dict[str, Any]) -> dict[str, Any]:
+        return retry_while_initialising(lambda: self.custom.create_namespaced_custom_object(
+            **RUNS, namespace=namespace, body=run_document(name, spec)))
+
+    def get_run(self, namespace: str, name: str) -> dict[str, Any] | None:
+        from kubernetes.client.rest import ApiException
+
+        try:
+            return self.custom.get_namespaced_custom_object(**RUNS, namespace=namespace, name=name)
+        except ApiException as error:
+            if error.status == 404:
+                return None
+            raise
+
+    def status(self, namespace: str, name: str) -> dict[str, Any]:
+        return (self.get_run(namespace, name) or {}).get("status") or {}
+
+    def patch_spec(self, namespace: str, name: str, spec: dict[str, Any]) -> dict[str, Any]:
+        return self.custom.patch_namespaced_custom_object(
+            **RUNS, namespace=namespace, name=name, body={"spec": spec})
+
+    def delete_run(self, namespace: str, name: str) -> None:
+        self.custom.delete_namespaced_custom_object(**RUNS, namespace=namespace, name=name)
+
+    def wait_run(
+        self, namespace: str, name: str, predicate: Callable[[dict[str, Any]], bool], timeout: float, what: str,
+        detail: Callable[[], str] | None = None,
+    ) -> dict[str, Any]:
+        def probe() -> dict[str, Any] | None:
+            status = self.status(namespace, name)
+            return status if status and predicate(status) else None
+
+        def describe() -> str:
+            status = json.dumps(self.status(namespace, name), indent=1)[-3000:]
+            return f"run status: {status}" + (f"\n{detail()}" if detail else "")
+
+        return wait_for(probe, timeout, f"run {namespace}/{name}: {what}", detail=describe)
+
+    # -- Volcano -----------------------------------------------------------------
+
+    def jobs(self, namespace: str, run: str | None = None) -> list[dict[str, Any]]:
+        selector = f"app.kubernetes.io/managed-by={MANAGED_BY}"
+        if run:
+            selector += f",{LABEL_RUN}={run}"
+        items = self.custom.list_namespaced_custom_object(
+            **VOLCANO_JOBS, namespace=namespace, label_selector=selector)["items"]
+        return sorted(items, key=lambda j: j["metadata"]["creationTimestamp"] + j["metadata"]["name"])
+
+    def job(self, namespace: str, name: str) -> dict[str, Any] | None:
+        from kubernetes.client.rest import ApiException
+
+        try:
+            return self.custom.get_namespaced_custom_object(**VOLCANO_JOBS, namespace=namespace, name=name)
+        except ApiException as error:
+            if error.status == 404:
+                return None
+            raise
+
+    def wait_job(self, namespace: str, name: str, timeout: float, detail: Callable[[], str] | None = None) -> dict[str, Any]:
+        return wait_for(lambda: self.job(namespace, name), timeout, f"Volcano Job {namespace}/{name}", detail=detail)
+
+    def set_phase(self, namespace: str, name: str, phase: str) -> None:
+        """What Volcano's controller does: write `status.state.phase` through the status subresource."""
+        self.custom.patch_namespaced_custom_object_status(
+            **VOLCANO_JOBS, namespace=namespace, name=name, body={"status": {"state": {"phase": phase}}})
+
+    # -- workloads ---------------------------------------------------------------
+
+    def layout(self, namespace: str, run: str) -> RunLayout:
+        body = self.get_run(namespace, run)
+        assert body is not None, f"run {namespace}/{run} is gone"
+        return RunLayout.for_run(RunSpec.model_validate(body["spec"]), namespace, run)
+
+    def write_marker(self, layout: RunLayout, stage: Stage, metrics: dict[str, Any] | None = None) -> str:
+        """The workload's last write: `<stage dir>/_DONE.json` in the real S3 server."""
+        from noisy_student_workloads.store import open_store
+
+        uri = layout.marker_uri(stage)
+        marker = {
+            "stage": stage.kind,
+            "metrics": stage_metrics(stage) if metrics is None else metrics,
+            "outputs": {},
+            "finished": time.strftime("%Y-%m-%dT%H:%M:%S+00:00", time.gmtime()),
+        }
+        if stage.is_training:
+            marker["checkpoint"] = layout.checkpoint_uri(stage.generation)
+        open_store(uri).put_json(uri, marker)
+        return uri
+
+    def complete(self, namespace: str, job: dict[str, Any], layout: RunLayout | None = None) -> None:
+        """The job's workload finished: marker first, then the Volcano phase Completed."""
+        run = job["metadata"]["labels"][LABEL_RUN]
+        self.write_marker(layout or self.layout(namespace, run), job_stage(job))
+        self.set_phase(namespace, job["metadata"]["name"], "Completed")
+
+    def next_job(
+        self, namespace: str, run: str, seen: set[str], timeout: float, detail: Callable[[], str] | None = None
+    ) -> dict[str, Any]:
+        """Wait for a job of `run` not in `seen`; add it to `seen`."""
+        def probe() -> dict[str, Any] | None:
+            fresh = [j for j in self.jobs(namespace, run) if j["metadata"]["name"] not in seen]
+            return fresh[0] if fresh else None
+
+        job = wait_for(probe, timeout, f"a new Volcano Job of {namespace}/{run} (seen: {sorted(seen)})", detail=detail)
+        seen.add(job["metadata"]["name"])
+        return job
+
+
+# ----------------------------------------------------------------------------- audit log → RBAC
+
+
+def audit_args(directory: Path) -> list[str]:
+    """API server flags that log every request (metadata only) as JSON lines under `directory`."""
+    policy = directory / "audit-policy.yaml"
+    policy.write_text(AUDIT_POLICY)
+    return [f"--audit-policy-file={policy}", f"--audit-log-path={directory / 'audit.log'}",
+            "--audit-log-format=json", "--audit-log-mode=blocking", "--audit-log-maxsize=0"]
+
+
+def read_audit(path: Path) -> Iterator[dict[str, Any]]:
+    if not path.exists():
+        return
+    with open(path, errors="replace") as log:
+        for line in log:
+            line = line.strip()
+            if line:
+                try:
+                    yield json.loads(line)
+                except json.JSONDecodeError:
+                    continue  # a line being written right now
+
+
+def is_operator_request(event: dict[str, Any]) -> bool:
+    return (event.get("user") or {}).get("username") == OPERATOR_USER
+
+
+def permission_of(event: dict[str, Any]) -> tuple[str, str, str] | None:
+    """(apiGroup, resource[/subresource], verb) of a resource request; None for discovery and other paths."""
+    ref = event.get("objectRef")
+    if not ref or not ref.get("resource"):
+        return None
+    resource = ref["resource"] + (f"/{ref['subresource']}" if ref.get("subresource") else "")
+    return (ref.get("apiGroup") or "", resource, event["verb"])
+
+
+def operator_permissions(events: Iterable[dict[str, Any]]) -> set[tuple[str, str, str]]:
+    """The permissions the operator's own requests needed."""
+    return {p for e in events if is_operator_request(e) and (p := permission_of(e)) is not None}
+
+
+def load_permissions(path: Path = PERMISSIONS_FILE) -> set[tuple[str, str, str]]:
+    if not path.exists():
+        return set()
+    return {(p["apiGroup"], p["resource"], p["verb"]) for p in json.loads(path.read_text())["permissions"]}
+
+
+def save_permissions(permissions: set[tuple[str, str, str]], path: Path = PERMISSIONS_FILE) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    rows = [{"apiGroup": g, "resource": r, "verb": v} for g, r, v in sorted(permissions)]
+    text = {
+        "description": "Requests the operator made to the API server during tests/integration/test_operator.py "
+        "(from the server's audit log). Regenerate: NSO_UPDATE_PERMISSIONS=1 pytest tests/integration/test_operator.py",
+        "permissions": rows,
+    }
+    path.write_text(json.dumps(text, indent=2) + "\n")
+
+
+def observed_operator_permissions() -> dict[tuple[str, str], set[str]]:
+    """{(apiGroup, resource[/subresource]): verbs} the operator was seen using; for RBAC tests of the chart."""
+    grouped: dict[tuple[str, str], set[str]] = {}
+    for group, resource, verb in load_permissions():
+        grouped.setdefault((group, resource), set()).add(verb)
+    return grouped
