@@ -23,6 +23,9 @@ Recipe:
   classifier (``drop_rate``) and stochastic depth (``drop_path_rate``).
 * **Schedule.** timm optimizer factory (``sgd`` is SGD with Nesterov
   momentum 0.9) and a per-step cosine schedule with linear warm-up.
+* **Metrics.** ``top1``/``top5`` (fractions) of the final model on the whole
+  validation set; earlier epochs in ``history`` are scored on a fixed subset
+  of at most 2,000 validation images, for progress only.
 * **Restarts.** At start the latest ``checkpoints/epoch-NNN.pt`` is loaded
   (model, optimizer, scheduler, RNG, history) and training continues at the
   next epoch; data order depends only on (seed, epoch), so a resumed run
@@ -61,6 +64,10 @@ from .stage import cpu_threads, event, parse_args, put, put_json, setup_logging,
 from .store import join_uri, open_store
 
 EVAL_BATCH = 512
+# Intermediate epochs are scored on a fixed random subset of at most this many
+# validation images (progress only); the last epoch on the whole set. With few
+# labels a full pass over a large validation set would cost more than training.
+PROGRESS_EVAL_IMAGES = 2000
 _CHECKPOINT = re.compile(r"epoch-(\d+)\.pt$")
 
 
@@ -294,11 +301,12 @@ def soft_cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Ten
 
 
 @torch.inference_mode()
-def evaluate(model: torch.nn.Module, data: imgs.ImageSet, mean: list[float], std: list[float], d: Dist) -> dict[str, float]:
-    """Top-1/top-5 (fractions) on ``data``; each rank scores every W-th image, counts are summed."""
+def evaluate(model: torch.nn.Module, data: imgs.ImageSet, mean: list[float], std: list[float], d: Dist,
+             subset: torch.Tensor | None = None) -> dict[str, float]:
+    """Top-1/top-5 (fractions) on ``data`` (or its ``subset`` rows); each rank scores every W-th image."""
     was_training = model.training
     model.eval()
-    rows = torch.arange(d.rank, len(data), d.world)
+    rows = (torch.arange(len(data)) if subset is None else subset)[d.rank :: d.world]
     counts = torch.zeros(3, dtype=torch.float64, device=d.device)
     for chunk in rows.split(EVAL_BATCH):
         x = imgs.normalize(data.images[chunk].to(d.device, non_blocking=True), mean, std)
@@ -312,7 +320,7 @@ def evaluate(model: torch.nn.Module, data: imgs.ImageSet, mean: list[float], std
         dist.all_reduce(counts)
     model.train(was_training)
     n = max(1.0, float(counts[2]))
-    return {"top1": float(counts[0]) / n, "top5": float(counts[1]) / n}
+    return {"top1": float(counts[0]) / n, "top5": float(counts[1]) / n, "validation_images": int(counts[2])}
 
 
 def train_epoch(
@@ -393,6 +401,8 @@ def run(cfg: TrainConfig) -> dict[str, Any]:
         event("resume", epoch=start, epochs=cfg.epochs, checkpoint=resume_uri)
 
     # loop
+    progress_rows = torch.randperm(len(validation), generator=torch.Generator().manual_seed(cfg.seed))
+    progress_rows = progress_rows[:PROGRESS_EVAL_IMAGES].sort().values
     for epoch in range(start, cfg.epochs):
         plans = [plan_batches(len(s.pool), b, steps, d, seed=(cfg.seed * 1_000_003 + epoch) * 2 + i)
                  for i, (s, b) in enumerate(zip(sources, batches))]
@@ -405,7 +415,8 @@ def run(cfg: TrainConfig) -> dict[str, Any]:
         loss, seen = train_epoch(ddp_model, loader, optimizer, scheduler, epoch * steps, mean, std, d)
         seconds = time.perf_counter() - tic
         scheduler.step(epoch + 1)
-        scores = evaluate(model, validation, mean, std, d)
+        last = epoch + 1 == cfg.epochs
+        scores = evaluate(model, validation, mean, std, d, subset=None if last else progress_rows)
         history.append({"epoch": epoch + 1, "loss": loss, **scores, "images": seen * d.world, "seconds": seconds})
         if d.main:
             save_checkpoint(join_uri(out, "checkpoints", f"epoch-{epoch + 1:03d}.pt"), model, optimizer, scheduler,
@@ -429,7 +440,8 @@ def run(cfg: TrainConfig) -> dict[str, Any]:
         "labeled_images": len(labeled),
         "pseudo_images": len(sources[1].pool) if len(sources) > 1 else 0,
         "world_size": d.world,
-        "history": [{k: h[k] for k in ("epoch", "loss", "top1", "top5")} for h in history],
+        "validation_images": final["validation_images"],
+        "history": [{k: h[k] for k in ("epoch", "loss", "top1", "top5", "validation_images")} for h in history],
     }
     if d.main:
         checkpoint_uri = join_uri(out, "checkpoint.pt")
