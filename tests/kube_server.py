@@ -61,7 +61,8 @@ class ApiServer:
 
 
 def _dev_cluster(args: Sequence[str], run_dir: Path | None, timeout: float) -> subprocess.CompletedProcess[str]:
-    env = dict(os.environ)
+    # The server goes down with this process even when it is killed.
+    env = {**os.environ, "NSO_DEV_CLUSTER_OWNER_PID": str(os.getpid())}
     if run_dir is not None:
         env["NSO_DEV_CLUSTER_DIR"] = str(run_dir)
     return subprocess.run(

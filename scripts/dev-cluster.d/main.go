@@ -4,9 +4,10 @@
 // such as kubectl and kopf insist on.
 //
 // Differences from the upstream apiextensions-apiserver main:
-//   - the /apis root discovery listing is served, including CRD groups;
-//   - /api and /api/v1 are served with read-only namespaces and an in-memory,
-//     write-only-ish events resource (kopf posts Events and waits for /api);
+//   - the /apis root discovery listing is served, including CRD groups, and
+//     /apis/ and /version/ answer like /apis and /version;
+//   - /api and /api/v1 are served with read-only namespaces and in-memory
+//     Events (kopf waits for /api and posts Events);
 //   - OpenAPI v2 is published (kubectl validation and `kubectl explain`);
 //   - no core Kubernetes API is needed: an empty informer factory keeps
 //     /readyz green, admission plugins and remote authn/authz are off.

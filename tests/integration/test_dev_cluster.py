@@ -19,7 +19,15 @@ from typing import Any
 import pytest
 import yaml
 from conftest import skip_or_fail
-from kube_server import REPO_ROOT, ApiServer, apply_crd, retry_while_initialising
+from kube_server import (
+    DEV_CLUSTER,
+    REPO_ROOT,
+    ApiServer,
+    ApiServerUnavailable,
+    apply_crd,
+    retry_while_initialising,
+    start_api_server,
+)
 
 pytestmark = pytest.mark.integration
 
@@ -48,6 +56,9 @@ WIDGET_CRD: dict[str, Any] = {
                                 "type": "object",
                                 "description": "What the widget should be.",
                                 "required": ["size"],
+                                "x-kubernetes-validations": [
+                                    {"rule": "self.color == 'red' || self.size <= 10", "message": "blue widgets are small"}
+                                ],
                                 "properties": {
                                     "size": {"type": "integer", "minimum": 1, "description": "How big."},
                                     "color": {"type": "string", "enum": ["red", "blue"], "default": "red"},
@@ -145,7 +156,7 @@ def test_custom_object_crud_and_status(client: Any, widgets: str) -> None:
     assert widget["metadata"]["generation"] == 2
 
 
-def test_schema_violations_are_rejected_naming_the_field(client: Any, widgets: str) -> None:
+def test_schema_and_cel_violations_are_rejected(client: Any, widgets: str) -> None:
     from kubernetes import client as k8s
     from kubernetes.client.rest import ApiException
 
@@ -155,6 +166,12 @@ def test_schema_violations_are_rejected_naming_the_field(client: Any, widgets: s
         custom.create_namespaced_custom_object(GROUP, "v1", widgets, "widgets", body)
     assert caught.value.status == 422
     assert "spec.size" in json.loads(caught.value.body)["message"]
+
+    body["spec"] = {"size": 11, "color": "blue"}
+    with pytest.raises(ApiException) as caught:
+        custom.create_namespaced_custom_object(GROUP, "v1", widgets, "widgets", body)
+    assert caught.value.status == 422
+    assert "blue widgets are small" in json.loads(caught.value.body)["message"]
 
 
 def test_openapi_v2_publishes_the_crd_schema(kube_api: ApiServer, client: Any, widgets: str) -> None:
@@ -185,6 +202,25 @@ def test_kubectl_works_against_it(kube_api: ApiServer, widgets: str) -> None:
                                "metadata": {"name": "from-kubectl", "namespace": widgets}, "spec": {"size": 2}})
     subprocess.run([kubectl, "apply", "-f", "-"], input=manifest, env=env, text=True, check=True, capture_output=True)
     assert "from-kubectl" in run("get", "wd", "-n", widgets)
+
+
+def test_up_is_idempotent_and_down_stops_both_processes(tmp_path: Path) -> None:
+    try:
+        server = start_api_server(tmp_path)
+    except ApiServerUnavailable as error:
+        skip_or_fail(f"no Kubernetes API server for tests: {error}")
+    env = {**os.environ, "NSO_DEV_CLUSTER_DIR": str(server.run_dir)}
+
+    def dev_cluster(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([str(DEV_CLUSTER), *args], env=env, capture_output=True, text=True, timeout=120)
+
+    pids = [(server.run_dir / f"{name}.pid").read_text().strip() for name in ("etcd", "apiserver")]
+    assert dev_cluster("up").stdout.strip() == str(server.kubeconfig)
+    assert [(server.run_dir / f"{name}.pid").read_text().strip() for name in ("etcd", "apiserver")] == pids
+    assert dev_cluster("status").returncode == 0
+    server.stop()
+    assert dev_cluster("status").returncode == 3
+    assert not any(Path(f"/proc/{pid}").exists() for pid in pids)
 
 
 def volcano_crds() -> list[dict[str, Any]]:
