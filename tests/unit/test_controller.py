@@ -140,3 +140,26 @@ def test_settled_runs_are_skipped_by_the_timer(setup):
     assert controller.settled(body)
     body["metadata"]["generation"] = 2
     assert not controller.settled(body)
+
+
+def sample(name, **labels):
+    from prometheus_client import REGISTRY
+
+    return REGISTRY.get_sample_value(name, labels) or 0.0
+
+
+def test_metrics_count_submissions_failures_retries_and_conditions(setup):
+    api, backend, controller, events, store, prefix = setup
+    api.objects[("ml", "demo")]["spec"]["retry"] = {"limit": 1, "backoffSeconds": 0}
+    submitted = sample("noisy_student_job_submissions_total", stage="teacher")
+    failed = sample("noisy_student_job_failures_total", stage="teacher")
+    retried = sample("noisy_student_job_retries_total", stage="teacher")
+    passes = sample("noisy_student_reconcile_duration_seconds_count")
+    controller.reconcile("ml", "demo")
+    assert sample("noisy_student_runs", condition="Progressing") >= 1
+    backend.jobs["demo-g0-teacher"] = JobState.FAILED
+    controller.reconcile("ml", "demo")  # records the failure, retries at once (backoff 0)
+    assert sample("noisy_student_job_submissions_total", stage="teacher") == submitted + 2
+    assert sample("noisy_student_job_failures_total", stage="teacher") == failed + 1
+    assert sample("noisy_student_job_retries_total", stage="teacher") == retried + 1
+    assert sample("noisy_student_reconcile_duration_seconds_count") == passes + 2
