@@ -171,22 +171,6 @@ class ArtifactsSpec(ApiModel):
 MODEL_NAME = r"^[a-z0-9_.]+$"
 
 
-class TeacherSpec(ApiModel):
-    """The first teacher, trained on the labeled images only."""
-
-    model: str = Field(
-        min_length=1, max_length=128, pattern=MODEL_NAME, description="timm model name."
-    )
-    epochs: int | None = Field(
-        default=None, ge=1, le=10000, description="Epochs; defaults to `training.epochs`."
-    )
-    noise: bool = Field(
-        default=True,
-        description="Train the teacher with the students' noise too (the paper's "
-        "baselines were trained with RandAugment, dropout and stochastic depth).",
-    )
-
-
 class StudentSpec(ApiModel):
     """One student generation; it becomes the next generation's teacher."""
 
@@ -195,6 +179,16 @@ class StudentSpec(ApiModel):
     )
     epochs: int | None = Field(
         default=None, ge=1, le=10000, description="Epochs; defaults to `training.epochs`."
+    )
+
+
+class TeacherSpec(StudentSpec):
+    """The first teacher, trained on the labeled images only."""
+
+    noise: bool = Field(
+        default=True,
+        description="Train the teacher with the students' noise too (the paper's "
+        "baselines were trained with RandAugment, dropout and stochastic depth).",
     )
 
 
