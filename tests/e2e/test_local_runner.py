@@ -123,3 +123,19 @@ def test_invalid_run_file_names_the_field(tmp_path):
     result = run_cli("run", str(write(tmp_path, document)))
     assert result.returncode == 2
     assert "spec.pseudoLabels.confidenceThreshold" in result.stderr
+
+
+def test_run_with_artifacts_on_a_real_s3_server(tmp_path, s3_prefix):
+    """Jobs inherit the standard AWS environment and keep every artifact in S3."""
+    from noisy_student_workloads.store import open_store
+
+    run_file = write(tmp_path, tiny_run("on-s3", students=1))
+    result = run_cli("run", str(run_file), "--artifacts", s3_prefix, "--output", "json")
+    assert result.returncode == 0, result.stderr[-4000:]
+    status = json.loads(result.stdout)
+    assert status["stage"] == "Succeeded"
+    assert status["artifacts"] == f"{s3_prefix}default/on-s3/"
+    store = open_store(s3_prefix)
+    for path in ("gen-0/teacher/_DONE.json", "gen-1/balance/manifest.npz", "gen-1/student/checkpoint.pt",
+                 "status.json", "top1.png"):
+        assert store.exists(f"{s3_prefix}default/on-s3/{path}"), path
