@@ -297,11 +297,13 @@ def stage_metrics(stage: Stage) -> dict[str, Any]:
 class Harness:
     """Runs, Volcano Jobs and completion markers on the real servers."""
 
-    def __init__(self, client: Any) -> None:
+    def __init__(self, client: Any, operator: OperatorProcess | None = None) -> None:
         from kubernetes import client as k8s
 
         self.client = client
+        self.operator = operator  # whose log tail explains a timeout
         self.custom = k8s.CustomObjectsApi(client)
+        self.core = k8s.CoreV1Api(client)
 
     # -- runs --------------------------------------------------------------------
 

@@ -114,9 +114,7 @@ def recorded_permissions(cluster):
 
 @pytest.fixture
 def h(cluster, operator, s3_env, recorded_permissions) -> Harness:
-    harness = Harness(cluster.client)
-    harness.operator = operator  # type: ignore[attr-defined]
-    return harness
+    return Harness(cluster.client, operator)
 
 
 @pytest.fixture
@@ -217,6 +215,13 @@ def test_run_goes_through_every_stage_to_succeeded(h, ns, s3_prefix):
     assert sorted(j["name"] for j in status["jobs"]) == sorted(names)
     assert all(j["state"] == "Succeeded" for j in status["jobs"])
     assert sorted(j["metadata"]["name"] for j in h.jobs(ns, run)) == sorted(names)  # nothing submitted twice
+
+    def reasons() -> Counter[str]:
+        events = h.core.list_namespaced_event(ns).items
+        return Counter(e.reason for e in events if e.involved_object.name == run)
+
+    seen = wait_for(lambda: reasons() if reasons()["RunSucceeded"] else None, STEP, "the RunSucceeded Event")
+    assert seen["JobSubmitted"] == len(names) and seen["Promoted"] == 2 and seen["StageCompleted"] >= 1
 
 
 # ----------------------------------------------------------------------------- (b) restarts
