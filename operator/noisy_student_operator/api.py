@@ -236,7 +236,12 @@ class PseudoLabelSpec(ApiModel):
         default="auto",
         description="Balanced images per class: duplicate when short, keep the most "
         "confident when over. `auto`: the median per-class count after filtering.",
-        json_schema_extra={"x-kubernetes-int-or-string": True},
+        json_schema_extra={
+            "x-kubernetes-int-or-string": True,
+            "x-kubernetes-validations": [
+                cel("type(self) == string ? self == 'auto' : self >= 1", "must be at least 1 or 'auto'")
+            ],
+        },
     )
     balance: bool = Field(default=True, description="Balance classes; false keeps all filtered images.")
 

@@ -382,6 +382,8 @@ INVALID: list[tuple[str, Any, str]] = [
     ("noise.randAugment.magnitude", 31, "spec.noise.randAugment.magnitude"),
     ("pseudoLabels.type", "medium", "spec.pseudoLabels.type"),
     ("pseudoLabels.confidenceThreshold", 1.5, "spec.pseudoLabels.confidenceThreshold"),
+    ("pseudoLabels.imagesPerClass", 0, "spec.pseudoLabels.imagesPerClass"),
+    ("pseudoLabels.imagesPerClass", "many", "spec.pseudoLabels.imagesPerClass"),
     ("training.batchSize", 0, "spec.training.batchSize"),
     ("training.optimizer", "adam", "spec.training.optimizer"),
     ("training.learningRate", 0, "spec.training.learningRate"),
