@@ -114,6 +114,8 @@ def recorded_permissions(cluster):
 
 @pytest.fixture
 def h(cluster, operator, s3_env, recorded_permissions) -> Harness:
+    if not operator.running:  # an earlier test failed while the operator was down
+        operator.start()
     return Harness(cluster.client, operator)
 
 
