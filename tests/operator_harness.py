@@ -301,9 +301,12 @@ class Harness:
         from kubernetes import client as k8s
 
         self.client = client
-        self.operator = operator  # whose log tail explains a timeout
+        self.operator = operator  # its log tail explains a timeout
         self.custom = k8s.CustomObjectsApi(client)
         self.core = k8s.CoreV1Api(client)
+
+    def _operator_log(self) -> str:
+        return self.operator.log_tail() if self.operator else ""
 
     # -- runs --------------------------------------------------------------------
 
@@ -332,8 +335,7 @@ class Harness:
         self.custom.delete_namespaced_custom_object(**RUNS, namespace=namespace, name=name)
 
     def wait_run(
-        self, namespace: str, name: str, predicate: Callable[[dict[str, Any]], bool], timeout: float, what: str,
-        detail: Callable[[], str] | None = None,
+        self, namespace: str, name: str, predicate: Callable[[dict[str, Any]], bool], timeout: float, what: str
     ) -> dict[str, Any]:
         def probe() -> dict[str, Any] | None:
             status = self.status(namespace, name)
@@ -341,7 +343,7 @@ class Harness:
 
         def describe() -> str:
             status = json.dumps(self.status(namespace, name), indent=1)[-3000:]
-            return f"run status: {status}" + (f"\n{detail()}" if detail else "")
+            return f"run status: {status}\n{self._operator_log()}"
 
         return wait_for(probe, timeout, f"run {namespace}/{name}: {what}", detail=describe)
 
@@ -364,9 +366,6 @@ class Harness:
             if error.status == 404:
                 return None
             raise
-
-    def wait_job(self, namespace: str, name: str, timeout: float, detail: Callable[[], str] | None = None) -> dict[str, Any]:
-        return wait_for(lambda: self.job(namespace, name), timeout, f"Volcano Job {namespace}/{name}", detail=detail)
 
     def set_phase(self, namespace: str, name: str, phase: str) -> None:
         """What Volcano's controller does: write `status.state.phase` through the status subresource."""
@@ -402,15 +401,14 @@ class Harness:
         self.write_marker(layout or self.layout(namespace, run), job_stage(job))
         self.set_phase(namespace, job["metadata"]["name"], "Completed")
 
-    def next_job(
-        self, namespace: str, run: str, seen: set[str], timeout: float, detail: Callable[[], str] | None = None
-    ) -> dict[str, Any]:
+    def next_job(self, namespace: str, run: str, seen: set[str], timeout: float) -> dict[str, Any]:
         """Wait for a job of `run` not in `seen`; add it to `seen`."""
         def probe() -> dict[str, Any] | None:
             fresh = [j for j in self.jobs(namespace, run) if j["metadata"]["name"] not in seen]
             return fresh[0] if fresh else None
 
-        job = wait_for(probe, timeout, f"a new Volcano Job of {namespace}/{run} (seen: {sorted(seen)})", detail=detail)
+        job = wait_for(probe, timeout, f"a new Volcano Job of {namespace}/{run} (seen: {sorted(seen)})",
+                       detail=self._operator_log)
         seen.add(job["metadata"]["name"])
         return job
 

@@ -37,12 +37,12 @@ def test_operator_runs_the_quickstart_with_local_cwd_jobs(kube_api, tmp_path):
     )
     operator.start()
     try:
-        h = Harness(client)
+        h = Harness(client, operator)
         h.create_run(namespace, name, document["spec"])
         status = h.wait_run(
             namespace, name,
             lambda s: s.get("stage") in ("Succeeded", "Failed"),
-            timeout=1500, what="Succeeded or Failed", detail=operator.log_tail,
+            timeout=1500, what="Succeeded or Failed",
         )
     finally:
         operator.stop()

@@ -168,11 +168,11 @@ def drive_to_end(h: Harness, ns: str, run: str, stages: int, on_job=None) -> lis
     layout = h.layout(ns, run)
     jobs = []
     for index in range(stages):
-        job = h.next_job(ns, run, seen, STEP, detail=h.operator.log_tail)
+        job = h.next_job(ns, run, seen, STEP)
         name = job["metadata"]["name"]
         h.set_phase(ns, name, "Running")
         h.wait_run(ns, run, lambda s: any(j["name"] == name and j["state"] == "Running" for j in s.get("jobs", [])),
-                   STEP, f"job {name} Running in status", detail=h.operator.log_tail)
+                   STEP, f"job {name} Running in status")
         if on_job:
             on_job(index, job)
         h.complete(ns, job, layout)
@@ -238,7 +238,7 @@ def test_operator_killed_at_several_moments_never_duplicates_or_redoes_a_stage(h
     seen: set[str] = set()
     layout = h.layout(ns, run)
     for index in range(len(names)):
-        job = h.next_job(ns, run, seen, STEP, detail=h.operator.log_tail)
+        job = h.next_job(ns, run, seen, STEP)
         name = job["metadata"]["name"]
         moment = index % 3
         if moment == 0:
@@ -256,8 +256,7 @@ def test_operator_killed_at_several_moments_never_duplicates_or_redoes_a_stage(h
             h.operator.kill()  # 4: killed while the job runs; it completes while no operator watches
             h.complete(ns, job, layout)
             h.operator.start()
-    status = h.wait_run(ns, run, lambda s: s.get("stage") == "Succeeded", STEP, "Succeeded",
-                        detail=h.operator.log_tail)
+    status = h.wait_run(ns, run, lambda s: s.get("stage") == "Succeeded", STEP, "Succeeded")
     jobs = h.jobs(ns, run)
     assert sorted(j["metadata"]["name"] for j in jobs) == sorted(names)
     per_stage = Counter((job_stage(j), job_attempt(j)) for j in jobs)
@@ -276,7 +275,7 @@ def test_operator_killed_at_several_moments_never_duplicates_or_redoes_a_stage(h
 def test_delete_with_running_jobs_cancels_them_and_the_run_disappears(h, ns, s3_prefix):
     run = "deleted"
     h.create_run(ns, run, spec(s3_prefix, students=1))
-    job = h.next_job(ns, run, set(), STEP, detail=h.operator.log_tail)
+    job = h.next_job(ns, run, set(), STEP)
     name = job["metadata"]["name"]
     h.set_phase(ns, name, "Running")
     h.wait_run(ns, run, lambda s: any(j["state"] == "Running" for j in s.get("jobs", [])), STEP, "a running job")
@@ -284,7 +283,7 @@ def test_delete_with_running_jobs_cancels_them_and_the_run_disappears(h, ns, s3_
     assert "noisystudent.dev/finalizer" in body["metadata"]["finalizers"]
 
     h.delete_run(ns, run)
-    wait_for(lambda: h.get_run(ns, run) is None, STEP, f"run {run} to disappear", detail=h.operator.log_tail)
+    wait_for(lambda: h.get_run(ns, run) is None, STEP, f"run {run} to disappear")
     assert job_phase(h.job(ns, name)) == "Aborted"
     assert [j["metadata"]["name"] for j in h.jobs(ns, run)] == [name]
 
@@ -296,17 +295,16 @@ def test_suspend_cancels_the_running_job_and_resume_continues_where_it_stopped(h
     run = "suspended"
     h.create_run(ns, run, spec(s3_prefix, students=1))
     seen: set[str] = set()
-    teacher = h.next_job(ns, run, seen, STEP, detail=h.operator.log_tail)
+    teacher = h.next_job(ns, run, seen, STEP)
     h.set_phase(ns, teacher["metadata"]["name"], "Running")
     h.complete(ns, teacher)
-    label = h.next_job(ns, run, seen, STEP, detail=h.operator.log_tail)
+    label = h.next_job(ns, run, seen, STEP)
     assert label["metadata"]["name"] == f"{run}-g1-label"
     h.set_phase(ns, label["metadata"]["name"], "Running")
     h.wait_run(ns, run, lambda s: s.get("stage") == "Labeling", STEP, "Labeling")
 
     h.patch_spec(ns, run, {"suspend": True})
-    wait_for(lambda: job_phase(h.job(ns, f"{run}-g1-label")) == "Aborted", STEP, "the label job to be Aborted",
-             detail=h.operator.log_tail)
+    wait_for(lambda: job_phase(h.job(ns, f"{run}-g1-label")) == "Aborted", STEP, "the label job to be Aborted")
     status = h.wait_run(ns, run, lambda s: s.get("stage") == "Suspended" and is_true(s, "Suspended"), STEP,
                         "Suspended")
     assert not is_true(status, "Progressing")
@@ -314,7 +312,7 @@ def test_suspend_cancels_the_running_job_and_resume_continues_where_it_stopped(h
     assert {j["metadata"]["name"] for j in h.jobs(ns, run)} == seen
 
     h.patch_spec(ns, run, {"suspend": False})
-    resumed = h.next_job(ns, run, seen, STEP, detail=h.operator.log_tail)
+    resumed = h.next_job(ns, run, seen, STEP)
     assert resumed["metadata"]["name"] == f"{run}-g1-label-1"  # the interrupted stage, as a new attempt
     status = h.wait_run(ns, run, lambda s: s.get("stage") == "Labeling" and not is_true(s, "Suspended"), STEP,
                         "Labeling again")
@@ -322,7 +320,7 @@ def test_suspend_cancels_the_running_job_and_resume_continues_where_it_stopped(h
     h.set_phase(ns, resumed["metadata"]["name"], "Running")
     h.complete(ns, resumed)
     for _ in range(2):  # balance, student
-        job = h.next_job(ns, run, seen, STEP, detail=h.operator.log_tail)
+        job = h.next_job(ns, run, seen, STEP)
         h.complete(ns, job)
     status = h.wait_run(ns, run, lambda s: s.get("stage") == "Succeeded", STEP, "Succeeded")
     assert sum(1 for j in h.jobs(ns, run) if job_stage(j).kind == "teacher") == 1
@@ -336,11 +334,11 @@ def test_failed_stage_is_retried_with_backoff_then_the_run_fails(h, ns, s3_prefi
     run = "failing"
     h.create_run(ns, run, spec(s3_prefix, students=1, retry={"limit": 2, "backoffSeconds": 2, "maxBackoffSeconds": 3}))
     seen: set[str] = set()
-    teacher = h.next_job(ns, run, seen, STEP, detail=h.operator.log_tail)
+    teacher = h.next_job(ns, run, seen, STEP)
     h.complete(ns, teacher)
     delays = []
     for attempt in range(3):
-        job = h.next_job(ns, run, seen, STEP, detail=h.operator.log_tail)
+        job = h.next_job(ns, run, seen, STEP)
         if attempt:
             delays.append(time.monotonic() - failed_at)
         assert job["metadata"]["name"] == f"{run}-g1-label" + (f"-{attempt}" if attempt else "")
@@ -353,7 +351,7 @@ def test_failed_stage_is_retried_with_backoff_then_the_run_fails(h, ns, s3_prefi
     # backoff 2 s, then 4 s capped at 3 s (the operator observes within its 1 s interval)
     assert delays[0] >= 1.5 and delays[1] >= 2.5, delays
 
-    status = h.wait_run(ns, run, lambda s: is_true(s, "Failed"), STEP, "Failed", detail=h.operator.log_tail)
+    status = h.wait_run(ns, run, lambda s: is_true(s, "Failed"), STEP, "Failed")
     failed = condition(status, "Failed")
     assert failed["reason"] == "StageFailed"
     assert "Stage label of generation 1" in failed["message"] and f"{run}-g1-label-2" in failed["message"]
@@ -449,7 +447,7 @@ def test_unknown_field_is_rejected_under_strict_field_validation(cluster, ns):
 def test_volcano_jobs_pass_the_server_schema_and_reference_the_secret(h, ns, s3_prefix, s3_server):
     run = "jobs"
     created = h.create_run(ns, run, spec(s3_prefix, students=1))
-    job = h.next_job(ns, run, set(), STEP, detail=h.operator.log_tail)  # created against Volcano's CRD
+    job = h.next_job(ns, run, set(), STEP)  # created against Volcano's CRD
     metadata = job["metadata"]
     assert metadata["name"] == f"{run}-g0-teacher"
     assert metadata["labels"] == {
@@ -480,7 +478,7 @@ def test_volcano_jobs_pass_the_server_schema_and_reference_the_secret(h, ns, s3_
 def test_table_view_shows_the_printer_columns(h, ns, s3_prefix, cluster):
     run = "table"
     h.create_run(ns, run, spec(s3_prefix, students=1))
-    teacher = h.next_job(ns, run, set(), STEP, detail=h.operator.log_tail)
+    teacher = h.next_job(ns, run, set(), STEP)
     h.complete(ns, teacher)
     h.wait_run(ns, run, lambda s: s.get("teacherTop1") is not None and s.get("stage") == "Labeling", STEP,
                "Labeling with a teacher top-1")
