@@ -352,3 +352,31 @@ def test_rendered_args_parse_with_the_cli(helm: Path, values_files: dict[str, Pa
     assert args.all_namespaces == (not expected_namespaces)
     metrics_ports = [port["containerPort"] for port in container["ports"] if port["name"] == "metrics"]
     assert args.metrics_port == (metrics_ports[0] if metrics_ports else 0)
+
+
+def granted_permissions(docs: list[dict[str, Any]]) -> set[tuple[str, str, str]]:
+    """(apiGroup, resource, verb) triples granted by the rendered ClusterRoles and Roles."""
+    granted = set()
+    for doc in find(docs, "ClusterRole") + find(docs, "Role"):
+        for rule in doc.get("rules") or []:
+            for group in rule.get("apiGroups", []):
+                for resource in rule.get("resources", []):
+                    for verb in rule.get("verbs", []):
+                        granted.add((group, resource, verb))
+    return granted
+
+
+@pytest.mark.parametrize("value_set", ["default", "watch-namespaces"])
+def test_rbac_grants_exactly_what_the_operator_uses(
+    helm: Path, values_files: dict[str, Path], value_set: str
+) -> None:
+    """Least privilege, derived from behaviour: tests/fixtures/operator_permissions.json is the set of
+    requests the operator made to a real API server in tests/integration/test_operator.py (read from
+    the server's audit log, and that test fails when the operator makes a request missing from it)."""
+    from operator_harness import load_permissions
+
+    used = load_permissions()
+    assert used, "tests/fixtures/operator_permissions.json is empty"
+    granted = granted_permissions(render(helm, values_files[value_set]))
+    assert not (used - granted), f"missing from the chart's RBAC: {sorted(used - granted)}"
+    assert not (granted - used), f"granted but never used by the operator: {sorted(granted - used)}"

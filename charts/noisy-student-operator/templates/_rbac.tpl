@@ -14,17 +14,19 @@ namespace.
   verbs: [get, list, watch, patch]
 - apiGroups: [noisystudent.dev]
   resources: [noisystudentruns/status]
-  verbs: [get, patch]
+  verbs: [patch]
 # Child jobs: TorchX's kubernetes scheduler creates Volcano Jobs; the
-# operator re-attaches to them by name, observes them, and deletes them on
-# run deletion, suspend and retry.
+# operator re-attaches to them by name and watches them for phase changes.
+# Running jobs of a deleted run are also garbage-collected through their
+# ownerReference, so the operator needs no delete.
 - apiGroups: [batch.volcano.sh]
   resources: [jobs]
-  verbs: [create, get, list, watch, patch, delete]
-# TorchX's describe() reads a Volcano Job through its status subresource.
+  verbs: [create, get, list, watch]
+# TorchX's describe() reads a Volcano Job through its status subresource, and
+# its cancel (run deleted or suspended) sets the Job's phase to Aborted there.
 - apiGroups: [batch.volcano.sh]
   resources: [jobs/status]
-  verbs: [get]
+  verbs: [get, update]
 # Stage transitions and handler errors are posted as Events (kopf and the
 # operator).
 - apiGroups: [""]
