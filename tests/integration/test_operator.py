@@ -97,19 +97,37 @@ def operator(cluster, s3_server, tmp_path_factory) -> Iterator[OperatorProcess]:
     process.stop()
 
 
+def _whole_module_ran(request: pytest.FixtureRequest) -> bool:
+    """True when no test of this module was deselected (no -k/-m, no node ids) and none failed."""
+    config = request.config
+    selective = config.option.keyword or config.option.markexpr or any("::" in a for a in config.args)
+    return not selective and request.session.testsfailed == 0
+
+
 @pytest.fixture(scope="module")
-def recorded_permissions(cluster):
-    """After the module: the operator's requests from the audit log, checked against the fixture file."""
+def recorded_permissions(cluster, request):
+    """After the module: the operator's requests from the audit log, checked against the fixture file.
+
+    Every request must be listed; after a full run, every listed permission must also have been
+    used, so the file (and the chart's RBAC, which a chart test compares with it) cannot drift.
+    """
     yield
     observed = operator_permissions(read_audit(cluster.audit_log))
     if os.environ.get("NSO_UPDATE_PERMISSIONS"):
-        save_permissions(observed | load_permissions())
+        save_permissions(observed if _whole_module_ran(request) else observed | load_permissions())
         return
-    missing = observed - load_permissions()
+    listed = load_permissions()
+    missing = observed - listed
     assert not missing, (
         f"the operator made requests not in tests/fixtures/operator_permissions.json: {sorted(missing)}; "
         "regenerate it with NSO_UPDATE_PERMISSIONS=1"
     )
+    if _whole_module_ran(request):
+        unused = listed - observed
+        assert not unused, (
+            f"tests/fixtures/operator_permissions.json lists permissions the operator never used: "
+            f"{sorted(unused)}; regenerate it with NSO_UPDATE_PERMISSIONS=1"
+        )
 
 
 @pytest.fixture
