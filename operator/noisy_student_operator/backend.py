@@ -136,6 +136,12 @@ def patch_volcano_job(resource: dict[str, Any], request: JobRequest, context: Jo
                 ]
 
 
+def default_local_root() -> Path:
+    """Working directories and logs of `local_cwd` jobs when the driver names none."""
+    cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
+    return cache / "noisy-student" / "local_cwd"
+
+
 class TorchXJobBackend:
     """Jobs through a TorchX runner on the `kubernetes` or `local_cwd` scheduler."""
 
@@ -181,7 +187,7 @@ class TorchXJobBackend:
     def _submit_local(self, request: JobRequest, context: JobContext) -> str:
         from noisy_student_workloads.components import local_env
 
-        root = self.local_root or Path.cwd()
+        root = self.local_root or default_local_root()
         workdir = root / "work"
         workdir.mkdir(parents=True, exist_ok=True)
         env = local_env({"PYTHONUNBUFFERED": "1", **context.env})
