@@ -68,7 +68,8 @@ class PrepareSpec(ApiModel):
     )
     path: str | None = Field(
         default=None,
-        description="Directory with the source files, for `fashion-mnist` and `folder`.",
+        description="Directory with the source files: required for `folder`; for `fashion-mnist` "
+        "it defaults to `/usr/share/datasets/fashion-mnist` (Debian package `dataset-fashion-mnist`).",
     )
     labels_per_class: int = Field(
         ge=1, description="Labeled images kept per class; the rest become unlabeled."
@@ -85,8 +86,8 @@ class PrepareSpec(ApiModel):
         json_schema_extra={
             "x-kubernetes-validations": [
                 cel(
-                    "!(self.source in ['fashion-mnist', 'folder']) || has(self.path)",
-                    "path is required when source is fashion-mnist or folder",
+                    "self.source != 'folder' || has(self.path)",
+                    "path is required when source is folder",
                     ".path",
                 )
             ]
@@ -136,9 +137,8 @@ class DataSpec(ApiModel):
                 raise ValueError(
                     f"{', '.join(missing)} required unless prepare is set"
                 )
-        if self.prepare is not None and self.prepare.source in ("fashion-mnist", "folder"):
-            if not self.prepare.path:
-                raise ValueError("prepare.path is required when source is fashion-mnist or folder")
+        if self.prepare is not None and self.prepare.source == "folder" and not self.prepare.path:
+            raise ValueError("prepare.path is required when source is folder")
         return self
 
 
