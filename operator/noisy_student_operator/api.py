@@ -391,7 +391,7 @@ class JobStatus(ApiModel):
     stage: str = Field(description="prepare, teacher, label, balance or student.")
     generation: int = Field(description="0 = teacher, k = k-th student.")
     attempt: int = Field(default=0, description="0 for the first try.")
-    state: str = Field(default="Pending", description="Pending, Running, Succeeded, Failed, Cancelled.")
+    state: str = Field(default="Pending", description="Pending, Running, Succeeded, Failed, Cancelled, Superseded.")
     handle: str | None = Field(default=None, description="TorchX app handle.")
     submitted_at: datetime | None = Field(default=None, description="Submission time.")
     finished_at: datetime | None = Field(default=None, description="Completion time.")

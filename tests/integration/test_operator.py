@@ -391,7 +391,7 @@ INVALID: list[tuple[str, Any, str]] = [
     ("data.numClasses", 1, "spec.data.numClasses"),
     ("data.imageSize", 4, "spec.data.imageSize"),
     ("data.labeled", None, "labeled, unlabeled and validation are required unless prepare is set"),
-    ("data.prepare", {"source": "fashion-mnist", "labelsPerClass": 10}, "spec.data.prepare.path"),
+    ("data.prepare", {"source": "folder", "labelsPerClass": 10}, "spec.data.prepare.path"),
     ("data.prepare", {"source": "cifar", "labelsPerClass": 10}, "spec.data.prepare.source"),
     ("artifacts.uri", "http://example.com/runs", "spec.artifacts.uri"),
     ("artifacts.secretRef.name", "Bad_Name", "spec.artifacts.secretRef.name"),

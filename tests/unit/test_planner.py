@@ -241,3 +241,25 @@ def test_teacher_without_noise_and_student_with_noise():
     plan = world.step()
     noise = plan.actions[0].request.config["noise"]
     assert noise == {"rand_augment": None, "dropout": 0.0, "stochastic_depth": 0.0}
+
+
+def test_failed_run_retries_after_a_spec_change():
+    spec = make_run(retry={"limit": 0})
+    world = World(spec)
+    world.step()
+    world.jobs["demo-g0-teacher"] = JobObservation(JobState.FAILED, "bad learning rate")
+    world.step()
+    assert world.status.stage == "Failed"
+    assert world.step(seconds=60).actions == []  # same spec: stays failed
+    world.spec = spec.model_copy(update={"training": spec.training.model_copy(update={"learning_rate": 0.01})})
+    world.generation = 2
+    plan = world.step()
+    assert [a.request.name for a in plan.actions] == ["demo-g0-teacher-1"]
+    assert plan.actions[0].request.config["lr"] == 0.01
+    assert any(e.reason == reasons.SPEC_CHANGED for e in plan.events)
+    assert not is_true(world.status.conditions, reasons.FAILED)
+    assert world.status.observed_generation == 2
+    # The fresh budget is spent like the first one: one more failure fails the run again.
+    world.jobs["demo-g0-teacher-1"] = JobObservation(JobState.FAILED, "still bad")
+    world.step()
+    assert world.status.stage == "Failed"

@@ -17,6 +17,8 @@ Rules it follows:
   run is Failed with a condition naming the stage.
 * `spec.suspend` cancels the running job and launches nothing; on resume the
   interrupted stage is submitted again as a new attempt (not counted as a failure).
+* A Failed run stays Failed until its spec changes (`metadata.generation`);
+  then the failed stage is tried again with a fresh retry budget.
 """
 
 from __future__ import annotations
@@ -50,6 +52,8 @@ class JobState(str, enum.Enum):
 
 
 ACTIVE_STATES = ("Pending", "Running")
+#: A failed attempt that no longer counts against the retry limit (the spec changed since).
+SUPERSEDED = "Superseded"
 
 
 @dataclass(frozen=True)
@@ -170,6 +174,13 @@ class _Pass:
         self.requeue_after: float | None = None
         self.next_retry_at: datetime | None = None
 
+    def retry_after_spec_change(self) -> None:
+        """The spec changed after the run failed: earlier failures no longer count."""
+        for job in self.jobs:
+            if job.state == "Failed":
+                job.state = SUPERSEDED
+        self.event("Normal", reasons.SPEC_CHANGED, "The spec changed after the run failed; trying again.")
+
     # -- observe ---------------------------------------------------------------
 
     def refresh_jobs(self) -> None:
@@ -277,7 +288,7 @@ class _Pass:
             # Succeeded without a marker (the marker check came first): a failure.
             latest.state = "Failed"
             latest.message = "the job succeeded but wrote no completion marker"
-        if latest.state == "Cancelled":
+        if latest.state in ("Cancelled", SUPERSEDED):
             self.submit(stage, latest.attempt + 1)
             return None
         failures = sum(1 for j in records if j.state == "Failed")
@@ -352,8 +363,10 @@ def plan_run(run: RunRef, observation: Observation) -> Plan:
     """Decide this pass's actions and the next status of `run`."""
     work = _Pass(run, observation)
     if is_true(run.status.conditions, reasons.FAILED):
-        # A failed run stays failed: nothing is submitted again.
-        return Plan(status=run.status.model_copy(update={"observed_generation": run.generation}))
+        if run.generation is None or run.status.observed_generation == run.generation:
+            # A failed run stays failed until its spec changes.
+            return Plan(status=run.status.model_copy(update={"observed_generation": run.generation}))
+        work.retry_after_spec_change()
     work.refresh_jobs()
     current: Stage | None = None
     for stage in plan_stages(run.spec):
