@@ -36,6 +36,7 @@ from .reconcile import Reconciler
 log = logging.getLogger(__name__)
 
 PLOT_FILE = "top1.png"
+SPEC_FILE = "spec.json"
 
 
 def _termination_signals() -> tuple[type[BaseException], ...]:
@@ -142,6 +143,18 @@ class StatusFile:
     def save(self, status: RunStatus) -> None:
         self.store.put_json(self.layout.status_uri, status.to_api())
 
+    def spec_generation(self, run: NoisyStudentRun, record: bool = True) -> int:
+        """The local stand-in for `metadata.generation`: it grows whenever the spec changes."""
+        uri = join_uri(self.layout.prefix, SPEC_FILE)
+        spec = run.spec.to_api()
+        previous = self.store.get_json(uri) if self.store.exists(uri) else None
+        if previous is not None and previous.get("spec") == spec:
+            return int(previous["generation"])
+        generation = int(previous["generation"]) + 1 if previous is not None else 1
+        if record:
+            self.store.put_json(uri, {"generation": generation, "spec": spec})
+        return generation
+
 
 class LocalRunner:
     """Drive one run to its end on this machine."""
@@ -162,13 +175,15 @@ class LocalRunner:
         self.backend = backend or TorchXJobBackend("local_cwd", local_root=local_root(self.layout))
         self.reconciler = Reconciler(self.backend)
         self.context = JobContext(run=run.metadata.name, namespace=run.metadata.namespace)
+        self.generation = self.status_file.spec_generation(run, record=False)
 
     def ref(self, status: RunStatus) -> RunRef:
         meta = self.run.metadata
-        return RunRef(meta.name, meta.namespace, self.run.spec, status, meta.generation or 1)
+        return RunRef(meta.name, meta.namespace, self.run.spec, status, self.generation)
 
     def execute(self) -> RunStatus:
         """Run until Succeeded, Failed or Suspended; returns the final status."""
+        self.generation = self.status_file.spec_generation(self.run)
         status = self.status_file.load()
         if status.jobs:
             self.console.print(f"Resuming {self.run.metadata.name} from {self.layout.status_uri}")
@@ -176,8 +191,9 @@ class LocalRunner:
             try:
                 while True:
                     plan = self.reconciler.reconcile(self.ref(status), self.context)
+                    if plan.status != status:
+                        self.status_file.save(plan.status)
                     status = plan.status
-                    self.status_file.save(status)
                     self._report(plan)
                     done = set(self.reconciler.markers.read(self.ref(status)))
                     progress.update(status, done)

@@ -139,3 +139,32 @@ def test_run_with_artifacts_on_a_real_s3_server(tmp_path, s3_prefix):
     for path in ("gen-0/teacher/_DONE.json", "gen-1/balance/manifest.npz", "gen-1/student/checkpoint.pt",
                  "status.json", "top1.png"):
         assert store.exists(f"{s3_prefix}default/on-s3/{path}"), path
+
+
+def test_failed_run_stays_failed_until_its_file_changes(tmp_path):
+    document = tiny_run("fix-me", students=1)
+    document["spec"]["data"]["prepare"] = {"source": "folder", "path": str(tmp_path / "images"),
+                                           "labelsPerClass": 2}
+    artifacts = str(tmp_path / "artifacts")
+    run_file = write(tmp_path, document)
+    assert run_cli("run", str(run_file), "--artifacts", artifacts).returncode == 1
+    again = run_cli("run", str(run_file), "--artifacts", artifacts)
+    assert again.returncode == 1 and "Stage prepare of generation 0 failed" in again.stderr
+
+    # Fix the data (two tiny classes of images) and the spec that points at it.
+    from PIL import Image
+
+    for label in ("a", "b"):
+        (tmp_path / "fixed" / label).mkdir(parents=True)
+        for i in range(12):
+            Image.new("L", (16, 16), color=20 * i + (100 if label == "b" else 0)).save(
+                tmp_path / "fixed" / label / f"{i}.png")
+    document["spec"]["data"]["numClasses"] = 2
+    document["spec"]["data"]["prepare"] = {"source": "folder", "path": str(tmp_path / "fixed"),
+                                           "labelsPerClass": 2, "validationSize": 4}
+    result = run_cli("run", str(write(tmp_path, document)), "--artifacts", artifacts, "--output", "json")
+    assert result.returncode == 0, result.stderr[-3000:]
+    status = json.loads(result.stdout)
+    assert status["stage"] == "Succeeded" and status["observedGeneration"] == 2
+    assert [j["name"] for j in status["jobs"] if j["stage"] == "prepare"] == ["fix-me-g0-prepare",
+                                                                          "fix-me-g0-prepare-1"]
