@@ -1,0 +1,353 @@
+"""Does Noisy Student learn? Fashion-MNIST efficacy benchmark with ablations.
+
+Runs ``examples/fashion-mnist.yaml`` (a teacher on 100 labels per class, the
+other 59,000 training images unlabeled, three noisy student generations)
+through the local runner, then, each one change from that default run:
+
+* ``no-noise``: students without RandAugment, dropout or stochastic depth;
+* ``hard``: hard (argmax) pseudo labels instead of soft ones;
+* ``no-balance``: filtered pseudo labels kept as they are, no class balancing;
+* ``no-filter``: confidence threshold 0 (balancing still keeps the most
+  confident images of over-full classes).
+
+Ablations train one student generation (compare with the default's first).
+Stages an ablation would redo identically are copied from the default run
+before it starts, and the runner skips them by their completion markers:
+the prepared data and the teacher (``data/``, ``gen-0/``) always, the
+teacher's pseudo labels (``gen-1/labels/``) always, the balanced manifest
+(``gen-1/balance/``) for ``hard`` and ``no-noise``.
+
+Three reference models run through the train workload directly (a run needs
+at least one student): the teacher without noise, and the fully supervised
+upper bound on all training labels (5,999 per class; the packer keeps at least
+one unlabeled image per class) with and without noise, each given the budget
+of one student generation: the same number of steps of ``(1 + ratio) × B``
+images. The upper bound is the better of the two.
+
+Output in ``--out`` (default ``bench/out/efficacy``): ``results.json``,
+``results.md`` (a Markdown table: validation top-1 per generation for every
+variant, and *gap closed* = (best student − teacher) / (supervised − teacher)),
+``efficacy.png``, and one log per job under ``logs/``. Rerunning resumes: every
+finished stage is kept. Seeds are fixed (``training.seed``, the split seed).
+
+Budgets: the default fits two CPU cores in under an hour; ``--quick`` trains a
+40-epoch teacher and 3-epoch students on 1,000 pseudo labels per class (a
+smoke test: its students are too short to beat the teacher). On a GPU use
+``--device cuda`` and ``--scale-epochs`` (multiplies every epoch count); see
+the README's "Does it learn?" section.
+
+    python bench/efficacy.py --quick
+    python bench/efficacy.py --out /tmp/efficacy
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import math
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+EXAMPLE = ROOT / "examples" / "fashion-mnist.yaml"
+IDX_FILES = ("train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")
+IDX_DIRS = ("/usr/share/datasets/fashion-mnist",)
+ALL_LABELS_PER_CLASS = 5999  # the packer needs at least one unlabeled image per class
+
+# name -> (what changes, spec edit, stage directories shared with the default run)
+ABLATIONS: dict[str, tuple[str, Any, tuple[str, ...]]] = {
+    "no-noise": (
+        "students without RandAugment, dropout, stochastic depth",
+        lambda s: s.update(noise={"randAugment": None, "dropout": 0.0, "stochasticDepth": 0.0}),
+        ("data", "gen-0", "gen-1/labels", "gen-1/balance"),
+    ),
+    "hard": (
+        "hard pseudo labels",
+        lambda s: s["pseudoLabels"].update(type="hard"),
+        ("data", "gen-0", "gen-1/labels", "gen-1/balance"),
+    ),
+    "no-balance": (
+        "no class balancing",
+        lambda s: s["pseudoLabels"].update(balance=False),
+        ("data", "gen-0", "gen-1/labels"),
+    ),
+    "no-filter": (
+        "confidence threshold 0",
+        lambda s: s["pseudoLabels"].update(confidenceThreshold=0.0),
+        ("data", "gen-0", "gen-1/labels"),
+    ),
+}
+
+
+def locate_idx(explicit: str | None) -> Path:
+    """The directory holding the four Fashion-MNIST IDX files (gzipped or not), or exit saying what to install."""
+    candidates = [explicit] if explicit else [os.environ.get("FASHION_MNIST_DIR"), *IDX_DIRS]
+    for candidate in filter(None, candidates):
+        path = Path(candidate)
+        if all((path / f).exists() or (path / f"{f}.gz").exists() for f in IDX_FILES):
+            return path
+    raise SystemExit(
+        "Fashion-MNIST IDX files not found in " + ", ".join(filter(None, candidates)) + ".\n"
+        "Install them with:  sudo apt-get install dataset-fashion-mnist\n"
+        "or pass --data DIR (or set FASHION_MNIST_DIR) to a directory holding " + ", ".join(IDX_FILES) + " (.gz or not)."
+    )
+
+
+def default_run(args: argparse.Namespace, idx: Path) -> dict[str, Any]:
+    """The example run file with this invocation's data path, labels and budget."""
+    run = yaml.safe_load(EXAMPLE.read_text())
+    spec = run["spec"]
+    spec["data"]["prepare"].update(path=str(idx), labelsPerClass=args.labels_per_class)
+    for item in [spec["teacher"], *spec["students"]]:
+        if item.get("epochs"):
+            item["epochs"] = max(1, round(item["epochs"] * args.scale_epochs))
+    spec["training"]["epochs"] = max(1, round(spec["training"]["epochs"] * args.scale_epochs))
+    if args.quick:
+        spec["teacher"]["epochs"] = 40
+        spec["training"]["epochs"] = 3
+        spec["pseudoLabels"]["imagesPerClass"] = 1000
+    if args.device == "cuda":
+        spec["resources"].update(gpu=1, workers=max(spec["resources"].get("workers", 0), 4))
+    return run
+
+
+def variant_run(base: dict[str, Any], name: str) -> dict[str, Any]:
+    run = copy.deepcopy(base)
+    run["metadata"]["name"] = f"fashion-mnist-{name}"
+    spec = run["spec"]
+    spec["students"] = spec["students"][:1]
+    ABLATIONS[name][1](spec)
+    return run
+
+
+def prefix_dir(out: Path, run: dict[str, Any]) -> Path:
+    meta = run["metadata"]
+    return out / "runs" / meta.get("namespace", "default") / meta["name"]
+
+
+def child_env(device: str) -> dict[str, str]:
+    env = dict(os.environ)
+    if device == "cpu":
+        env["CUDA_VISIBLE_DEVICES"] = ""
+    return env
+
+
+def run_logged(cmd: list[str], log: Path, env: dict[str, str]) -> float:
+    """Run ``cmd`` with its output in ``log``; returns wall seconds, exits on failure."""
+    log.parent.mkdir(parents=True, exist_ok=True)
+    tic = time.perf_counter()
+    with log.open("a") as f:
+        code = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, env=env, cwd=ROOT).returncode
+    if code != 0:
+        tail = "".join(log.read_text().splitlines(keepends=True)[-30:])
+        raise SystemExit(f"{' '.join(cmd[:4])} ... failed ({code}); log {log}:\n{tail}")
+    return time.perf_counter() - tic
+
+
+def run_pipeline(run: dict[str, Any], out: Path, share_from: Path | None, shared: tuple[str, ...], env: dict[str, str]) -> float:
+    """One run file through ``noisy-student run``; ``shared`` stage directories copied from ``share_from`` first."""
+    prefix = prefix_dir(out, run)
+    for stage in shared if share_from else ():
+        if not (prefix / stage).exists():
+            shutil.copytree(share_from / stage, prefix / stage)
+    run_file = out / "runfiles" / f"{run['metadata']['name']}.yaml"
+    run_file.parent.mkdir(parents=True, exist_ok=True)
+    run_file.write_text(yaml.safe_dump(run, sort_keys=False))
+    cli = shutil.which("noisy-student", path=str(Path(sys.executable).parent)) or "noisy-student"
+    return run_logged([cli, "run", str(run_file), "--artifacts", (out / "runs").as_uri(), "--output", "json"],
+                      out / "logs" / f"{run['metadata']['name']}.log", env)
+
+
+def run_direct(name: str, config: dict[str, Any], out: Path, env: dict[str, str]) -> tuple[dict[str, Any], float]:
+    """A train workload outside any run (references); resumes, and skips a finished one."""
+    stage = out / "direct" / name
+    config = {**config, "output": stage.as_uri() + "/"}
+    seconds = 0.0
+    if not (stage / "_DONE.json").exists():
+        stage.mkdir(parents=True, exist_ok=True)
+        (stage / "input-config.json").write_text(json.dumps(config, indent=1))
+        seconds = run_logged([sys.executable, "-m", "noisy_student_workloads.train", "--config",
+                              (stage / "input-config.json").as_uri()], out / "logs" / f"{name}.log", env)
+    return json.loads((stage / "metrics.json").read_text()), seconds
+
+
+def generation_metrics(prefix: Path) -> list[dict[str, Any]]:
+    """Metrics of gen-0 (teacher), gen-1... (students) found under a run prefix."""
+    found = []
+    for k in range(100):
+        path = prefix / f"gen-{k}" / ("teacher" if k == 0 else "student") / "metrics.json"
+        if not path.exists():
+            break
+        found.append(json.loads(path.read_text()))
+    return found
+
+
+def student_budget(spec: dict[str, Any], pseudo_images: int) -> tuple[int, int]:
+    """(batch, epochs) of a 60k-label run seeing as many images as one student generation."""
+    ratio = spec["training"]["unlabeledRatio"]
+    batch = spec["training"]["batchSize"]
+    labeled = spec["data"]["prepare"]["labelsPerClass"] * spec["data"]["numClasses"]
+    steps = max(math.ceil(labeled / batch), math.ceil(pseudo_images / (ratio * batch)))
+    images = steps * batch * (1 + ratio) * spec["training"]["epochs"]
+    supervised_batch = batch * (1 + ratio)
+    all_labels = ALL_LABELS_PER_CLASS * spec["data"]["numClasses"]
+    return supervised_batch, max(1, round(images / all_labels))
+
+
+def pct(x: float | None) -> str:
+    return "–" if x is None else f"{100 * x:.1f}"
+
+
+def render_table(results: dict[str, Any]) -> str:
+    gens = max(len(v["top1"]) for v in results["variants"].values())
+    head = ["variant", "change", "teacher"] + [f"student {k}" for k in range(1, gens)]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for name, v in results["variants"].items():
+        cells = [pct(t) for t in v["top1"]] + [""] * (gens - len(v["top1"]))
+        lines.append(f"| {name} | {v['change']} | " + " | ".join(cells) + " |")
+    ref = results["references"]
+    lines += ["", "| reference | top-1 |", "|---|---|"]
+    lines += [f"| {name} | {pct(r['top1'])} |" for name, r in ref.items()]
+    g = results["gap_closed"]
+    lines += [
+        "",
+        f"Gap closed (best student − teacher) / (supervised − teacher): **{pct(g['noisy_teacher'])} %** against the "
+        f"noisy teacher, {pct(g['plain_teacher'])} % against the teacher without noise "
+        f"(supervised upper bound {pct(results['supervised_top1'])}).",
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def plot(results: dict[str, Any], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for name, v in results["variants"].items():
+        ax.plot(range(len(v["top1"])), [100 * t for t in v["top1"]], marker="o", label=name)
+    styles = {"supervised": ":", "teacher without noise": "--"}
+    for name, r in results["references"].items():
+        if r["top1"] is not None:
+            ax.axhline(100 * r["top1"], linestyle=styles.get(name.split(",")[0], "-."), color="grey", linewidth=1)
+            ax.annotate(name, (0, 100 * r["top1"]), fontsize=7, color="grey", va="bottom")
+    ax.set_xticks(range(max(len(v["top1"]) for v in results["variants"].values())))
+    ax.set_xlabel("generation (0 = teacher)")
+    ax.set_ylabel("validation top-1 (%)")
+    ax.set_title(f"Noisy Student on Fashion-MNIST, {results['labels_per_class']} labels/class")
+    ax.legend(fontsize=8)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="a few minutes: short budgets, 500 pseudo labels/class")
+    parser.add_argument("--out", type=Path, default=ROOT / "bench" / "out" / "efficacy", help="output directory")
+    parser.add_argument("--labels-per-class", type=int, default=100)
+    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    parser.add_argument("--scale-epochs", type=float, default=1.0, help="multiply every epoch count (GPU budgets)")
+    parser.add_argument("--data", help="directory of the Fashion-MNIST IDX files")
+    parser.add_argument("--only", nargs="*", help="what to run besides the default run: references and/or ablation names (default: all)")
+    args = parser.parse_args(argv)
+
+    idx = locate_idx(args.data)
+    if args.device == "cuda":
+        import torch
+
+        if not torch.cuda.is_available():
+            raise SystemExit("--device cuda: torch sees no CUDA device")
+    out = args.out.resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    env = child_env(args.device)
+    selected = set(args.only or ["default", "references", *ABLATIONS])
+    started = time.perf_counter()
+    base = default_run(args, idx)
+    spec = base["spec"]
+    default_prefix = prefix_dir(out, base)
+    seconds: dict[str, float] = {}
+
+    # default run: teacher + three noisy students
+    seconds["default"] = run_pipeline(base, out, None, (), env)
+    teacher_config = json.loads((default_prefix / "gen-0" / "teacher" / "config.json").read_text())
+    student_metrics = generation_metrics(default_prefix)
+
+    # references through the train workload
+    references: dict[str, Any] = {}
+    if "references" in selected:
+        plain = {**teacher_config, "noise": {"rand_augment": None, "dropout": 0.0, "stochastic_depth": 0.0}}
+        m, seconds["teacher-plain"] = run_direct("teacher-plain", plain, out, env)
+        references["teacher without noise"] = {"top1": m["top1"], "epochs": m["epochs"]}
+        all_data = out / "supervised-data"
+        if not (all_data / "_DONE.json").exists():
+            prep = spec["data"]["prepare"]
+            run_logged([sys.executable, "-m", "noisy_student_workloads.data", "pack", "--source", "fashion-mnist",
+                        "--path", str(idx), "--labels-per-class", str(ALL_LABELS_PER_CLASS), "--seed",
+                        str(prep["seed"]), "--shard-size", str(prep["shardSize"]), "--output", all_data.as_uri()],
+                       out / "logs" / "supervised-data.log", env)
+        batch, epochs = student_budget(spec, student_metrics[1]["pseudo_images"])
+        for noisy in (True, False):
+            name = "supervised, noise" if noisy else "supervised, no noise"
+            config = {**teacher_config, "labeled": all_data.as_uri() + "/labeled-*.tar", "batch_size": batch,
+                      "epochs": epochs, "warmup_epochs": 0}
+            if not noisy:
+                config["noise"] = plain["noise"]
+            m, seconds[name] = run_direct(name.replace(", ", "-").replace(" ", "-"), config, out, env)
+            references[name] = {"top1": m["top1"], "epochs": epochs, "batch_size": batch,
+                                "labeled_images": m["labeled_images"]}
+
+    variants = {"default": {"change": "—", "top1": [g["top1"] for g in generation_metrics(default_prefix)],
+                            "pseudo_images": [g.get("pseudo_images", 0) for g in student_metrics]}}
+    for name, (change, _, shared) in ABLATIONS.items():
+        if name not in selected:
+            continue
+        run = variant_run(base, name)
+        seconds[name] = run_pipeline(run, out, default_prefix, shared, env)
+        found = generation_metrics(prefix_dir(out, run))
+        variants[name] = {"change": change, "top1": [g["top1"] for g in found],
+                          "pseudo_images": [g.get("pseudo_images", 0) for g in found], "shared": list(shared)}
+
+    teacher = variants["default"]["top1"][0]
+    best = max(variants["default"]["top1"][1:])
+    supervised = max((r["top1"] for k, r in references.items() if k.startswith("supervised")), default=None)
+    plain_teacher = references.get("teacher without noise", {}).get("top1")
+
+    def gap(t: float | None) -> float | None:
+        return None if supervised is None or t is None or supervised <= t else (best - t) / (supervised - t)
+
+    results = {
+        "dataset": "fashion-mnist",
+        "labels_per_class": args.labels_per_class,
+        "quick": args.quick,
+        "device": args.device,
+        "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, {platform.node()}",
+        "wall_seconds": round(time.perf_counter() - started, 1),
+        "job_seconds": {k: round(v, 1) for k, v in seconds.items()},
+        "run_file": base,
+        "variants": variants,
+        "references": references,
+        "supervised_top1": supervised,
+        "gap_closed": {"noisy_teacher": gap(teacher), "plain_teacher": gap(plain_teacher)},
+        "monotone": all(b >= a for a, b in zip(variants["default"]["top1"], variants["default"]["top1"][1:])),
+    }
+    (out / "results.json").write_text(json.dumps(results, indent=1))
+    table = render_table(results)
+    (out / "results.md").write_text(table)
+    plot(results, out / "efficacy.png")
+    sys.stdout.write(table + f"\nwall time {results['wall_seconds'] / 60:.1f} min; outputs in {out}\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
