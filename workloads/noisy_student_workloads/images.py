@@ -104,6 +104,11 @@ def rand_augment(ops: int, magnitude: float, image_size: int, fill: Sequence[int
 
     hparams = {"translate_const": int(image_size * 0.45), "img_mean": tuple(int(v) for v in fill)}
     transform = rand_augment_transform(f"rand-m{magnitude:g}-n{ops}-mstd0.5", hparams)
+    for op in transform.ops:
+        if op.name == "Posterize":
+            # timm maps levels below 2.5 to 0 bits, which Pillow >= 10 rejects; any magnitude
+            # up to about 4 reaches such levels (mstd 0.5) and would crash a training job.
+            op.level_fn = _posterize_at_least_one_bit(op.level_fn)
 
     def apply(img: torch.Tensor) -> torch.Tensor:
         arr = img.permute(1, 2, 0).numpy()
@@ -112,6 +117,13 @@ def rand_augment(ops: int, magnitude: float, image_size: int, fill: Sequence[int
         return torch.from_numpy(out.copy()).permute(2, 0, 1)
 
     return apply
+
+
+def _posterize_at_least_one_bit(level_fn: Callable[..., tuple[int]]) -> Callable[..., tuple[int]]:
+    def bits(level: float, hparams: dict[str, Any]) -> tuple[int]:
+        return (max(1, level_fn(level, hparams)[0]),)
+
+    return bits
 
 
 def mean_pixel(images: torch.Tensor) -> list[int]:
