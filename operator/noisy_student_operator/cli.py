@@ -54,7 +54,7 @@ def _status_json(status) -> str:
 
 
 def cmd_run(args: argparse.Namespace, console: Console) -> int:
-    from .core.planner import RunRef, plan_run
+    from .core.planner import plan_run
     from .local import LocalRunner, RunFailed, render_table, with_artifacts
 
     from .preflight import PreflightError, preflight

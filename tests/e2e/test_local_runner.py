@@ -6,7 +6,6 @@ completed stages; a failing stage ends with a non-zero exit and its log.
 """
 
 import json
-import os
 import signal
 import subprocess
 import sys

@@ -1,7 +1,6 @@
 """Workload entry points end to end on real (tiny) data: teacher → label → balance → student,
 two-process DDP through TorchX ``local_cwd``, and a killed training job that resumes."""
 
-import io
 import json
 import os
 import signal

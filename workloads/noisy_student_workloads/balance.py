@@ -42,8 +42,8 @@ from typing import Any
 
 import numpy as np
 
-from .config import BalanceConfig, ConfigError, parse_config
-from .stage import DONE, event, parse_args, put, put_json, setup_logging, write_done
+from .config import BalanceConfig, ConfigError
+from .stage import DONE, event, put, put_json, run_entry_point, write_done
 from .store import join_uri, open_store
 
 BINS = 100
@@ -219,15 +219,9 @@ def run(cfg: BalanceConfig) -> dict[str, Any]:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = parse_args("Filter pseudo-labels by confidence and balance the classes.", argv)
-    setup_logging()
-    try:
-        run(parse_config(args.config, BalanceConfig))
-    except ConfigError as exc:
-        event("error", message=str(exc))
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    return 0
+    return run_entry_point(
+        "Filter pseudo-labels by confidence and balance the classes.", BalanceConfig, lambda cfg, _: run(cfg), argv
+    )
 
 
 if __name__ == "__main__":

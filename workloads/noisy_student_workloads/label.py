@@ -24,6 +24,7 @@ Command line::
 
 from __future__ import annotations
 
+import argparse
 import io
 import sys
 from collections.abc import Sequence
@@ -34,9 +35,9 @@ import torch
 
 from . import images as imgs
 from .balance import BINS, histogram
-from .config import ConfigError, LabelConfig, parse_config
+from .config import ConfigError, LabelConfig
 from .models import load_final
-from .stage import cpu_threads, event, now, parse_args, put, put_json, setup_logging, write_done
+from .stage import cpu_threads, event, now, put, put_json, run_entry_point, write_done
 from .store import expand_shards, join_uri, open_store
 
 FULL_DISTRIBUTION_MAX_CLASSES = 100
@@ -162,18 +163,14 @@ def run(cfg: LabelConfig, replica_id: int, num_replicas: int) -> dict[str, Any] 
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = parse_args("Pseudo-label unlabeled shards with a teacher (one replica of N).", argv, replicas=True)
-    setup_logging()
-    try:
-        cfg = parse_config(args.config, LabelConfig)
+    def body(cfg: LabelConfig, args: argparse.Namespace) -> None:
         marker = run(cfg, args.replica_id, args.num_replicas)
-    except ConfigError as exc:
-        event("error", message=str(exc))
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    if marker is not None:
-        event("done", stage="label", images=marker["metrics"]["images"])
-    return 0
+        if marker is not None:
+            event("done", stage="label", images=marker["metrics"]["images"])
+
+    return run_entry_point(
+        "Pseudo-label unlabeled shards with a teacher (one replica of N).", LabelConfig, body, argv, replicas=True
+    )
 
 
 if __name__ == "__main__":

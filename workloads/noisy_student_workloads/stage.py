@@ -18,8 +18,9 @@ import hashlib
 import json
 import logging
 import os
-from collections.abc import Sequence
-from typing import Any
+import sys
+from collections.abc import Callable, Sequence
+from typing import Any, TypeVar
 
 from .store import join_uri, open_store
 
@@ -36,6 +37,31 @@ def parse_args(description: str, argv: Sequence[str] | None = None, replicas: bo
         parser.add_argument("--replica-id", type=int, default=0, help="this replica's index (0-based)")
         parser.add_argument("--num-replicas", type=int, default=1, help="number of replicas")
     return parser.parse_args(argv)
+
+
+C = TypeVar("C")
+
+
+def run_entry_point(
+    description: str,
+    config_type: type[C],
+    body: Callable[[C, argparse.Namespace], None],
+    argv: Sequence[str] | None = None,
+    replicas: bool = False,
+    quiet: bool = False,
+) -> int:
+    """Parse the command line and the config, run ``body``; a ``ConfigError`` exits 2 naming the field."""
+    from .config import ConfigError, parse_config
+
+    args = parse_args(description, argv, replicas=replicas)
+    setup_logging(quiet=quiet)
+    try:
+        body(parse_config(args.config, config_type), args)
+    except ConfigError as exc:
+        event("error", message=str(exc))
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    return 0
 
 
 def setup_logging(quiet: bool = False) -> None:

@@ -58,9 +58,9 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from . import images as imgs
-from .config import ConfigError, PseudoConfig, TrainConfig, parse_config
+from .config import ConfigError, PseudoConfig, TrainConfig
 from .models import count_parameters, create_model, normalization, save_final
-from .stage import cpu_threads, event, parse_args, put, put_json, setup_logging, sha256, write_done
+from .stage import cpu_threads, event, put, put_json, run_entry_point, sha256, write_done
 from .store import join_uri, open_store
 
 EVAL_BATCH = 512
@@ -455,16 +455,10 @@ def run(cfg: TrainConfig) -> dict[str, Any]:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = parse_args("Train a Noisy Student teacher or student.", argv)
-    setup_logging(quiet=int(os.environ.get("RANK", "0")) != 0)
-    try:
-        cfg = parse_config(args.config, TrainConfig)
-        run(cfg)
-    except ConfigError as exc:
-        event("error", message=str(exc))
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    return 0
+    return run_entry_point(
+        "Train a Noisy Student teacher or student.", TrainConfig, lambda cfg, _: run(cfg), argv,
+        quiet=int(os.environ.get("RANK", "0")) != 0,
+    )
 
 
 if __name__ == "__main__":
