@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import io
 import logging
-import os
 import time
 from pathlib import Path
 from typing import Any
@@ -23,13 +22,13 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from noisy_student_workloads.store import ArtifactStore, open_store
+from noisy_student_workloads.store import ArtifactStore, join_uri, open_store
 
 from .api import NoisyStudentRun, RunStatus
-from .backend import JobContext, TorchXJobBackend
+from .backend import JobContext, TorchXJobBackend, default_local_root
 from .core import reasons
 from .core.conditions import get_condition, is_true
-from .core.layout import STUDENT, TEACHER, RunLayout, Stage, join_uri, plan_stages
+from .core.layout import STUDENT, TEACHER, RunLayout, Stage, plan_stages
 from .core.planner import Plan, RunRef
 from .reconcile import Reconciler
 
@@ -66,8 +65,7 @@ def local_root(layout: RunLayout) -> Path:
     """Where local_cwd jobs get their working directory and logs."""
     if layout.prefix.startswith("file://"):
         return Path(layout.prefix.removeprefix("file://")) / "local"
-    cache = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache"))
-    return cache / "noisy-student" / "local" / layout.prefix.replace("://", "/")
+    return default_local_root() / layout.prefix.replace("://", "/")
 
 
 class RunProgress:

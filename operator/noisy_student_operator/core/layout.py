@@ -14,6 +14,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from noisy_student_workloads.store import join_uri
+
 from ..api import RunSpec
 
 MARKER = "_DONE.json"
@@ -35,14 +37,6 @@ STAGE_SUMMARY = {
 }
 
 _DIRECTORY = {TEACHER: "teacher", LABEL: "labels", BALANCE: "balance", STUDENT: "student"}
-
-
-def join_uri(base: str, *parts: str) -> str:
-    """Join URI path parts with exactly one slash between them."""
-    uri = base.rstrip("/")
-    for part in parts:
-        uri += "/" + part.strip("/")
-    return uri
 
 
 @dataclass(frozen=True, order=True)

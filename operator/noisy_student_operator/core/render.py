@@ -11,7 +11,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ..api import RunSpec
-from .layout import BALANCE, LABEL, PREPARE, STUDENT, TEACHER, RunLayout, Stage, join_uri
+from noisy_student_workloads.store import join_uri
+
+from .layout import BALANCE, LABEL, PREPARE, STUDENT, TEACHER, RunLayout, Stage
 
 
 @dataclass(frozen=True)
