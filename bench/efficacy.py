@@ -114,6 +114,8 @@ def default_run(args: argparse.Namespace, idx: Path) -> dict[str, Any]:
     if args.quick:
         spec["teacher"]["epochs"] = 40
         spec["training"]["epochs"] = 3
+        for student in spec["students"]:
+            student.pop("epochs", None)
         spec["pseudoLabels"]["imagesPerClass"] = 1000
     if args.device == "cuda":
         spec["resources"].update(gpu=1, workers=max(spec["resources"].get("workers", 0), 4))
@@ -192,12 +194,13 @@ def generation_metrics(prefix: Path) -> list[dict[str, Any]]:
 
 
 def student_budget(spec: dict[str, Any], pseudo_images: int) -> tuple[int, int]:
-    """(batch, epochs) of a 60k-label run seeing as many images as one student generation."""
+    """(batch, epochs) of a 60k-label run seeing as many images as the longest student generation."""
     ratio = spec["training"]["unlabeledRatio"]
     batch = spec["training"]["batchSize"]
     labeled = spec["data"]["prepare"]["labelsPerClass"] * spec["data"]["numClasses"]
     steps = max(math.ceil(labeled / batch), math.ceil(pseudo_images / (ratio * batch)))
-    images = steps * batch * (1 + ratio) * spec["training"]["epochs"]
+    epochs = max(student.get("epochs") or spec["training"]["epochs"] for student in spec["students"])
+    images = steps * batch * (1 + ratio) * epochs
     supervised_batch = batch * (1 + ratio)
     all_labels = ALL_LABELS_PER_CLASS * spec["data"]["numClasses"]
     return supervised_batch, max(1, round(images / all_labels))
@@ -322,14 +325,15 @@ def main(argv: list[str] | None = None) -> int:
                         str(prep["seed"]), "--shard-size", str(prep["shardSize"]), "--output", all_data.as_uri()],
                        out / "logs" / "supervised-data.log", env)
         batch, epochs = student_budget(spec, student_metrics[1]["pseudo_images"])
+        largest = max(student_metrics[1:], key=lambda m: m["parameters"])["model"]  # the bound of the largest student
         for noisy in (True, False):
             name = "supervised, noise" if noisy else "supervised, no noise"
-            config = {**teacher_config, "labeled": all_data.as_uri() + "/labeled-*.tar", "batch_size": batch,
-                      "epochs": epochs, "warmup_epochs": 0}
+            config = {**teacher_config, "model": largest, "labeled": all_data.as_uri() + "/labeled-*.tar",
+                      "batch_size": batch, "epochs": epochs, "warmup_epochs": 0}
             if not noisy:
                 config["noise"] = plain["noise"]
             m, seconds[name] = run_direct(name.replace(", ", "-").replace(" ", "-"), config, out, env)
-            references[name] = {"top1": m["top1"], "epochs": epochs, "batch_size": batch,
+            references[name] = {"top1": m["top1"], "model": largest, "epochs": epochs, "batch_size": batch,
                                 "labeled_images": m["labeled_images"]}
 
     variants = {"default": {"change": "—", "top1": [g["top1"] for g in generation_metrics(default_prefix)],

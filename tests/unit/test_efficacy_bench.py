@@ -34,10 +34,13 @@ def test_supervised_budget_sees_as_many_images_as_one_student(efficacy):
     spec = {
         "training": {"unlabeledRatio": 3, "batchSize": 64, "epochs": 6},
         "data": {"numClasses": 10, "prepare": {"labelsPerClass": 100}},
+        "students": [{"model": "test_resnet"}, {"model": "test_resnet"}],
     }
     batch, epochs = efficacy.student_budget(spec, pseudo_images=57_600)
     # 300 steps of 64 + 192 images, 6 epochs = 460,800 images ≈ 8 passes over 59,990 labels
     assert (batch, epochs) == (256, 8)
+    spec["students"].append({"model": "test_resnet", "epochs": 9})  # the longest student sets the budget
+    assert efficacy.student_budget(spec, pseudo_images=57_600) == (256, 12)
 
 
 def test_checks_pass_when_generations_climb_and_noise_helps(efficacy):
