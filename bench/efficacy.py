@@ -20,9 +20,14 @@ teacher's pseudo labels (``gen-1/labels/``) always, the balanced manifest
 Three reference models run through the train workload directly (a run needs
 at least one student): the teacher without noise, and the fully supervised
 upper bound on all training labels (5,999 per class; the packer keeps at least
-one unlabeled image per class) with and without noise, each given the budget
-of one student generation: the same number of steps of ``(1 + ratio) × B``
-images. The upper bound is the better of the two.
+one unlabeled image per class) with and without noise, each with the largest
+student's model and the budget of the longest student generation: the same
+number of steps of ``(1 + ratio) × B`` images. The upper bound is the better
+of the two.
+
+The results end with the benchmark's checks: every student generation at or
+above the previous one, the no-noise ablation below the noisy default, and a
+gap closed of at least 50 %.
 
 Output in ``--out`` (default ``bench/out/efficacy``): ``results.json``,
 ``results.md`` (a Markdown table: validation top-1 per generation for every
