@@ -287,7 +287,7 @@ def plot(results: dict[str, Any], path: Path) -> None:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true",
-                        help="a smoke test of a few minutes: short budgets, 1,000 pseudo labels per class")
+                        help="a smoke test (10-15 min on two CPU cores): short budgets, 1,000 pseudo labels per class")
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "out" / "efficacy", help="output directory")
     parser.add_argument("--labels-per-class", type=int, default=100)
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
