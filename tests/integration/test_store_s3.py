@@ -125,3 +125,16 @@ def test_wrong_credentials_are_rejected(s3_env: S3Server, monkeypatch: pytest.Mo
     store = open_store(f"s3://{s3_env.bucket}/x")
     with pytest.raises(OSError, match=f"s3://{s3_env.bucket}/denied.bin"):
         store.put_bytes(f"s3://{s3_env.bucket}/denied.bin", b"x")
+
+
+def test_create_delete_and_sizes(s3_prefix: str) -> None:
+    store = open_store(s3_prefix)
+    uri = join_uri(s3_prefix, "lease.json")
+    assert store.create_bytes(uri, b"first")
+    assert not store.create_bytes(uri, b"second")
+    assert store.get_bytes(uri) == b"first"
+    assert store.sizes(s3_prefix) == {uri: 5}
+    store.delete(uri)
+    store.delete(uri)  # deleting what is gone is not an error
+    assert not store.exists(uri)
+    assert store.create_bytes(uri, b"third")

@@ -176,3 +176,16 @@ def test_s3_store_pickles_without_its_client() -> None:
     store = S3Store(max_attempts=5)
     clone = pickle.loads(pickle.dumps(store))
     assert clone.max_attempts == 5 and clone._client is None
+
+
+def test_create_is_exclusive_delete_is_idempotent_and_sizes(tmp_path: Path) -> None:
+    store = open_store(tmp_path.as_uri())
+    uri = join_uri(tmp_path.as_uri(), "d/lease.json")
+    assert store.create_bytes(uri, b"first")
+    assert not store.create_bytes(uri, b"second")
+    assert store.get_bytes(uri) == b"first"
+    assert store.sizes(tmp_path.as_uri() + "/") == {uri: 5}
+    assert sorted(p.name for p in (tmp_path / "d").iterdir()) == ["lease.json"]  # no temp files left
+    store.delete(uri)
+    store.delete(uri)
+    assert not store.exists(uri)

@@ -73,6 +73,18 @@ class ArtifactStore(abc.ABC):
     def exists(self, uri: str) -> bool:
         """Whether a complete object exists at ``uri``."""
 
+    @abc.abstractmethod
+    def create_bytes(self, uri: str, data: bytes) -> bool:
+        """Write ``data`` at ``uri`` only if no object is there; False when one is (atomic)."""
+
+    @abc.abstractmethod
+    def delete(self, uri: str) -> None:
+        """Delete the object at ``uri``; a missing object is not an error."""
+
+    @abc.abstractmethod
+    def sizes(self, prefix_uri: str) -> dict[str, int]:
+        """Size in bytes of every object that ``list(prefix_uri)`` returns."""
+
     def put_json(self, uri: str, obj: Any) -> None:
         """Write ``obj`` as indented, key-sorted JSON."""
         self.put_bytes(uri, (json.dumps(obj, indent=2, sort_keys=True) + "\n").encode())
@@ -163,6 +175,29 @@ class FileStore(ArtifactStore):
     def exists(self, uri: str) -> bool:
         return os.path.isfile(_local_path(uri))
 
+    def create_bytes(self, uri: str, data: bytes) -> bool:
+        path = _local_path(uri)
+        with self._atomic_target(uri, path) as tmp:
+            with open(tmp, "wb") as f:
+                f.write(data)
+            os.chmod(tmp, 0o644)
+            try:
+                os.link(tmp, path)  # atomic and fails when the target exists, unlike rename
+            except FileExistsError:
+                return False
+            finally:
+                os.unlink(tmp)
+        return True
+
+    def delete(self, uri: str) -> None:
+        try:
+            os.unlink(_local_path(uri))
+        except FileNotFoundError:
+            pass
+
+    def sizes(self, prefix_uri: str) -> dict[str, int]:
+        return {uri: os.path.getsize(_local_path(uri)) for uri in self.list(prefix_uri)}
+
     class _atomic_target:
         """Context manager yielding a temp path next to ``path``, renamed on success."""
 
@@ -182,7 +217,7 @@ class FileStore(ArtifactStore):
             return self.tmp
 
         def __exit__(self, exc_type: object, exc: object, tb: object) -> None:
-            if exc_type is None:
+            if exc_type is None and os.path.exists(self.tmp):
                 try:
                     os.chmod(self.tmp, 0o644)
                     os.replace(self.tmp, self.path)
@@ -382,6 +417,48 @@ class S3Store(ArtifactStore):
         except BotoCoreError as exc:
             raise OSError(f"{uri}: {exc}") from exc
         return True
+
+    def create_bytes(self, uri: str, data: bytes) -> bool:
+        from botocore.exceptions import BotoCoreError, ClientError
+
+        bucket, key = split_s3_uri(uri)
+        try:
+            # A conditional write (S3 since 2024, SeaweedFS, MinIO): 412 when the key exists.
+            self.client.put_object(Bucket=bucket, Key=key, Body=data, IfNoneMatch="*")
+        except ClientError as exc:
+            code = str(exc.response.get("Error", {}).get("Code", ""))
+            status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode")
+            if code in ("PreconditionFailed", "ConditionalRequestConflict") or status in (409, 412):
+                return False
+            raise self._wrap(uri, exc) from exc
+        except BotoCoreError as exc:
+            raise self._wrap(uri, exc) from exc
+        return True
+
+    def delete(self, uri: str) -> None:
+        from botocore.exceptions import BotoCoreError, ClientError
+
+        bucket, key = split_s3_uri(uri)
+        try:
+            self.client.delete_object(Bucket=bucket, Key=key)
+        except ClientError as exc:
+            if not self._missing(exc):
+                raise self._wrap(uri, exc) from exc
+        except BotoCoreError as exc:
+            raise self._wrap(uri, exc) from exc
+
+    def sizes(self, prefix_uri: str) -> dict[str, int]:
+        from botocore.exceptions import BotoCoreError, ClientError
+
+        bucket, prefix = split_s3_uri(prefix_uri)
+        found: dict[str, int] = {}
+        try:
+            pages = self.client.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix)
+            for page in pages:
+                found.update((f"s3://{bucket}/{obj['Key']}", int(obj["Size"])) for obj in page.get("Contents", []))
+        except (ClientError, BotoCoreError) as exc:
+            raise self._wrap(prefix_uri, exc) from exc
+        return dict(sorted(found.items()))
 
     def presign_get(self, uri: str, expires_s: int = 3600) -> str:
         """A presigned (SigV4) HTTP GET URL for the object at ``uri``."""
