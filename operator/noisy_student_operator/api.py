@@ -10,13 +10,17 @@ runner) parse run files with them::
 
 from __future__ import annotations
 
+import copy
+import logging
 from datetime import datetime
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 from pydantic.alias_generators import to_camel
+
+log = logging.getLogger(__name__)
 
 GROUP = "noisystudent.dev"
 VERSION = "v1alpha1"
@@ -171,8 +175,8 @@ class ArtifactsSpec(ApiModel):
 MODEL_NAME = r"^[a-z0-9_.]+$"
 
 
-class StudentSpec(ApiModel):
-    """One student generation; it becomes the next generation's teacher."""
+class ModelSpec(ApiModel):
+    """A model to train: its timm name and budget."""
 
     model: str = Field(
         min_length=1, max_length=128, pattern=MODEL_NAME, description="timm model name."
@@ -182,12 +186,12 @@ class StudentSpec(ApiModel):
     )
 
 
-class TeacherSpec(StudentSpec):
+class TeacherSpec(ModelSpec):
     """The first teacher, trained on the labeled images only."""
 
     noise: bool = Field(
         default=True,
-        description="Train the teacher with the students' noise too (the paper's "
+        description="Train the teacher with the run's noise too (the paper's "
         "baselines were trained with RandAugment, dropout and stochastic depth).",
     )
 
@@ -214,6 +218,16 @@ class NoiseSpec(ApiModel):
         ge=0.0,
         lt=1.0,
         description="Stochastic depth (drop path) rate at the last block, decaying linearly.",
+    )
+
+
+class StudentSpec(ModelSpec):
+    """One student generation; it becomes the next generation's teacher."""
+
+    noise: NoiseSpec | None = Field(
+        default=None,
+        description="This student's noise instead of the run's `noise` (an ablation, or a noise "
+        "schedule over generations); the teacher keeps the run's noise.",
     )
 
 
@@ -369,6 +383,12 @@ class RunSpec(ApiModel):
         """timm model name trained in `generation` (0 = teacher)."""
         return self.teacher.model if generation == 0 else self.students[generation - 1].model
 
+    def noise_for(self, generation: int) -> NoiseSpec | None:
+        """The noise the model of `generation` trains with; None for a teacher without noise."""
+        if generation == 0:
+            return self.noise if self.teacher.noise else None
+        return self.students[generation - 1].noise or self.noise
+
 
 # ------------------------------------------------------------------------- status
 
@@ -391,6 +411,7 @@ class JobStatus(ApiModel):
     stage: str = Field(description="prepare, teacher, label, balance or student.")
     generation: int = Field(description="0 = teacher, k = k-th student.")
     attempt: int = Field(default=0, description="0 for the first try.")
+    key: str | None = Field(default=None, description="Key of the stage the job computes.")
     state: str = Field(default="Pending", description="Pending, Running, Succeeded, Failed, Cancelled, Superseded.")
     handle: str | None = Field(default=None, description="TorchX app handle.")
     submitted_at: datetime | None = Field(default=None, description="Submission time.")
@@ -403,12 +424,27 @@ class GenerationStatus(ApiModel):
 
     generation: int = Field(description="0 = teacher, k = k-th student.")
     model: str = Field(description="timm model name.")
+    key: str | None = Field(default=None, description="Key of the training stage that made it.")
     parameters: int | None = Field(default=None, description="Parameter count.")
     checkpoint: str | None = Field(default=None, description="Checkpoint URI.")
     top1: float | None = Field(default=None, description="Validation top-1, a fraction in [0, 1].")
     top5: float | None = Field(default=None, description="Validation top-5, a fraction in [0, 1].")
     images_used: int | None = Field(default=None, description="Pseudo-labeled images used.")
     finished_at: datetime | None = Field(default=None, description="When training finished.")
+
+
+class StageStatus(ApiModel):
+    """One stage of the current spec: its key and whether (and by whom) it was computed."""
+
+    stage: str = Field(description="prepare, teacher, label, balance or student.")
+    generation: int = Field(description="0 = teacher, k = k-th student.")
+    key: str = Field(description="Digest of everything that determines the stage's outputs.")
+    state: Literal["Pending", "Running", "Complete", "Reused"] = Field(
+        description="`Reused`: complete before this run needed it, made by `producedBy`."
+    )
+    produced_by: str | None = Field(
+        default=None, description="`namespace/name` of the run whose job computed the stage."
+    )
 
 
 class RunStatus(ApiModel):
@@ -424,6 +460,9 @@ class RunStatus(ApiModel):
     next_retry_at: datetime | None = Field(default=None, description="When a failed stage is retried.")
     jobs: list[JobStatus] = Field(default_factory=list, description="Submitted jobs.")
     generations: list[GenerationStatus] = Field(default_factory=list, description="Trained models.")
+    stages: list[StageStatus] = Field(
+        default_factory=list, description="Every stage of the current spec, with its key."
+    )
     conditions: list[Condition] = Field(default_factory=list, description="Conditions.")
 
 
@@ -472,11 +511,46 @@ def format_validation_error(error: ValidationError, source: str) -> str:
     return "\n".join(lines)
 
 
-def parse_run(document: dict[str, Any], source: str = "<run>") -> NoisyStudentRun:
-    """Validate a run document (a parsed YAML/JSON object)."""
+def _drop(document: Any, loc: tuple[Any, ...]) -> None:
+    for part in loc[:-1]:
+        document = document[part]
+    del document[loc[-1]]
+
+
+M = TypeVar("M", bound=BaseModel)
+
+
+def validate_tolerant(model: type[M], document: Any) -> tuple[M, list[str]]:
+    """Validate a stored object, ignoring fields this version does not know.
+
+    Objects in the API server or next to the artifacts may come from a newer
+    operator (a rollback, the old pod during a Helm upgrade): they are read, and
+    the ignored fields are returned as paths. Run files stay strict.
+    """
+    document = copy.deepcopy(document)
+    ignored: list[str] = []
+    while True:
+        try:
+            return model.model_validate(document), ignored
+        except ValidationError as error:
+            unknown = [p["loc"] for p in error.errors() if p["type"] == "extra_forbidden"]
+            if not unknown or len(unknown) != len(error.errors()):
+                raise
+            for loc in sorted(unknown, key=len, reverse=True):
+                _drop(document, loc)
+                ignored.append(_field_path(loc))
+
+
+def parse_run(document: dict[str, Any], source: str = "<run>", tolerant: bool = False) -> NoisyStudentRun:
+    """Validate a run document (a parsed YAML/JSON object); `tolerant` for stored objects."""
     if not isinstance(document, dict):
         raise RunFileError(f"{source}: expected a NoisyStudentRun object, got {type(document).__name__}")
     try:
+        if tolerant:
+            run, ignored = validate_tolerant(NoisyStudentRun, document)
+            if ignored:
+                log.warning("%s: ignored fields this version does not know: %s", source, ", ".join(ignored))
+            return run
         return NoisyStudentRun.model_validate(document)
     except ValidationError as error:
         raise RunFileError(format_validation_error(error, source)) from None

@@ -37,6 +37,9 @@ LABEL_RUN = "noisystudent.dev/run"
 LABEL_STAGE = "noisystudent.dev/stage"
 LABEL_GENERATION = "noisystudent.dev/generation"
 LABEL_ATTEMPT = "noisystudent.dev/attempt"
+LABEL_KEY = "noisystudent.dev/stage-key"
+#: Environment of every job: the run that asked for it (the workload records it in its marker).
+ENV_RUN = "NSO_RUN"
 
 
 @dataclass(frozen=True)
@@ -57,7 +60,11 @@ class JobContext:
             LABEL_STAGE: request.stage.kind,
             LABEL_GENERATION: str(request.stage.generation),
             LABEL_ATTEMPT: str(request.attempt),
+            LABEL_KEY: request.key,
         }
+
+    def job_env(self) -> dict[str, str]:
+        return {**self.env, ENV_RUN: f"{self.namespace}/{self.run}"}
 
 
 class JobBackend(Protocol):
@@ -169,7 +176,7 @@ class TorchXJobBackend:
         return f"kubernetes://{self.session}/{namespace}:{name}"
 
     def _submit_kubernetes(self, request: JobRequest, context: JobContext, image: str) -> str:
-        app = render_app(request, image, dict(context.env))
+        app = render_app(request, image, context.job_env())
         cfg = {"queue": context.queue, "namespace": context.namespace, "validate_spec": False}
         dryrun = self.runner.dryrun(app, "kubernetes", cfg=cfg)
         patch_volcano_job(dryrun.request.resource, request, context)
@@ -190,7 +197,7 @@ class TorchXJobBackend:
         root = self.local_root or default_local_root()
         workdir = root / "work"
         workdir.mkdir(parents=True, exist_ok=True)
-        env = local_env({"PYTHONUNBUFFERED": "1", **context.env})
+        env = local_env({"PYTHONUNBUFFERED": "1", **context.job_env()})
         app = render_app(request, str(workdir), env)
         cfg = {"log_dir": str(root / "logs")}
         dryrun = self.runner.dryrun(app, "local_cwd", cfg=cfg)

@@ -17,10 +17,11 @@ from collections.abc import Callable
 from typing import Any
 
 from . import metrics
-from .api import RunFileError, RunSpec, RunStatus, parse_run
+from .api import RunFileError, RunSpec, RunStatus, parse_run, validate_tolerant
 from .backend import JobBackend, JobContext
 from .core import reasons
 from .core.conditions import is_true, set_condition
+from .core.keys import workload_identity
 from .core.planner import ACTIVE_STATES, Plan, RunRef, Submit
 from .reconcile import Reconciler, utcnow
 
@@ -62,12 +63,17 @@ class RunController:
         meta = body["metadata"]
         document = {key: body[key] for key in ("apiVersion", "kind", "spec") if key in body}
         document["metadata"] = {"name": meta["name"], "namespace": meta.get("namespace") or "default"}
+        source = f"{document['metadata']['namespace']}/{meta['name']}"
         try:
-            run = parse_run(document, f"{document['metadata']['namespace']}/{meta['name']}")
+            # Stored objects may carry fields of a newer version (a rollback, a Helm upgrade): read them.
+            run = parse_run(document, source, tolerant=True)
         except RunFileError as error:
             raise InvalidRun(str(error)) from None
-        status = RunStatus.model_validate(body.get("status") or {})
-        return RunRef(run.metadata.name, run.metadata.namespace, run.spec, status, meta.get("generation"))
+        status, ignored = validate_tolerant(RunStatus, body.get("status") or {})
+        if ignored:
+            log.warning("%s: ignored status fields this version does not know: %s", source, ", ".join(ignored))
+        workload = workload_identity(run.spec, self._scheduler(run.spec))
+        return RunRef(run.metadata.name, run.metadata.namespace, run.spec, status, meta.get("generation"), workload)
 
     def _scheduler(self, spec: RunSpec) -> str:
         return self.scheduler_override or spec.scheduler.name
@@ -126,7 +132,7 @@ class RunController:
 
     def _mark_invalid(self, body: dict[str, Any], message: str) -> None:
         meta = body["metadata"]
-        status = RunStatus.model_validate(body.get("status") or {})
+        status, _ = validate_tolerant(RunStatus, body.get("status") or {})
         conditions = set_condition(
             status.conditions, reasons.FAILED, True, "InvalidSpec", message, utcnow(), meta.get("generation")
         )

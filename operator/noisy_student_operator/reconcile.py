@@ -16,7 +16,7 @@ from typing import Any
 from noisy_student_workloads.store import ArtifactStore, open_store
 
 from .backend import JobBackend, JobContext
-from .core.layout import RunLayout, Stage, plan_stages
+from .core.layout import Stage, plan_stages
 from .core.planner import ACTIVE_STATES, Cancel, Observation, Plan, RunRef, Submit, plan_run
 
 log = logging.getLogger(__name__)
@@ -34,9 +34,9 @@ class MarkerReader:
         self._cache: dict[str, dict[str, Any]] = {}
 
     def read(self, run: RunRef) -> dict[Stage, Mapping[str, Any]]:
-        """Markers of the completed prefix of the run's stages."""
-        layout = RunLayout.for_run(run.spec, run.namespace, run.name)
-        store = self.store_for(layout.prefix)
+        """Markers of the completed prefix of the run's stages (each under its stage key)."""
+        layout = run.layout
+        store = self.store_for(layout.root)
         markers: dict[Stage, Mapping[str, Any]] = {}
         for stage in plan_stages(run.spec):
             uri = layout.marker_uri(stage)
@@ -48,11 +48,6 @@ class MarkerReader:
                 self._cache[uri] = marker
             markers[stage] = marker
         return markers
-
-    def forget(self, run: RunRef) -> None:
-        prefix = RunLayout.for_run(run.spec, run.namespace, run.name).prefix
-        for uri in [u for u in self._cache if u.startswith(prefix + "/")]:
-            del self._cache[uri]
 
 
 class Reconciler:

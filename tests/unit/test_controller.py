@@ -1,11 +1,15 @@
 """The operator's reconcile (without kopf): fresh reads, status writes, events, restarts."""
 
 import copy
+from pathlib import Path
 
 import pytest
 
+from noisy_student_operator.api import RunSpec
 from noisy_student_operator.backend import InMemoryJobBackend
 from noisy_student_operator.controller import InvalidRun, RunController
+from noisy_student_operator.core.keys import workload_identity
+from noisy_student_operator.core.layout import BALANCE, LABEL, STUDENT, TEACHER, RunLayout, Stage, job_name
 from noisy_student_operator.core.planner import JobState
 from noisy_student_operator.reconcile import MarkerReader, Reconciler
 from noisy_student_workloads.store import open_store
@@ -65,26 +69,38 @@ def setup(tmp_path):
     }
     api.add(body)
     store = open_store(tmp_path.as_uri())
-    return api, backend, controller, events, store, tmp_path.as_uri() + "/ml/demo"
+    return api, backend, controller, events, store, layout_of(api)
 
 
-def write_marker(store, prefix, path, metrics=None):
-    store.put_json(f"{prefix}/{path}/_DONE.json", {"metrics": metrics or {}})
+def layout_of(api):
+    spec = RunSpec.model_validate(api.objects[("ml", "demo")]["spec"])
+    return RunLayout.for_run(spec, "ml", "demo", workload_identity(spec, "kubernetes"))
+
+
+def name(layout, stage, attempt=0):
+    return job_name(stage, layout.key(stage), attempt)
+
+
+TEACHER_0 = Stage(0, TEACHER)
+
+
+def write_marker(store, layout, stage, metrics=None):
+    store.put_json(layout.marker_uri(stage), {"metrics": metrics or {}})
 
 
 def test_first_pass_submits_teacher_and_writes_status(setup):
-    api, backend, controller, events, store, prefix = setup
+    api, backend, controller, events, store, layout = setup
     controller.reconcile("ml", "demo")
-    assert backend.submissions == ["demo-g0-teacher"]
+    assert backend.submissions == [name(layout, TEACHER_0)]
     status = api.objects[("ml", "demo")]["status"]
     assert status["stage"] == "Training"
-    assert status["jobs"][0]["handle"] == "memory://ml/demo-g0-teacher"
+    assert status["jobs"][0]["handle"] == f"memory://ml/{name(layout, TEACHER_0)}"
     assert status["observedGeneration"] == 1
     assert [r for _, r, _ in events] == ["JobSubmitted"]
 
 
 def test_idle_pass_writes_nothing(setup):
-    api, backend, controller, events, store, prefix = setup
+    api, backend, controller, events, store, layout = setup
     controller.reconcile("ml", "demo")
     controller.reconcile("ml", "demo")  # Pending -> Running is a change
     assert api.objects[("ml", "demo")]["status"]["jobs"][0]["state"] == "Running"
@@ -92,36 +108,36 @@ def test_idle_pass_writes_nothing(setup):
     controller.reconcile("ml", "demo")
     controller.reconcile("ml", "demo")
     assert api.patches == patches
-    assert backend.submissions == ["demo-g0-teacher"]
+    assert backend.submissions == [name(layout, TEACHER_0)]
 
 
 def test_restart_mid_run_never_duplicates_or_redoes(setup):
-    api, backend, controller, events, store, prefix = setup
+    api, backend, controller, events, store, layout = setup
     controller.reconcile("ml", "demo")
-    backend.jobs["demo-g0-teacher"] = JobState.SUCCEEDED
-    write_marker(store, prefix, "gen-0/teacher", {"top1": 0.6, "parameters": 10})
+    backend.jobs[name(layout, TEACHER_0)] = JobState.SUCCEEDED
+    write_marker(store, layout, TEACHER_0, {"top1": 0.6, "parameters": 10})
     # A new controller (operator restart) with empty caches.
     restarted = RunController(api, {"kubernetes": backend})
     restarted.reconcile("ml", "demo")
-    assert backend.submissions == ["demo-g0-teacher", "demo-g1-label"]
+    assert backend.submissions == [name(layout, TEACHER_0), name(layout, Stage(1, LABEL))]
     # Status lost its record of the label job (killed before the status write): the
     # planner submits the same name again and the backend treats it as existing.
     api.objects[("ml", "demo")]["status"]["jobs"] = api.objects[("ml", "demo")]["status"]["jobs"][:1]
     restarted.reconcile("ml", "demo")
-    assert backend.submissions.count("demo-g1-label") == 2
-    assert len([n for n in backend.jobs if n.startswith("demo-g1-label")]) == 1
+    assert backend.submissions.count(name(layout, Stage(1, LABEL))) == 2
+    assert len([n for n in backend.jobs if n.startswith(name(layout, Stage(1, LABEL)))]) == 1
 
 
 def test_delete_cancels_running_jobs(setup):
-    api, backend, controller, events, store, prefix = setup
+    api, backend, controller, events, store, layout = setup
     controller.reconcile("ml", "demo")
     body = api.get("ml", "demo")
-    assert controller.cancel_all(body) == ["demo-g0-teacher"]
-    assert backend.jobs["demo-g0-teacher"] is JobState.CANCELLED
+    assert controller.cancel_all(body) == [name(layout, TEACHER_0)]
+    assert backend.jobs[name(layout, TEACHER_0)] is JobState.CANCELLED
 
 
 def test_invalid_stored_spec_marks_failed(setup):
-    api, backend, controller, events, store, prefix = setup
+    api, backend, controller, events, store, layout = setup
     api.objects[("ml", "demo")]["spec"]["pseudoLabels"] = {"confidenceThreshold": 2}
     with pytest.raises(InvalidRun, match="spec.pseudoLabels.confidenceThreshold"):
         controller.reconcile("ml", "demo")
@@ -131,9 +147,9 @@ def test_invalid_stored_spec_marks_failed(setup):
 
 
 def test_settled_runs_are_skipped_by_the_timer(setup):
-    api, backend, controller, events, store, prefix = setup
-    for path in ("gen-0/teacher", "gen-1/labels", "gen-1/balance", "gen-1/student"):
-        write_marker(store, prefix, path, {"top1": 0.5, "parameters": 1})
+    api, backend, controller, events, store, layout = setup
+    for stage in (TEACHER_0, Stage(1, LABEL), Stage(1, BALANCE), Stage(1, STUDENT)):
+        write_marker(store, layout, stage, {"top1": 0.5, "parameters": 1})
     controller.reconcile("ml", "demo")
     body = api.get("ml", "demo")
     assert body["status"]["stage"] == "Succeeded"
@@ -149,17 +165,43 @@ def sample(name, **labels):
 
 
 def test_metrics_count_submissions_failures_retries_and_conditions(setup):
-    api, backend, controller, events, store, prefix = setup
+    api, backend, controller, events, store, layout = setup
     api.objects[("ml", "demo")]["spec"]["retry"] = {"limit": 1, "backoffSeconds": 0}
+    assert layout_of(api).keys == layout.keys  # retries are not part of any key
     submitted = sample("noisy_student_job_submissions_total", stage="teacher")
     failed = sample("noisy_student_job_failures_total", stage="teacher")
     retried = sample("noisy_student_job_retries_total", stage="teacher")
     passes = sample("noisy_student_reconcile_duration_seconds_count")
     controller.reconcile("ml", "demo")
     assert sample("noisy_student_runs", condition="Progressing") >= 1
-    backend.jobs["demo-g0-teacher"] = JobState.FAILED
+    backend.jobs[name(layout, TEACHER_0)] = JobState.FAILED
     controller.reconcile("ml", "demo")  # records the failure, retries at once (backoff 0)
     assert sample("noisy_student_job_submissions_total", stage="teacher") == submitted + 2
     assert sample("noisy_student_job_failures_total", stage="teacher") == failed + 1
     assert sample("noisy_student_job_retries_total", stage="teacher") == retried + 1
     assert sample("noisy_student_reconcile_duration_seconds_count") == passes + 2
+
+
+def test_stored_spec_and_status_with_unknown_fields_are_read(setup):
+    """A newer operator (or a rollback) left fields this version does not know: the run goes on."""
+    api, backend, controller, events, store, layout = setup
+    stored = api.objects[("ml", "demo")]
+    stored["spec"]["futureFeature"] = {"enabled": True}
+    stored["spec"]["teacher"]["compile"] = True
+    stored["status"] = {"stage": "Training", "futureCounter": 3,
+                        "jobs": [{"name": "x", "stage": "teacher", "generation": 0, "queuePosition": 4}]}
+    controller.reconcile("ml", "demo")
+    status = api.objects[("ml", "demo")]["status"]
+    assert not any(c["type"] == "Failed" and c["status"] == "True" for c in status["conditions"])
+    assert backend.submissions == [name(layout, TEACHER_0)]
+    assert "InvalidSpec" not in [r for _, r, _ in events]
+
+
+def test_run_files_stay_strict(tmp_path):
+    from noisy_student_operator.api import RunFileError, load_run_file
+
+    text = (Path(__file__).parents[2] / "examples" / "quickstart.yaml").read_text()
+    path = tmp_path / "run.yaml"
+    path.write_text(text.replace("  students:", "  futureFeature: 1\n  students:"))
+    with pytest.raises(RunFileError, match="futureFeature"):
+        load_run_file(path)

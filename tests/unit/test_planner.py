@@ -5,7 +5,7 @@ from datetime import datetime, timedelta, timezone
 from noisy_student_operator.api import RunStatus, parse_run
 from noisy_student_operator.core import reasons
 from noisy_student_operator.core.conditions import get_condition, is_true
-from noisy_student_operator.core.layout import BALANCE, LABEL, PREPARE, STUDENT, TEACHER, Stage
+from noisy_student_operator.core.layout import BALANCE, LABEL, PREPARE, STUDENT, TEACHER, Stage, job_name
 from noisy_student_operator.core.planner import (
     Cancel,
     JobObservation,
@@ -43,7 +43,7 @@ class World:
         self.spec = spec
         self.status = RunStatus()
         self.jobs: dict[str, JobObservation] = {}
-        self.markers: dict[Stage, dict] = {}
+        self.store: dict[str, dict] = {}  # marker by stage key: the artifact store
         self.now = T0
         self.generation = generation
         self.submitted: list[str] = []
@@ -52,7 +52,7 @@ class World:
     def step(self, seconds=1.0):
         self.now += timedelta(seconds=seconds)
         run = RunRef("demo", "ml", self.spec, self.status, self.generation)
-        plan = plan_run(run, Observation(self.now, dict(self.jobs), dict(self.markers)))
+        plan = plan_run(run, Observation(self.now, dict(self.jobs), self.markers()))
         for action in plan.actions:
             if isinstance(action, Submit):
                 self.submitted.append(action.request.name)
@@ -63,6 +63,29 @@ class World:
         self.status = plan.status
         return plan
 
+    @property
+    def layout(self):
+        return RunRef("demo", "ml", self.spec, self.status, self.generation).layout
+
+    def name(self, stage, attempt=0):
+        """The job name of `stage` under the current spec."""
+        return job_name(stage, self.layout.key(stage), attempt)
+
+    def uri(self, stage, *parts):
+        return self.layout.stage_uri(stage, *parts)
+
+    def markers(self):
+        """What `MarkerReader` sees: the markers under the current keys, the completed prefix."""
+        found = {}
+        for stage, key in self.layout.keys.items():
+            if key not in self.store:
+                break
+            found[stage] = self.store[key]
+        return found
+
+    def mark(self, stage, marker):
+        self.store[self.layout.key(stage)] = marker
+
     def finish(self, name, stage, top1=None, parameters=100):
         self.jobs[name] = JobObservation(JobState.SUCCEEDED)
         marker = {"stage": stage.kind}
@@ -70,44 +93,45 @@ class World:
             marker["metrics"] = {"top1": top1, "top5": 0.99, "parameters": parameters}
         if stage.kind == BALANCE:
             marker["metrics"] = {"images": 1234}
-        self.markers[stage] = marker
+        self.mark(stage, marker)
 
 
 def test_happy_path_walks_every_stage_and_promotes():
     world = World(make_run(students=2))
     plan = world.step()
-    assert [a.request.name for a in plan.actions] == ["demo-g0-teacher"]
+    assert [a.request.name for a in plan.actions] == [world.name(Stage(0, TEACHER))]
     assert world.status.stage == "Training" and world.status.generation == 0
     assert is_true(world.status.conditions, reasons.PROGRESSING)
 
-    world.finish("demo-g0-teacher", Stage(0, TEACHER), top1=0.8)
+    world.finish(world.name(Stage(0, TEACHER)), Stage(0, TEACHER), top1=0.8)
     plan = world.step()
-    assert [a.request.name for a in plan.actions] == ["demo-g1-label"]
+    assert [a.request.name for a in plan.actions] == [world.name(Stage(1, LABEL))]
     assert world.status.stage == "Labeling" and world.status.teacher_top1 == 0.8
     label = plan.actions[0].request
-    assert label.config["checkpoint"] == "s3://runs/ml/demo/gen-0/teacher/checkpoint.pt"
+    assert label.config["checkpoint"] == world.uri(Stage(0, TEACHER), "checkpoint.pt")
+    assert label.config["checkpoint"].startswith("s3://runs/ml/stages/teacher/")
     assert label.args["replicas"] == 1
 
-    world.finish("demo-g1-label", Stage(1, LABEL))
+    world.finish(world.name(Stage(1, LABEL)), Stage(1, LABEL))
     plan = world.step()
-    assert [a.request.name for a in plan.actions] == ["demo-g1-balance"]
-    world.finish("demo-g1-balance", Stage(1, BALANCE))
+    assert [a.request.name for a in plan.actions] == [world.name(Stage(1, BALANCE))]
+    world.finish(world.name(Stage(1, BALANCE)), Stage(1, BALANCE))
     plan = world.step()
     student = plan.actions[0].request
-    assert student.name == "demo-g1-student"
+    assert student.name == world.name(Stage(1, STUDENT))
     assert student.config["teacher"] == {"model": "resnet18", "parameters": 100}
-    assert student.config["pseudo"]["manifest"] == "s3://runs/ml/demo/gen-1/balance/manifest.npz"
+    assert student.config["pseudo"]["manifest"] == world.uri(Stage(1, BALANCE), "manifest.npz")
     assert student.config["noise"]["rand_augment"] == {"ops": 2, "magnitude": 9}
 
-    world.finish("demo-g1-student", Stage(1, STUDENT), top1=0.85)
+    world.finish(world.name(Stage(1, STUDENT)), Stage(1, STUDENT), top1=0.85)
     plan = world.step()
     assert any(e.reason == reasons.PROMOTED for e in plan.events)
-    assert plan.actions[0].request.config["checkpoint"].endswith("gen-1/student/checkpoint.pt")
+    assert plan.actions[0].request.config["checkpoint"] == world.uri(Stage(1, STUDENT), "checkpoint.pt")
     assert world.status.teacher_top1 == 0.85
     assert world.status.generations[1].images_used == 1234
 
     for kind in (LABEL, BALANCE, STUDENT):
-        world.finish(f"demo-g2-{kind}", Stage(2, kind), top1=0.87)
+        world.finish(world.name(Stage(2, kind)), Stage(2, kind), top1=0.87)
         plan = world.step()
     assert world.status.stage == "Succeeded"
     assert is_true(world.status.conditions, reasons.SUCCEEDED)
@@ -115,8 +139,8 @@ def test_happy_path_walks_every_stage_and_promotes():
     assert not is_true(world.status.conditions, reasons.PROGRESSING)
     assert [g.top1 for g in world.status.generations] == [0.8, 0.85, 0.87]
     assert world.submitted == [
-        "demo-g0-teacher", "demo-g1-label", "demo-g1-balance", "demo-g1-student",
-        "demo-g2-label", "demo-g2-balance", "demo-g2-student",
+        world.name(Stage(0, TEACHER)), world.name(Stage(1, LABEL)), world.name(Stage(1, BALANCE)), world.name(Stage(1, STUDENT)),
+        world.name(Stage(2, LABEL)), world.name(Stage(2, BALANCE)), world.name(Stage(2, STUDENT)),
     ]
     # Once finished, nothing more happens.
     assert world.step().actions == []
@@ -127,7 +151,7 @@ def test_waits_while_running_and_never_submits_twice():
     world.step()
     for _ in range(5):
         assert world.step().actions == []
-    assert world.submitted == ["demo-g0-teacher"]
+    assert world.submitted == [world.name(Stage(0, TEACHER))]
 
 
 def test_prepare_stage_comes_first_when_requested():
@@ -135,18 +159,18 @@ def test_prepare_stage_comes_first_when_requested():
     world = World(spec)
     plan = world.step()
     request = plan.actions[0].request
-    assert request.name == "demo-g0-prepare" and request.component == "prepare"
-    assert request.args["output"] == "s3://runs/ml/demo/data/"
+    assert request.name == world.name(Stage(0, PREPARE)) and request.component == "prepare"
+    assert request.args["output"] == world.uri(Stage(0, PREPARE)) + "/"
     assert world.status.stage == "Preparing"
-    world.finish("demo-g0-prepare", Stage(0, PREPARE))
+    world.finish(world.name(Stage(0, PREPARE)), Stage(0, PREPARE))
     plan = world.step()
-    assert plan.actions[0].request.config["labeled"] == "s3://runs/ml/demo/data/labeled-*.tar"
+    assert plan.actions[0].request.config["labeled"] == world.uri(Stage(0, PREPARE), "labeled-*.tar")
 
 
 def test_failure_retries_with_exponential_backoff_then_fails():
     world = World(make_run(retry={"limit": 2, "backoffSeconds": 10}))
     world.step()
-    world.jobs["demo-g0-teacher"] = JobObservation(JobState.FAILED, "OOMKilled")
+    world.jobs[world.name(Stage(0, TEACHER))] = JobObservation(JobState.FAILED, "OOMKilled")
     plan = world.step()
     assert plan.actions == [] and plan.requeue_after == 10
     assert world.status.next_retry_at is not None
@@ -154,20 +178,20 @@ def test_failure_retries_with_exponential_backoff_then_fails():
     assert any(e.type == "Warning" and "OOMKilled" in e.message for e in plan.events)
     assert world.step(seconds=5).actions == []
     plan = world.step(seconds=5)
-    assert [a.request.name for a in plan.actions] == ["demo-g0-teacher-1"]
+    assert [a.request.name for a in plan.actions] == [world.name(Stage(0, TEACHER), 1)]
 
-    world.jobs["demo-g0-teacher-1"] = JobObservation(JobState.FAILED, "OOMKilled")
+    world.jobs[world.name(Stage(0, TEACHER), 1)] = JobObservation(JobState.FAILED, "OOMKilled")
     plan = world.step()
     assert plan.requeue_after == 20  # doubled
     plan = world.step(seconds=20)
-    assert [a.request.name for a in plan.actions] == ["demo-g0-teacher-2"]
+    assert [a.request.name for a in plan.actions] == [world.name(Stage(0, TEACHER), 2)]
 
-    world.jobs["demo-g0-teacher-2"] = JobObservation(JobState.FAILED, "OOMKilled")
+    world.jobs[world.name(Stage(0, TEACHER), 2)] = JobObservation(JobState.FAILED, "OOMKilled")
     plan = world.step()
     assert plan.actions == []
     failed = get_condition(world.status.conditions, reasons.FAILED)
     assert failed.status == "True" and failed.reason == reasons.STAGE_FAILED
-    assert "Stage teacher of generation 0" in failed.message and "demo-g0-teacher-2" in failed.message
+    assert "Stage teacher of generation 0" in failed.message and world.name(Stage(0, TEACHER), 2) in failed.message
     assert world.status.stage == "Failed"
     # A failed run stays failed.
     assert world.step(seconds=3600).actions == []
@@ -176,7 +200,7 @@ def test_failure_retries_with_exponential_backoff_then_fails():
 def test_success_without_marker_is_a_failure():
     world = World(make_run(retry={"limit": 0}))
     world.step()
-    world.jobs["demo-g0-teacher"] = JobObservation(JobState.SUCCEEDED)
+    world.jobs[world.name(Stage(0, TEACHER))] = JobObservation(JobState.SUCCEEDED)
     world.step()
     failed = get_condition(world.status.conditions, reasons.FAILED)
     assert failed.status == "True" and "no completion marker" in failed.message
@@ -185,29 +209,29 @@ def test_success_without_marker_is_a_failure():
 def test_marker_written_but_job_still_exiting_waits():
     world = World(make_run())
     world.step()
-    world.markers[Stage(0, TEACHER)] = {"metrics": {"top1": 0.5, "parameters": 1}}
+    world.mark(Stage(0, TEACHER), {"metrics": {"top1": 0.5, "parameters": 1}})
     assert world.step().actions == []
-    world.jobs["demo-g0-teacher"] = JobObservation(JobState.SUCCEEDED)
-    assert [a.request.name for a in world.step().actions] == ["demo-g1-label"]
+    world.jobs[world.name(Stage(0, TEACHER))] = JobObservation(JobState.SUCCEEDED)
+    assert [a.request.name for a in world.step().actions] == [world.name(Stage(1, LABEL))]
 
 
 def test_restart_resumes_from_markers_without_redoing_stages():
     """A driver that lost all state (new process, no status) re-derives progress from markers."""
     world = World(make_run())
-    world.markers[Stage(0, TEACHER)] = {"metrics": {"top1": 0.7, "parameters": 5}}
-    world.markers[Stage(1, LABEL)] = {}
+    world.mark(Stage(0, TEACHER), {"metrics": {"top1": 0.7, "parameters": 5}})
+    world.mark(Stage(1, LABEL), {})
     plan = world.step()
-    assert [a.request.name for a in plan.actions] == ["demo-g1-balance"]
+    assert [a.request.name for a in plan.actions] == [world.name(Stage(1, BALANCE))]
     assert world.status.generations[0].top1 == 0.7
 
 
 def test_missing_job_is_resubmitted_under_the_same_name():
     world = World(make_run())
     world.step()
-    world.jobs["demo-g0-teacher"] = JobObservation(JobState.MISSING)
+    world.jobs[world.name(Stage(0, TEACHER))] = JobObservation(JobState.MISSING)
     plan = world.step()
-    assert [a.request.name for a in plan.actions] == ["demo-g0-teacher"]
-    assert [j.name for j in world.status.jobs] == ["demo-g0-teacher"]
+    assert [a.request.name for a in plan.actions] == [world.name(Stage(0, TEACHER))]
+    assert [j.name for j in world.status.jobs] == [world.name(Stage(0, TEACHER))]
 
 
 def test_suspend_cancels_and_resume_continues_as_new_attempt():
@@ -216,13 +240,13 @@ def test_suspend_cancels_and_resume_continues_as_new_attempt():
     world.step()
     world.spec = spec.model_copy(update={"suspend": True})
     plan = world.step()
-    assert [a.job.name for a in plan.actions if isinstance(a, Cancel)] == ["demo-g0-teacher"]
+    assert [a.job.name for a in plan.actions if isinstance(a, Cancel)] == [world.name(Stage(0, TEACHER))]
     assert world.status.stage == "Suspended"
     assert is_true(world.status.conditions, reasons.SUSPENDED)
     assert world.step().actions == []
     world.spec = spec
     plan = world.step()
-    assert [a.request.name for a in plan.actions] == ["demo-g0-teacher-1"]
+    assert [a.request.name for a in plan.actions] == [world.name(Stage(0, TEACHER), 1)]
     assert not is_true(world.status.conditions, reasons.SUSPENDED)
     assert not is_true(world.status.conditions, reasons.FAILED)
 
@@ -247,19 +271,35 @@ def test_failed_run_retries_after_a_spec_change():
     spec = make_run(retry={"limit": 0})
     world = World(spec)
     world.step()
-    world.jobs["demo-g0-teacher"] = JobObservation(JobState.FAILED, "bad learning rate")
+    old = world.name(Stage(0, TEACHER))
+    world.jobs[old] = JobObservation(JobState.FAILED, "bad learning rate")
     world.step()
     assert world.status.stage == "Failed"
     assert world.step(seconds=60).actions == []  # same spec: stays failed
     world.spec = spec.model_copy(update={"training": spec.training.model_copy(update={"learning_rate": 0.01})})
     world.generation = 2
     plan = world.step()
-    assert [a.request.name for a in plan.actions] == ["demo-g0-teacher-1"]
+    # A new learning rate is a new teacher: a new key, a new job, a fresh budget.
+    new = world.name(Stage(0, TEACHER))
+    assert new != old and [a.request.name for a in plan.actions] == [new]
     assert plan.actions[0].request.config["lr"] == 0.01
     assert any(e.reason == reasons.SPEC_CHANGED for e in plan.events)
     assert not is_true(world.status.conditions, reasons.FAILED)
     assert world.status.observed_generation == 2
     # The fresh budget is spent like the first one: one more failure fails the run again.
-    world.jobs["demo-g0-teacher-1"] = JobObservation(JobState.FAILED, "still bad")
+    world.jobs[new] = JobObservation(JobState.FAILED, "still bad")
     world.step()
     assert world.status.stage == "Failed"
+
+
+def test_spec_change_that_keeps_the_key_retries_the_same_stage_as_a_new_attempt():
+    spec = make_run(retry={"limit": 0})
+    world = World(spec)
+    world.step()
+    world.jobs[world.name(Stage(0, TEACHER))] = JobObservation(JobState.FAILED, "node lost")
+    world.step()
+    assert world.status.stage == "Failed"
+    world.spec = spec.model_copy(update={"retry": spec.retry.model_copy(update={"limit": 3})})
+    world.generation = 2
+    plan = world.step()
+    assert [a.request.name for a in plan.actions] == [world.name(Stage(0, TEACHER), 1)]

@@ -109,6 +109,8 @@ def write_done(
         "sha256": dict(sorted(digests.items())),
         "finished": finished or now(),
     }
+    if os.environ.get("NSO_RUN"):
+        marker["run"] = os.environ["NSO_RUN"]  # the run whose job made it (shown when another run reuses it)
     put_json(join_uri(output, DONE), marker)
     return marker
 

@@ -1,25 +1,35 @@
 """Stages of a run, their deterministic job names and their artifact URIs.
 
-The artifact layout is a contract between the core, the workloads and users::
+The artifact layout is a contract between the core, the workloads and users.
+Stage outputs live under the stage's key (see `keys`), shared by every run of
+the namespace that needs the same stage; the run's own prefix holds what
+belongs to the run::
 
-    <artifacts.uri>/<namespace>/<run>/
-      data/                 (only with spec.data.prepare)
-      gen-0/teacher/{checkpoint.pt, metrics.json, config.json, _DONE.json}
-      gen-1/labels/{part-00000.npz, stats-00000.json, ..., _DONE.json}
-      gen-1/balance/{manifest.npz, thresholds.json, _DONE.json}
-      gen-1/student/{checkpoint.pt, checkpoints/epoch-*.pt, metrics.json, _DONE.json}
+    <artifacts.uri>/<namespace>/
+      stages/prepare/<key>/{labeled-*.tar, unlabeled-*.tar, validation-*.tar, _DONE.json}
+      stages/teacher/<key>/{checkpoint.pt, checkpoints/epoch-*.pt, metrics.json, config.json, _DONE.json}
+      stages/label/<key>/{part-00000.npz, stats-00000.json, ..., _DONE.json}
+      stages/balance/<key>/{manifest.npz, thresholds.json, _DONE.json}
+      stages/student/<key>/{checkpoint.pt, checkpoints/epoch-*.pt, metrics.json, _DONE.json}
+      <run>/{stages.json, status.json, spec.json, top1.png}   (local runner)
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 
 from noisy_student_workloads.store import join_uri
 
 from ..api import RunSpec
 
 MARKER = "_DONE.json"
+LEASE = "_LEASE.json"
 STATUS_FILE = "status.json"
+MANIFEST_FILE = "stages.json"
+STAGES_DIR = "stages"
+#: Stands for a stage's own key while the key is being computed (see `keys`).
+PENDING_KEY = "<self>"
 
 PREPARE = "prepare"
 TEACHER = "teacher"
@@ -36,22 +46,12 @@ STAGE_SUMMARY = {
     STUDENT: "Training",
 }
 
-_DIRECTORY = {TEACHER: "teacher", LABEL: "labels", BALANCE: "balance", STUDENT: "student"}
-
-
 @dataclass(frozen=True, order=True)
 class Stage:
     """One step of the run: a stage kind within a generation."""
 
     generation: int
     kind: str
-
-    @property
-    def directory(self) -> str:
-        """Path of the stage's outputs below the run prefix."""
-        if self.kind == PREPARE:
-            return "data"
-        return f"gen-{self.generation}/{_DIRECTORY[self.kind]}"
 
     @property
     def is_training(self) -> bool:
@@ -74,27 +74,53 @@ def plan_stages(spec: RunSpec) -> list[Stage]:
     return stages
 
 
-def job_name(run: str, stage: Stage, attempt: int) -> str:
-    """Deterministic child job name: `<run>-g<generation>-<stage>[-<attempt>]`."""
-    name = f"{run}-g{stage.generation}-{stage.kind}"
+def job_name(stage: Stage, key: str, attempt: int) -> str:
+    """Deterministic child job name: `<stage>-<key>[-<attempt>]`.
+
+    Named after the key, not the run: two runs that need the same stage ask
+    for the same job, and the scheduler's create-if-absent starts it once. The
+    name is a DNS-1035 label of at most 32 characters, so that every name
+    Volcano derives from it (pods, Service, host names) fits its limits.
+    """
+    name = f"{stage.kind}-{key}"
     return f"{name}-{attempt}" if attempt else name
 
 
 @dataclass(frozen=True)
 class RunLayout:
-    """Where one run's artifacts live."""
+    """Where one run's artifacts and its stages' outputs live."""
 
-    prefix: str
+    root: str  # <artifacts.uri>/<namespace>
+    name: str
+    keys: Mapping[Stage, str] = field(default_factory=dict)
 
     @classmethod
-    def for_run(cls, spec: RunSpec, namespace: str, name: str) -> RunLayout:
-        return cls(join_uri(spec.artifacts.uri, namespace, name))
+    def for_run(cls, spec: RunSpec, namespace: str, name: str, workload: str | None = None) -> RunLayout:
+        """The layout of a run with its stage keys; `workload` defaults from `spec.scheduler.name`."""
+        from .keys import workload_identity
+        from .render import run_layout
+
+        return run_layout(spec, namespace, name, workload or workload_identity(spec, spec.scheduler.name))
+
+    @property
+    def prefix(self) -> str:
+        """The run's own prefix (status, manifest, plots)."""
+        return join_uri(self.root, self.name)
+
+    def key(self, stage: Stage) -> str:
+        return self.keys.get(stage, PENDING_KEY)
+
+    def stage_prefix(self, stage: Stage) -> str:
+        return join_uri(self.root, STAGES_DIR, stage.kind, self.key(stage))
 
     def stage_uri(self, stage: Stage, *parts: str) -> str:
-        return join_uri(self.prefix, stage.directory, *parts)
+        return join_uri(self.stage_prefix(stage), *parts)
 
     def marker_uri(self, stage: Stage) -> str:
         return self.stage_uri(stage, MARKER)
+
+    def lease_uri(self, stage: Stage) -> str:
+        return self.stage_uri(stage, LEASE)
 
     def checkpoint_uri(self, generation: int) -> str:
         kind = TEACHER if generation == 0 else STUDENT
@@ -104,11 +130,20 @@ class RunLayout:
     def status_uri(self) -> str:
         return join_uri(self.prefix, STATUS_FILE)
 
+    @property
+    def manifest_uri(self) -> str:
+        return join_uri(self.prefix, MANIFEST_FILE)
+
     def data_urls(self, spec: RunSpec) -> dict[str, str]:
-        """Shard URLs of the three splits; prepared data lives under `data/`."""
+        """Shard URLs of the three splits; prepared data lives under the prepare stage."""
         data = spec.data
-        prepared = join_uri(self.prefix, "data")
+        prepared = self.stage_prefix(Stage(0, PREPARE))
         return {
             split: getattr(data, split) or join_uri(prepared, f"{split}-*.tar")
             for split in ("labeled", "unlabeled", "validation")
         }
+
+
+def stage_root(artifacts_uri: str, namespace: str) -> str:
+    """`<artifacts.uri>/<namespace>`: the prefix that a namespace's stages and runs share."""
+    return join_uri(artifacts_uri, namespace)

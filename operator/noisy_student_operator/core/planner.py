@@ -8,10 +8,15 @@ the kopf operator, the local runner, tests, `--dry-run` — shares it.
 
 Rules it follows:
 
-* A stage is complete when its completion marker exists (the marker is the last
-  thing a workload writes); a job that succeeded without one has failed.
-* Job names are deterministic, so a job that the backend does not know is
-  submitted again under the same name (create-if-absent), never twice.
+* Every stage has a key (`keys`): a digest of what determines its outputs,
+  which live under the key. A stage is complete when the marker under its
+  key exists (the marker is the last thing a workload writes), whichever run
+  made it; a job that succeeded without one has failed.
+* A spec change changes the keys of exactly the stages it affects: those run,
+  the rest are kept; jobs of keys the spec no longer has are cancelled.
+* Job names derive from the key, so a job that the backend does not know is
+  submitted again under the same name (create-if-absent), never twice, and
+  two runs that need one stage share one job.
 * A failed attempt is retried after `backoffSeconds * 2**failures` (capped),
   as a new attempt with its own name, until `retry.limit` failures; then the
   run is Failed with a condition naming the stage.
@@ -29,10 +34,10 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
 
-from ..api import GenerationStatus, JobStatus, RunSpec, RunStatus
+from ..api import GenerationStatus, JobStatus, RunSpec, RunStatus, StageStatus
 from . import reasons
 from .conditions import is_true, set_condition
-from .layout import BALANCE, STAGE_SUMMARY, STUDENT, RunLayout, Stage, job_name, plan_stages
+from .layout import BALANCE, STAGE_SUMMARY, STUDENT, RunLayout, Stage, plan_stages
 from .render import JobRequest, render_job
 
 
@@ -71,6 +76,12 @@ class RunRef:
     spec: RunSpec
     status: RunStatus
     generation: int | None = None  # metadata.generation
+    #: What runs the stages (see `keys.workload_identity`); by default from `spec.scheduler.name`.
+    workload: str | None = None
+
+    @property
+    def layout(self) -> RunLayout:
+        return RunLayout.for_run(self.spec, self.namespace, self.name, self.workload)
 
 
 @dataclass(frozen=True)
@@ -147,6 +158,7 @@ def _generation_from_marker(
     return GenerationStatus(
         generation=stage.generation,
         model=spec.model_for(stage.generation),
+        key=layout.key(stage),
         parameters=metrics.get("parameters"),
         checkpoint=marker.get("checkpoint") or layout.checkpoint_uri(stage.generation),
         top1=metrics.get("top1"),
@@ -164,10 +176,14 @@ class _Pass:
         self.spec = run.spec
         self.now = observation.now
         self.observation = observation
-        self.layout = RunLayout.for_run(run.spec, run.namespace, run.name)
+        self.layout = run.layout
         previous = run.status
         self.jobs = [job.model_copy() for job in previous.jobs]
-        self.generations = {g.generation: g for g in previous.generations}
+        # Rebuilt from the markers of the current keys every pass: status describes the current spec.
+        self.known = {g.key for g in previous.generations if g.key}
+        self.reported = {s.key for s in previous.stages if s.state in ("Complete", "Reused")}
+        self.generations: dict[int, GenerationStatus] = {}
+        self.stages: dict[Stage, StageStatus] = {}
         self.conditions = list(previous.conditions)
         self.events: list[Event] = []
         self.actions: list[Submit | Cancel] = []
@@ -202,7 +218,20 @@ class _Pass:
                 job.message = seen.message or "the job failed"
 
     def records(self, stage: Stage) -> list[JobStatus]:
-        return [j for j in self.jobs if j.stage == stage.kind and j.generation == stage.generation]
+        key = self.layout.key(stage)
+        return [j for j in self.jobs if j.key == key and j.stage == stage.kind]
+
+    def cancel_orphans(self) -> None:
+        """Cancel jobs of stages that the current spec no longer has (an edit, a removed student)."""
+        current = {(stage.kind, key) for stage, key in self.layout.keys.items()}
+        for job in self.jobs:
+            if job.state in ACTIVE_STATES and (job.stage, job.key) not in current:
+                self.actions.append(Cancel(job.model_copy()))
+                job.state = "Cancelled"
+                job.finished_at = self.now
+                job.message = "cancelled because the spec no longer has this stage"
+                self.event("Normal", reasons.JOB_CANCELLED,
+                           f"Cancelled job {job.name}: the spec changed and no longer needs it.")
 
     def teacher_parameters(self, generation: int) -> int | None:
         teacher = self.generations.get(generation - 1)
@@ -221,12 +250,26 @@ class _Pass:
             if job.state in ACTIVE_STATES:
                 job.state = "Succeeded"
                 job.finished_at = self.now
-        if stage.is_training and stage.generation not in self.generations:
+        key = self.layout.key(stage)
+        produced_by = marker.get("run")
+        # Shared when another run computed it (even in a job both runs waited for).
+        reused = produced_by != f"{self.run.namespace}/{self.run.name}" if produced_by else not records
+        self.stages[stage] = StageStatus(
+            stage=stage.kind, generation=stage.generation, key=key,
+            state="Reused" if reused else "Complete", produced_by=produced_by,
+        )
+        if reused and key not in self.reported:
+            source = f"run {produced_by}" if produced_by else "an earlier run"
+            self.event("Normal", reasons.STAGE_REUSED,
+                       f"Reused {stage.describe()} (key {key}), computed by {source}.")
+        if stage.is_training:
             balance = self.observation.markers.get(Stage(stage.generation, BALANCE))
             generation = _generation_from_marker(
                 self.spec, self.layout, stage, marker, balance, self.now
             )
             self.generations[stage.generation] = generation
+            if key in self.known or reused:
+                return True
             if stage.kind == STUDENT:
                 top1 = f"{generation.top1:.4f}" if generation.top1 is not None else "unknown"
                 self.event(
@@ -243,10 +286,8 @@ class _Pass:
         self.events.append(Event(type_, reason, message))
 
     def submit(self, stage: Stage, attempt: int, resubmit: bool = False) -> None:
-        name = job_name(self.run.name, stage, attempt)
-        request = render_job(
-            self.spec, self.layout, name, stage, attempt, self.teacher_parameters(stage.generation)
-        )
+        request = render_job(self.spec, self.layout, stage, attempt, self.teacher_parameters(stage.generation))
+        name = request.name
         self.actions.append(Submit(request))
         existing = next((j for j in self.jobs if j.name == name), None)
         if existing is None:
@@ -255,6 +296,7 @@ class _Pass:
                     name=name,
                     stage=stage.kind,
                     generation=stage.generation,
+                    key=request.key,
                     attempt=attempt,
                     state="Pending",
                     submitted_at=self.now,
@@ -343,6 +385,17 @@ class _Pass:
             reasons.RUN_SUSPENDED if state == "Suspended" else reasons.NOT_SUSPENDED,
             detail if state == "Suspended" else "The run is not suspended.")
 
+    def stage_statuses(self) -> list[StageStatus]:
+        out = []
+        for stage in plan_stages(self.spec):
+            if stage in self.stages:
+                out.append(self.stages[stage])
+                continue
+            active = any(j.state in ACTIVE_STATES for j in self.records(stage))
+            out.append(StageStatus(stage=stage.kind, generation=stage.generation,
+                                   key=self.layout.key(stage), state="Running" if active else "Pending"))
+        return out
+
     def status(self, stage_summary: str, generation: int) -> RunStatus:
         generations = [self.generations[g] for g in sorted(self.generations)]
         teacher = generations[-1] if generations else None
@@ -355,6 +408,7 @@ class _Pass:
             next_retry_at=self.next_retry_at,
             jobs=self.jobs[-50:],
             generations=generations,
+            stages=self.stage_statuses(),
             conditions=self.conditions,
         )
 
@@ -368,6 +422,7 @@ def plan_run(run: RunRef, observation: Observation) -> Plan:
             return Plan(status=run.status.model_copy(update={"observed_generation": run.generation}))
         work.retry_after_spec_change()
     work.refresh_jobs()
+    work.cancel_orphans()
     current: Stage | None = None
     for stage in plan_stages(run.spec):
         marker = observation.markers.get(stage)

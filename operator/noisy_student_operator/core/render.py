@@ -7,13 +7,15 @@ arguments are those of `noisy_student_workloads.components`.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
-from ..api import RunSpec
-from noisy_student_workloads.store import join_uri
+from collections.abc import Mapping
 
-from .layout import BALANCE, LABEL, PREPARE, STUDENT, TEACHER, RunLayout, Stage
+from ..api import RunSpec
+from .keys import stage_keys
+from .layout import BALANCE, LABEL, PREPARE, STUDENT, TEACHER, RunLayout, Stage, job_name, stage_root
 
 
 @dataclass(frozen=True)
@@ -26,6 +28,9 @@ class JobRequest:
     component: str
     args: dict[str, Any] = field(default_factory=dict)
     config: dict[str, Any] | None = None
+    key: str = ""
+    #: Where the stage writes its outputs (`<root>/stages/<kind>/<key>`).
+    prefix: str = ""
 
 
 def render_train_config(
@@ -33,8 +38,7 @@ def render_train_config(
 ) -> dict[str, Any]:
     urls = layout.data_urls(spec)
     student = generation > 0
-    noised = student or spec.teacher.noise
-    noise = spec.noise
+    noise = spec.noise_for(generation)
     pseudo = None
     teacher = None
     if student:
@@ -46,7 +50,7 @@ def render_train_config(
             "ratio": spec.training.unlabeled_ratio,
         }
         teacher = {"model": spec.model_for(generation - 1), "parameters": teacher_parameters}
-    rand_augment = noise.rand_augment if noised else None
+    rand_augment = noise.rand_augment if noise else None
     return {
         "role": STUDENT if student else TEACHER,
         "model": spec.model_for(generation),
@@ -59,8 +63,8 @@ def render_train_config(
             "rand_augment": (
                 {"ops": rand_augment.ops, "magnitude": rand_augment.magnitude} if rand_augment else None
             ),
-            "dropout": noise.dropout if noised else 0.0,
-            "stochastic_depth": noise.stochastic_depth if noised else 0.0,
+            "dropout": noise.dropout if noise else 0.0,
+            "stochastic_depth": noise.stochastic_depth if noise else 0.0,
         },
         "epochs": spec.epochs_for(generation),
         "batch_size": spec.training.batch_size,
@@ -109,7 +113,31 @@ def _replica_args(spec: RunSpec) -> dict[str, Any]:
     }
 
 
+def run_layout(spec: RunSpec, namespace: str, name: str, workload: str) -> RunLayout:
+    """The run's layout with the key of every stage of its spec (see `keys`)."""
+    root = stage_root(spec.artifacts.uri, namespace)
+
+    def render(stage: Stage, keys: Mapping[Stage, str]) -> tuple[dict[str, Any], dict[str, Any] | None]:
+        request = render_job(spec, RunLayout(root, name, keys), stage, 0, None)
+        return request.args, request.config
+
+    return RunLayout(root, name, stage_keys(spec, root, workload, render))
+
+
 def render_job(
+    spec: RunSpec,
+    layout: RunLayout,
+    stage: Stage,
+    attempt: int,
+    teacher_parameters: int | None,
+) -> JobRequest:
+    """The job request of one attempt of `stage`."""
+    key = layout.key(stage)
+    request = _render_job(spec, layout, job_name(stage, key, attempt), stage, attempt, teacher_parameters)
+    return dataclasses.replace(request, key=key, prefix=layout.stage_prefix(stage))
+
+
+def _render_job(
     spec: RunSpec,
     layout: RunLayout,
     name: str,
@@ -117,7 +145,6 @@ def render_job(
     attempt: int,
     teacher_parameters: int | None,
 ) -> JobRequest:
-    """The job request of one attempt of `stage`."""
     args = _replica_args(spec)
     if stage.kind == PREPARE:
         prepare = spec.data.prepare
@@ -125,7 +152,7 @@ def render_job(
         args.pop("gpu")
         args.update(
             source=prepare.source,
-            output=join_uri(layout.prefix, "data") + "/",
+            output=layout.stage_prefix(stage) + "/",
             labels_per_class=prepare.labels_per_class,
             seed=prepare.seed,
             shard_size=prepare.shard_size,

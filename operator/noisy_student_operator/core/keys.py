@@ -1,0 +1,92 @@
+"""Stage keys: a digest of everything that determines a stage's outputs.
+
+A stage's key hashes the stage's rendered job — its workload config and the
+component arguments that change results — without its own output location,
+so each input appears as the location of the stage that produced it, and that
+location contains the producer's key. A key therefore covers its whole
+upstream chain. The artifact root (`<artifacts.uri>/<namespace>`) and the
+workload version (the image on a cluster, the package version locally) enter
+every key; scheduling, retries, `suspend`, resources that cannot change a
+result (CPU, memory) and the run's name do not. See `docs/stage-keys.md`.
+
+    python -c "from noisy_student_operator.core.keys import stage_keys; help(stage_keys)"
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Callable, Mapping
+from importlib import metadata
+from typing import Any
+
+from ..api import RunSpec
+from .layout import Stage, plan_stages
+
+#: Hex digits of a key (64 bits: collisions are out of reach for any artifact store).
+KEY_LENGTH = 16
+#: Stands for the stage's own (not yet known) key while its material is rendered.
+_SELF = "<self>"
+#: Component arguments that place or size a job without changing what it computes.
+_PLACEMENT_ARGS = ("image", "cpu", "memMB", "gpu", "output")
+#: Bump when the meaning of key material changes, so that no old output is taken for a new one.
+KEY_SCHEMA = 1
+
+
+def package_version() -> str:
+    try:
+        return metadata.version("noisy-student-operator")
+    except metadata.PackageNotFoundError:
+        return "0+unknown"
+
+
+def workload_identity(spec: RunSpec, scheduler: str) -> str:
+    """What runs the stages: the image on a cluster, this package's version on `local_cwd`."""
+    if scheduler == "kubernetes":
+        return f"image:{spec.resources.image}"
+    return f"noisy-student-operator=={package_version()}"
+
+
+def digest(material: Mapping[str, Any]) -> str:
+    text = json.dumps(material, sort_keys=True, separators=(",", ":"), default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:KEY_LENGTH]
+
+
+def key_material(request_args: Mapping[str, Any], config: Mapping[str, Any] | None, spec: RunSpec) -> dict[str, Any]:
+    """The parts of a rendered job that determine its outputs."""
+    args = {k: v for k, v in request_args.items() if k not in _PLACEMENT_ARGS}
+    cfg = None
+    if config is not None:
+        cfg = {k: v for k, v in config.items() if k != "output"}
+        if isinstance(cfg.get("teacher"), dict):
+            # The teacher's parameter count is a function of the teacher's key, read after it ran.
+            cfg["teacher"] = {k: v for k, v in cfg["teacher"].items() if k != "parameters"}
+    return {"args": args, "config": cfg, "accelerator": "cuda" if spec.resources.gpu else "cpu"}
+
+
+def stage_keys(
+    spec: RunSpec,
+    root: str,
+    workload: str,
+    render: Callable[[Stage, Mapping[Stage, str]], tuple[Mapping[str, Any], Mapping[str, Any] | None]],
+) -> dict[Stage, str]:
+    """The key of every stage of `spec`, in plan order.
+
+    `render(stage, keys)` returns the stage's component arguments and config
+    rendered with the keys of the stages before it (its own output location
+    holds a placeholder and is left out).
+    """
+    keys: dict[Stage, str] = {}
+    for stage in plan_stages(spec):
+        args, config = render(stage, keys)
+        material = {
+            "schema": KEY_SCHEMA,
+            "kind": stage.kind,
+            "root": root,
+            "workload": workload,
+            **key_material(args, config, spec),
+        }
+        if _SELF in json.dumps(material, default=str):
+            raise AssertionError(f"the key material of {stage.describe()} refers to its own output")
+        keys[stage] = digest(material)
+    return keys
