@@ -2,6 +2,7 @@
 
     noisy-student run RUN.yaml [--artifacts URI] [--output text|json] [--dry-run]
     noisy-student status RUN.yaml [--artifacts URI] [--output text|json]
+    noisy-student gc [RUN.yaml ...] [--artifacts URI] [--yes]
     noisy-student crd
     noisy-student operator [--namespace NS ... | --all-namespaces]
     noisy-student data pack --source mnist --labels-per-class 40 --output file:///tmp/mnist/
@@ -34,6 +35,13 @@ def build_parser() -> argparse.ArgumentParser:
     run = _run_parser(sub, "run", "run a NoisyStudentRun on this machine (TorchX local_cwd)")
     run.add_argument("--dry-run", action="store_true", help="print the next pass's plan and exit")
     _run_parser(sub, "status", "print the status of a local run")
+    gc = sub.add_parser("gc", help="list (and with --yes delete) stage outputs that no live run references")
+    gc.add_argument("files", nargs="*", help="the live runs' files; none: every run in the API server")
+    gc.add_argument("--artifacts", help="artifact prefix URI or directory, replacing each file's spec.artifacts.uri")
+    gc.add_argument("--scheduler", choices=("kubernetes", "local_cwd"), default=None,
+                    help="the scheduler the runs' stages ran on, when not their spec.scheduler.name")
+    gc.add_argument("--yes", action="store_true", help="delete what is listed")
+    gc.add_argument("--output", "-o", choices=("text", "json"), default="text")
     crd = sub.add_parser("crd", help="print the CustomResourceDefinition generated from the API models")
     crd.add_argument("--output-file", help="write to this file instead of stdout")
     op = sub.add_parser("operator", help="run the kopf operator")
@@ -87,7 +95,7 @@ def cmd_run(args: argparse.Namespace, console: Console) -> int:
 
 
 def cmd_status(args: argparse.Namespace, console: Console) -> int:
-    from .local import StatusFile, render_table, with_artifacts
+    from .local import StatusFile, render_stages, render_table, with_artifacts
 
     run = with_artifacts(load_run_file(args.file), args.artifacts)
     status = StatusFile(run).load()
@@ -96,6 +104,38 @@ def cmd_status(args: argparse.Namespace, console: Console) -> int:
     else:
         console.print(f"stage: {status.stage}  generation: {status.generation}")
         Console().print(render_table(status))
+        Console().print(render_stages(status))
+    return 0
+
+
+def cmd_gc(args: argparse.Namespace, console: Console) -> int:
+    from rich.table import Table
+
+    from . import gc
+    from .local import with_artifacts
+
+    if args.files:
+        runs = [with_artifacts(load_run_file(f), args.artifacts) for f in args.files]
+    else:
+        runs = gc.runs_from_cluster()
+    garbage = gc.collect(runs, args.scheduler)
+    total = sum(d.bytes for d in garbage)
+    if args.output == "json":
+        print(gc.to_json(garbage))
+    else:
+        table = Table(title=f"Stage outputs no live run references ({len(runs)} live runs)")
+        for column in ("stage", "key", "files", "MiB", "complete", "location"):
+            table.add_column(column, justify="right" if column in ("files", "MiB") else "left")
+        for d in garbage:
+            table.add_row(d.kind, d.key, str(d.files), f"{d.bytes / 2**20:.1f}", "yes" if d.complete else "no", d.uri)
+        Console().print(table)
+    if args.yes and garbage:
+        freed = gc.delete(garbage)
+        console.print(f"Deleted {len(garbage)} stage directories ({freed / 2**20:.1f} MiB).")
+    elif garbage:
+        console.print(f"{len(garbage)} stage directories, {total / 2**20:.1f} MiB; run again with --yes to delete them.")
+    else:
+        console.print("Nothing to collect.")
     return 0
 
 
@@ -128,6 +168,8 @@ def main(argv: list[str] | None = None) -> int:
             return cmd_run(args, console)
         if args.command == "status":
             return cmd_status(args, console)
+        if args.command == "gc":
+            return cmd_gc(args, console)
         if args.command == "crd":
             return cmd_crd(args)
         if args.command == "operator":

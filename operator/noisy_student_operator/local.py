@@ -24,16 +24,19 @@ from rich.table import Table
 
 from noisy_student_workloads.store import ArtifactStore, join_uri, open_store
 
-from .api import NoisyStudentRun, RunStatus
+from .api import NoisyStudentRun, RunStatus, validate_tolerant
 from .backend import JobContext, TorchXJobBackend, default_local_root
 from .core import reasons
 from .core.conditions import get_condition, is_true
+from .core.keys import workload_identity
 from .core.layout import STUDENT, TEACHER, RunLayout, Stage, plan_stages
 from .core.planner import Plan, RunRef
+from .lease import LeasedBackend
 from .reconcile import Reconciler
 
 log = logging.getLogger(__name__)
 
+LOCAL_SCHEDULER = "local_cwd"
 PLOT_FILE = "top1.png"
 SPEC_FILE = "spec.json"
 
@@ -130,13 +133,28 @@ class StatusFile:
     """The run's status, kept next to its artifacts (`<prefix>/status.json`)."""
 
     def __init__(self, run: NoisyStudentRun) -> None:
-        self.layout = RunLayout.for_run(run.spec, run.metadata.namespace, run.metadata.name)
+        self.workload = workload_identity(run.spec, LOCAL_SCHEDULER)
+        self.layout = RunLayout.for_run(run.spec, run.metadata.namespace, run.metadata.name, self.workload)
         self.store = open_store(self.layout.prefix)
 
     def load(self) -> RunStatus:
+        """The stored status; fields of a newer version are ignored, not an error."""
         if self.store.exists(self.layout.status_uri):
-            return RunStatus.model_validate(self.store.get_json(self.layout.status_uri))
+            status, ignored = validate_tolerant(RunStatus, self.store.get_json(self.layout.status_uri))
+            if ignored:
+                log.warning("%s: ignored fields this version does not know: %s",
+                            self.layout.status_uri, ", ".join(ignored))
+            return status
         return RunStatus()
+
+    def save_manifest(self) -> None:
+        """`<run>/stages.json`: the key and location of every stage of the current spec."""
+        stages = [
+            {"stage": stage.kind, "generation": stage.generation, "key": key,
+             "uri": self.layout.stage_prefix(stage) + "/"}
+            for stage, key in self.layout.keys.items()
+        ]
+        self.store.put_json(self.layout.manifest_uri, {"workload": self.workload, "stages": stages})
 
     def save(self, status: RunStatus) -> None:
         self.store.put_json(self.layout.status_uri, status.to_api())
@@ -170,18 +188,19 @@ class LocalRunner:
         self.status_file = StatusFile(run)
         self.layout = self.status_file.layout
         self.store = self.status_file.store
-        self.backend = backend or TorchXJobBackend("local_cwd", local_root=local_root(self.layout))
+        self.backend = backend or LeasedBackend(TorchXJobBackend(LOCAL_SCHEDULER, local_root=local_root(self.layout)))
         self.reconciler = Reconciler(self.backend)
         self.context = JobContext(run=run.metadata.name, namespace=run.metadata.namespace)
         self.generation = self.status_file.spec_generation(run, record=False)
 
     def ref(self, status: RunStatus) -> RunRef:
         meta = self.run.metadata
-        return RunRef(meta.name, meta.namespace, self.run.spec, status, self.generation)
+        return RunRef(meta.name, meta.namespace, self.run.spec, status, self.generation, self.status_file.workload)
 
     def execute(self) -> RunStatus:
         """Run until Succeeded, Failed or Suspended; returns the final status."""
         self.generation = self.status_file.spec_generation(self.run)
+        self.status_file.save_manifest()
         status = self.status_file.load()
         if status.jobs:
             self.console.print(f"Resuming {self.run.metadata.name} from {self.layout.status_uri}")
@@ -267,4 +286,14 @@ def render_table(status: RunStatus) -> Table:
             f"{g.top1:.4f}" if g.top1 is not None else "-",
             f"{g.top5:.4f}" if g.top5 is not None else "-",
         )
+    return table
+
+
+def render_stages(status: RunStatus) -> Table:
+    """Every stage of the current spec: its key, its state and the run that computed it."""
+    table = Table(title="Stages")
+    for column in ("generation", "stage", "key", "state", "computed by"):
+        table.add_column(column, justify="right" if column == "generation" else "left")
+    for s in status.stages:
+        table.add_row(str(s.generation), s.stage, s.key, s.state, s.produced_by or "-")
     return table

@@ -216,3 +216,17 @@ def test_a_stage_made_by_another_run_is_reported_as_reused_once():
     assert {s.state for s in second.status.stages} == {"Reused"}
     assert {s.produced_by for s in second.status.stages} == {"ml/first"}
     assert not [e for e in second.step().events if e.reason == reasons.STAGE_REUSED]
+
+
+def test_an_edit_says_what_it_keeps_and_what_it_runs_again():
+    world = World(make_run(students=2))
+    run_to_the_end(world)
+    world.spec = edit(world.spec, **{"students.1.epochs": 3})
+    world.generation = 2
+    plan = world.step()
+    changes = [e.message for e in plan.events if e.reason == reasons.SPEC_CHANGED]
+    assert changes == [
+        "The spec changed: 1 stage(s) to run (student of generation 2); kept teacher training, "
+        "label of generation 1, balance of generation 1, student of generation 1, label of generation 2, "
+        "balance of generation 2."
+    ]

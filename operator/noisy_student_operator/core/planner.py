@@ -221,6 +221,21 @@ class _Pass:
         key = self.layout.key(stage)
         return [j for j in self.jobs if j.key == key and j.stage == stage.kind]
 
+    def report_spec_change(self) -> None:
+        """After an edit, say which stages the new spec keeps and which it runs again."""
+        previous = self.run.status
+        if previous.observed_generation in (None, self.run.generation) or not previous.stages:
+            return
+        done = {(s.stage, s.key) for s in previous.stages if s.state in ("Complete", "Reused")}
+        kept, rerun = [], []
+        for stage, key in self.layout.keys.items():
+            (kept if (stage.kind, key) in done else rerun).append(stage.describe())
+        if not rerun:
+            return
+        message = f"The spec changed: {len(rerun)} stage(s) to run ({', '.join(rerun)})"
+        message += f"; kept {', '.join(kept)}." if kept else "; nothing kept."
+        self.event("Normal", reasons.SPEC_CHANGED, message)
+
     def cancel_orphans(self) -> None:
         """Cancel jobs of stages that the current spec no longer has (an edit, a removed student)."""
         current = {(stage.kind, key) for stage, key in self.layout.keys.items()}
@@ -422,6 +437,7 @@ def plan_run(run: RunRef, observation: Observation) -> Plan:
             return Plan(status=run.status.model_copy(update={"observed_generation": run.generation}))
         work.retry_after_spec_change()
     work.refresh_jobs()
+    work.report_spec_change()
     work.cancel_orphans()
     current: Stage | None = None
     for stage in plan_stages(run.spec):
