@@ -36,8 +36,15 @@ import yaml
 from kube_server import apply_crd, retry_while_initialising
 
 from noisy_student_operator.api import GROUP, PLURAL, VERSION, RunSpec
-from noisy_student_operator.backend import LABEL_ATTEMPT, LABEL_GENERATION, LABEL_RUN, LABEL_STAGE, MANAGED_BY
-from noisy_student_operator.core.layout import BALANCE, LABEL, PREPARE, RunLayout, Stage
+from noisy_student_operator.backend import (
+    LABEL_ATTEMPT,
+    LABEL_GENERATION,
+    LABEL_KEY,
+    LABEL_RUN,
+    LABEL_STAGE,
+    MANAGED_BY,
+)
+from noisy_student_operator.core.layout import BALANCE, LABEL, PREPARE, RunLayout, Stage, job_name
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 RUN_CRD = REPO_ROOT / "crds" / "noisystudent.dev_noisystudentruns.yaml"
@@ -379,6 +386,15 @@ class Harness:
         assert body is not None, f"run {namespace}/{run} is gone"
         return RunLayout.for_run(RunSpec.model_validate(body["spec"]), namespace, run)
 
+    def job_name(self, namespace: str, run: str, stage: Stage, attempt: int = 0) -> str:
+        """The name the operator gives the job of `stage` (named by its stage key) under the run's spec."""
+        return job_name(stage, self.layout(namespace, run).key(stage), attempt)
+
+    def job_names(self, namespace: str, run: str) -> list[str]:
+        """First-attempt job names of every stage of the run's current spec, in order."""
+        layout = self.layout(namespace, run)
+        return [job_name(stage, key, 0) for stage, key in layout.keys.items()]
+
     def write_marker(self, layout: RunLayout, stage: Stage, metrics: dict[str, Any] | None = None) -> str:
         """The workload's last write: `<stage dir>/_DONE.json` in the real S3 server."""
         from noisy_student_workloads.store import open_store
@@ -397,8 +413,12 @@ class Harness:
 
     def complete(self, namespace: str, job: dict[str, Any], layout: RunLayout | None = None) -> None:
         """The job's workload finished: marker first, then the Volcano phase Completed."""
-        run = job["metadata"]["labels"][LABEL_RUN]
-        self.write_marker(layout or self.layout(namespace, run), job_stage(job))
+        labels = job["metadata"]["labels"]
+        layout = layout or self.layout(namespace, labels[LABEL_RUN])
+        stage = job_stage(job)
+        # The workload writes under the key it was given (the job's label), whatever the spec says now.
+        layout = RunLayout(layout.root, layout.name, {**layout.keys, stage: labels[LABEL_KEY]})
+        self.write_marker(layout, stage)
         self.set_phase(namespace, job["metadata"]["name"], "Completed")
 
     def next_job(self, namespace: str, run: str, seen: set[str], timeout: float) -> dict[str, Any]:

@@ -48,6 +48,17 @@ def run_cli(*args, timeout=900):
     return subprocess.run([*CLI, *args], capture_output=True, text=True, timeout=timeout)
 
 
+def stage_dir(prefix: Path, kind: str, generation: int = 0) -> Path:
+    """A stage's output directory, from the run's manifest of stage keys (`<run>/stages.json`)."""
+    manifest = json.loads((prefix / "stages.json").read_text())
+    uri = next(s["uri"] for s in manifest["stages"] if s["stage"] == kind and s["generation"] == generation)
+    return Path(uri.removeprefix("file://"))
+
+
+def job_names(status: dict, kind: str) -> list[str]:
+    return [j["name"] for j in status["jobs"] if j["stage"] == kind]
+
+
 def test_whole_run_with_prepare_label_balance_and_students(tmp_path):
     run_file = write(tmp_path, tiny_run("tiny", students=2))
     artifacts = tmp_path / "artifacts"
@@ -60,9 +71,14 @@ def test_whole_run_with_prepare_label_balance_and_students(tmp_path):
         assert 0.0 <= generation["top1"] <= 1.0
         assert generation["parameters"] > 0
     prefix = artifacts / "default" / "tiny"
-    for path in ("data/_DONE.json", "gen-0/teacher/_DONE.json", "gen-1/labels/_DONE.json",
-                 "gen-1/balance/_DONE.json", "gen-2/student/checkpoint.pt", "top1.png", "status.json"):
-        assert (prefix / path).exists(), path
+    for kind, generation, name in (("prepare", 0, "_DONE.json"), ("teacher", 0, "_DONE.json"),
+                                   ("label", 1, "_DONE.json"), ("balance", 1, "_DONE.json"),
+                                   ("student", 2, "checkpoint.pt")):
+        path = stage_dir(prefix, kind, generation) / name
+        assert path.exists(), path
+        assert path.is_relative_to(artifacts / "default" / "stages" / kind)
+    for name in ("top1.png", "status.json", "stages.json"):
+        assert (prefix / name).exists(), name
     names = [j["name"] for j in status["jobs"]]
     assert len(names) == len(set(names)) == 1 + 1 + 3 * 2
 
@@ -77,22 +93,21 @@ def test_interrupted_run_resumes_without_redoing_stages(tmp_path):
     process = subprocess.Popen([*CLI, "run", str(run_file), "--artifacts", str(artifacts)],
                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 600
-    while not (prefix / "gen-0/teacher/_DONE.json").exists():
+    while not (prefix / "stages.json").exists() or not (stage_dir(prefix, "teacher") / "_DONE.json").exists():
         assert process.poll() is None, process.communicate()[1][-3000:]
         assert time.time() < deadline
         time.sleep(0.5)
     process.send_signal(signal.SIGINT)
     process.communicate(timeout=120)
     assert process.returncode != 0
-    teacher_marker = (prefix / "gen-0/teacher/_DONE.json").stat().st_mtime
+    teacher_marker = (stage_dir(prefix, "teacher") / "_DONE.json").stat().st_mtime
 
     result = run_cli("run", str(run_file), "--artifacts", str(artifacts), "--output", "json")
     assert result.returncode == 0, result.stderr[-4000:]
     status = json.loads(result.stdout)
     assert status["stage"] == "Succeeded"
-    assert (prefix / "gen-0/teacher/_DONE.json").stat().st_mtime == teacher_marker
-    teacher_jobs = [j for j in status["jobs"] if j["stage"] in ("teacher", "prepare")]
-    assert [j["name"] for j in teacher_jobs] == ["resume-g0-prepare", "resume-g0-teacher"]
+    assert (stage_dir(prefix, "teacher") / "_DONE.json").stat().st_mtime == teacher_marker
+    assert len(job_names(status, "prepare")) == len(job_names(status, "teacher")) == 1
 
 
 def test_failing_stage_exits_non_zero_with_stage_and_log(tmp_path):
@@ -135,8 +150,13 @@ def test_run_with_artifacts_on_a_real_s3_server(tmp_path, s3_prefix):
     assert status["stage"] == "Succeeded"
     assert status["artifacts"] == f"{s3_prefix}default/on-s3/"
     store = open_store(s3_prefix)
-    for path in ("gen-0/teacher/_DONE.json", "gen-1/balance/manifest.npz", "gen-1/student/checkpoint.pt",
-                 "status.json", "top1.png"):
+    stages = {(s["stage"], s["generation"]): s["uri"]
+              for s in store.get_json(f"{s3_prefix}default/on-s3/stages.json")["stages"]}
+    for (kind, generation), name in {("teacher", 0): "_DONE.json", ("balance", 1): "manifest.npz",
+                                     ("student", 1): "checkpoint.pt"}.items():
+        assert stages[(kind, generation)].startswith(f"{s3_prefix}default/stages/{kind}/")
+        assert store.exists(stages[(kind, generation)] + name), (kind, name)
+    for path in ("status.json", "top1.png"):
         assert store.exists(f"{s3_prefix}default/on-s3/{path}"), path
 
 
@@ -165,5 +185,73 @@ def test_failed_run_stays_failed_until_its_file_changes(tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     status = json.loads(result.stdout)
     assert status["stage"] == "Succeeded" and status["observedGeneration"] == 2
-    assert [j["name"] for j in status["jobs"] if j["stage"] == "prepare"] == ["fix-me-g0-prepare",
-                                                                          "fix-me-g0-prepare-1"]
+    # The fixed data is another prepare stage (another key): a new job, not a retry of the old one.
+    first, second = job_names(status, "prepare")
+    assert first.split("-")[1] != second.split("-")[1]
+
+
+def test_an_edit_reruns_only_what_it_changes_and_says_what_it_kept(tmp_path):
+    document = tiny_run("edit", students=1)
+    artifacts = tmp_path / "artifacts"
+    prefix = artifacts / "default" / "edit"
+    run_file = write(tmp_path, document)
+    first = run_cli("run", str(run_file), "--artifacts", str(artifacts), "--output", "json")
+    assert first.returncode == 0, first.stderr[-4000:]
+    teacher = stage_dir(prefix, "teacher")
+    teacher_marker = (teacher / "_DONE.json").stat().st_mtime
+    old_student = stage_dir(prefix, "student", 1)
+
+    # A student's epochs: only that student trains again.
+    document["spec"]["students"][0]["epochs"] = 2
+    second = run_cli("run", str(write(tmp_path, document)), "--artifacts", str(artifacts), "--output", "json")
+    assert second.returncode == 0, second.stderr[-4000:]
+    assert "1 stage(s) to run (student of generation 1); kept data preparation, teacher training" in second.stderr
+    status = json.loads(second.stdout)
+    assert (teacher / "_DONE.json").stat().st_mtime == teacher_marker
+    assert stage_dir(prefix, "teacher") == teacher and stage_dir(prefix, "student", 1) != old_student
+    assert len(job_names(status, "teacher")) == len(job_names(status, "label")) == 1
+    assert len(job_names(status, "student")) == 2
+    assert status["generations"][1]["key"] == stage_dir(prefix, "student", 1).name
+    epochs = json.loads((stage_dir(prefix, "student", 1) / "metrics.json").read_text())["epochs"]
+    assert epochs == 2
+
+    # The teacher's epochs: the teacher trains again (and everything after it).
+    document["spec"]["teacher"]["epochs"] = 2
+    third = run_cli("run", str(write(tmp_path, document)), "--artifacts", str(artifacts), "--output", "json")
+    assert third.returncode == 0, third.stderr[-4000:]
+    assert "kept data preparation." in third.stderr
+    assert stage_dir(prefix, "teacher") != teacher
+    assert (teacher / "_DONE.json").stat().st_mtime == teacher_marker  # the old one is kept for gc to judge
+    assert len(job_names(json.loads(third.stdout), "teacher")) == 2
+
+
+def test_another_run_with_the_same_teacher_reuses_it_and_says_from_which_run(tmp_path):
+    artifacts = tmp_path / "artifacts"
+    first = run_cli("run", str(write(tmp_path, tiny_run("first", students=1))), "--artifacts", str(artifacts))
+    assert first.returncode == 0, first.stderr[-4000:]
+    document = tiny_run("second", students=1, pseudoLabels={"type": "hard"})
+    second = run_cli("run", str(write(tmp_path, document)), "--artifacts", str(artifacts), "--output", "json")
+    assert second.returncode == 0, second.stderr[-4000:]
+    assert "Reused teacher training" in second.stderr and "computed by run default/first" in second.stderr
+    status = json.loads(second.stdout)
+    states = {(s["stage"], s["generation"]): (s["state"], s.get("producedBy")) for s in status["stages"]}
+    assert states[("teacher", 0)] == ("Reused", "default/first")
+    assert states[("balance", 1)] == ("Reused", "default/first")
+    assert states[("student", 1)] == ("Complete", "default/second")
+    assert [j["stage"] for j in status["jobs"]] == ["student"]
+
+
+def test_two_invocations_of_one_file_never_run_a_stage_twice(tmp_path):
+    run_file = write(tmp_path, tiny_run("twice", students=1, epochs=2))
+    artifacts = tmp_path / "artifacts"
+    command = [*CLI, "run", str(run_file), "--artifacts", str(artifacts), "--output", "json"]
+    processes = [subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                 for _ in range(2)]
+    outputs = [p.communicate(timeout=900) for p in processes]
+    for process, (out, err) in zip(processes, outputs):
+        assert process.returncode == 0, err[-4000:]
+        assert json.loads(out)["stage"] == "Succeeded"
+    # Every job that ran left its log directory under the run's local root: one per stage.
+    logs = sorted(p.name for p in (artifacts / "default" / "twice" / "local" / "logs").glob("*/*"))
+    kinds = [name.split("-")[0] for name in logs]
+    assert sorted(kinds) == sorted(["prepare", "teacher", "label", "balance", "student"]), logs

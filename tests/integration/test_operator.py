@@ -44,6 +44,8 @@ from operator_harness import (
     wait_for,
 )
 
+from noisy_student_operator.core.layout import LABEL, TEACHER, Stage
+
 pytestmark = pytest.mark.integration
 
 SECRET_NAME = "s3-credentials"
@@ -164,14 +166,6 @@ def spec(s3_prefix: str, students: int = 2, prepare: bool = False, **overrides: 
     return result
 
 
-def expected_names(run: str, students: int, prepare: bool) -> list[str]:
-    names = [f"{run}-g0-prepare"] if prepare else []
-    names.append(f"{run}-g0-teacher")
-    for g in range(1, students + 1):
-        names += [f"{run}-g{g}-label", f"{run}-g{g}-balance", f"{run}-g{g}-student"]
-    return names
-
-
 def condition(status: dict[str, Any], type_: str) -> dict[str, Any]:
     return next((c for c in status.get("conditions") or [] if c["type"] == type_), {})
 
@@ -204,7 +198,8 @@ def drive_to_end(h: Harness, ns: str, run: str, stages: int, on_job=None) -> lis
 def test_run_goes_through_every_stage_to_succeeded(h, ns, s3_prefix):
     run = "every-stage"
     h.create_run(ns, run, spec(s3_prefix, students=2, prepare=True))
-    names = expected_names(run, 2, prepare=True)
+    names = h.job_names(ns, run)
+    assert len(names) == 1 + 1 + 2 * 3
 
     def check_stage(index: int, job: dict[str, Any]) -> None:
         stage = job_stage(job)
@@ -249,9 +244,9 @@ def test_run_goes_through_every_stage_to_succeeded(h, ns, s3_prefix):
 
 def test_operator_killed_at_several_moments_never_duplicates_or_redoes_a_stage(h, ns, s3_prefix):
     run = "restarts"
-    names = expected_names(run, 2, prepare=False)
     h.operator.kill()
     h.create_run(ns, run, spec(s3_prefix, students=2))
+    names = h.job_names(ns, run)
     h.operator.start()  # 1: the run was created while no operator ran
     seen: set[str] = set()
     layout = h.layout(ns, run)
@@ -317,12 +312,12 @@ def test_suspend_cancels_the_running_job_and_resume_continues_where_it_stopped(h
     h.set_phase(ns, teacher["metadata"]["name"], "Running")
     h.complete(ns, teacher)
     label = h.next_job(ns, run, seen, STEP)
-    assert label["metadata"]["name"] == f"{run}-g1-label"
+    assert label["metadata"]["name"] == h.job_name(ns, run, Stage(1, LABEL))
     h.set_phase(ns, label["metadata"]["name"], "Running")
     h.wait_run(ns, run, lambda s: s.get("stage") == "Labeling", STEP, "Labeling")
 
     h.patch_spec(ns, run, {"suspend": True})
-    wait_for(lambda: job_phase(h.job(ns, f"{run}-g1-label")) == "Aborted", STEP, "the label job to be Aborted")
+    wait_for(lambda: job_phase(h.job(ns, h.job_name(ns, run, Stage(1, LABEL)))) == "Aborted", STEP, "the label job to be Aborted")
     status = h.wait_run(ns, run, lambda s: s.get("stage") == "Suspended" and is_true(s, "Suspended"), STEP,
                         "Suspended")
     assert not is_true(status, "Progressing")
@@ -331,7 +326,7 @@ def test_suspend_cancels_the_running_job_and_resume_continues_where_it_stopped(h
 
     h.patch_spec(ns, run, {"suspend": False})
     resumed = h.next_job(ns, run, seen, STEP)
-    assert resumed["metadata"]["name"] == f"{run}-g1-label-1"  # the interrupted stage, as a new attempt
+    assert resumed["metadata"]["name"] == h.job_name(ns, run, Stage(1, LABEL), 1)  # the interrupted stage, as a new attempt
     status = h.wait_run(ns, run, lambda s: s.get("stage") == "Labeling" and not is_true(s, "Suspended"), STEP,
                         "Labeling again")
     assert [g["generation"] for g in status["generations"]] == [0]  # the teacher was not redone
@@ -359,7 +354,7 @@ def test_failed_stage_is_retried_with_backoff_then_the_run_fails(h, ns, s3_prefi
         job = h.next_job(ns, run, seen, STEP)
         if attempt:
             delays.append(time.monotonic() - failed_at)
-        assert job["metadata"]["name"] == f"{run}-g1-label" + (f"-{attempt}" if attempt else "")
+        assert job["metadata"]["name"] == h.job_name(ns, run, Stage(1, LABEL), attempt)
         assert job_attempt(job) == attempt
         h.set_phase(ns, job["metadata"]["name"], "Running")
         h.set_phase(ns, job["metadata"]["name"], "Failed")
@@ -372,7 +367,7 @@ def test_failed_stage_is_retried_with_backoff_then_the_run_fails(h, ns, s3_prefi
     status = h.wait_run(ns, run, lambda s: is_true(s, "Failed"), STEP, "Failed")
     failed = condition(status, "Failed")
     assert failed["reason"] == "StageFailed"
-    assert "Stage label of generation 1" in failed["message"] and f"{run}-g1-label-2" in failed["message"]
+    assert "Stage label of generation 1" in failed["message"] and h.job_name(ns, run, Stage(1, LABEL), 2) in failed["message"]
     assert status["stage"] == "Failed" and not is_true(status, "Progressing")
     time.sleep(2)
     assert len(h.jobs(ns, run)) == 4  # teacher + three label attempts, no fourth
@@ -467,7 +462,7 @@ def test_volcano_jobs_pass_the_server_schema_and_reference_the_secret(h, ns, s3_
     created = h.create_run(ns, run, spec(s3_prefix, students=1))
     job = h.next_job(ns, run, set(), STEP)  # created against Volcano's CRD
     metadata = job["metadata"]
-    assert metadata["name"] == f"{run}-g0-teacher"
+    assert metadata["name"] == h.job_name(ns, run, Stage(0, TEACHER))
     assert metadata["labels"] == {
         "app.kubernetes.io/managed-by": "noisy-student-operator",
         "noisystudent.dev/run": run, "noisystudent.dev/stage": "teacher",
