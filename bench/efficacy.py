@@ -11,11 +11,11 @@ through the local runner, then, each one change from that default run:
   confident images of over-full classes).
 
 Ablations train one student generation (compare with the default's first).
-Stages an ablation would redo identically are copied from the default run
-before it starts, and the runner skips them by their completion markers:
-the prepared data and the teacher (``data/``, ``gen-0/``) always, the
-teacher's pseudo labels (``gen-1/labels/``) always, the balanced manifest
-(``gen-1/balance/``) for ``hard`` and ``no-noise``.
+Every run writes under one artifact root, so the stages an ablation would
+redo identically have the same stage keys as the default run's and are
+reused, not recomputed (see docs/stage-keys.md): the prepared data, the
+teacher and its pseudo labels always, the balanced manifest for ``hard`` and
+``no-noise`` (whose student alone drops the noise; the teacher keeps it).
 
 Three reference models run through the train workload directly (a run needs
 at least one student): the teacher without noise, and the fully supervised
@@ -68,28 +68,15 @@ IDX_FILES = ("train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-
 IDX_DIRS = ("/usr/share/datasets/fashion-mnist",)
 ALL_LABELS_PER_CLASS = 5999  # the packer needs at least one unlabeled image per class
 
-# name -> (what changes, spec edit, stage directories shared with the default run)
-ABLATIONS: dict[str, tuple[str, Any, tuple[str, ...]]] = {
+# name -> (what changes, spec edit); what an ablation shares with the default run follows from stage keys
+ABLATIONS: dict[str, tuple[str, Any]] = {
     "no-noise": (
         "students without RandAugment, dropout, stochastic depth",
-        lambda s: s.update(noise={"randAugment": None, "dropout": 0.0, "stochasticDepth": 0.0}),
-        ("data", "gen-0", "gen-1/labels", "gen-1/balance"),
+        lambda s: s["students"][0].update(noise={"randAugment": None, "dropout": 0.0, "stochasticDepth": 0.0}),
     ),
-    "hard": (
-        "hard pseudo labels",
-        lambda s: s["pseudoLabels"].update(type="hard"),
-        ("data", "gen-0", "gen-1/labels", "gen-1/balance"),
-    ),
-    "no-balance": (
-        "no class balancing",
-        lambda s: s["pseudoLabels"].update(balance=False),
-        ("data", "gen-0", "gen-1/labels"),
-    ),
-    "no-filter": (
-        "confidence threshold 0",
-        lambda s: s["pseudoLabels"].update(confidenceThreshold=0.0),
-        ("data", "gen-0", "gen-1/labels"),
-    ),
+    "hard": ("hard pseudo labels", lambda s: s["pseudoLabels"].update(type="hard")),
+    "no-balance": ("no class balancing", lambda s: s["pseudoLabels"].update(balance=False)),
+    "no-filter": ("confidence threshold 0", lambda s: s["pseudoLabels"].update(confidenceThreshold=0.0)),
 }
 
 
@@ -160,12 +147,8 @@ def run_logged(cmd: list[str], log: Path, env: dict[str, str]) -> float:
     return time.perf_counter() - tic
 
 
-def run_pipeline(run: dict[str, Any], out: Path, share_from: Path | None, shared: tuple[str, ...], env: dict[str, str]) -> float:
-    """One run file through ``noisy-student run``; ``shared`` stage directories copied from ``share_from`` first."""
-    prefix = prefix_dir(out, run)
-    for stage in shared if share_from else ():
-        if not (prefix / stage).exists():
-            shutil.copytree(share_from / stage, prefix / stage)
+def run_pipeline(run: dict[str, Any], out: Path, env: dict[str, str]) -> float:
+    """One run file through ``noisy-student run``; stages with a marker under their key are reused."""
     run_file = out / "runfiles" / f"{run['metadata']['name']}.yaml"
     run_file.parent.mkdir(parents=True, exist_ok=True)
     run_file.write_text(yaml.safe_dump(run, sort_keys=False))
@@ -187,15 +170,23 @@ def run_direct(name: str, config: dict[str, Any], out: Path, env: dict[str, str]
     return json.loads((stage / "metrics.json").read_text()), seconds
 
 
+def run_status(prefix: Path) -> dict[str, Any]:
+    return json.loads((prefix / "status.json").read_text())
+
+
+def stage_file(generation: dict[str, Any], name: str) -> Path:
+    """A file next to a trained generation's checkpoint (its stage directory, under its key)."""
+    return Path(generation["checkpoint"].removeprefix("file://")).parent / name
+
+
 def generation_metrics(prefix: Path) -> list[dict[str, Any]]:
-    """Metrics of gen-0 (teacher), gen-1... (students) found under a run prefix."""
-    found = []
-    for k in range(100):
-        path = prefix / f"gen-{k}" / ("teacher" if k == 0 else "student") / "metrics.json"
-        if not path.exists():
-            break
-        found.append(json.loads(path.read_text()))
-    return found
+    """Metrics of gen-0 (teacher), gen-1... (students) of the run whose prefix this is."""
+    return [json.loads(stage_file(g, "metrics.json").read_text()) for g in run_status(prefix)["generations"]]
+
+
+def reused_stages(prefix: Path) -> list[str]:
+    """The stages a run took from another run (``<stage>/g<generation>``)."""
+    return [f"{s['stage']}/g{s['generation']}" for s in run_status(prefix)["stages"] if s["state"] == "Reused"]
 
 
 def student_budget(spec: dict[str, Any], pseudo_images: int) -> tuple[int, int]:
@@ -313,8 +304,8 @@ def main(argv: list[str] | None = None) -> int:
     seconds: dict[str, float] = {}
 
     # default run: teacher + three noisy students
-    seconds["default"] = run_pipeline(base, out, None, (), env)
-    teacher_config = json.loads((default_prefix / "gen-0" / "teacher" / "config.json").read_text())
+    seconds["default"] = run_pipeline(base, out, env)
+    teacher_config = json.loads(stage_file(run_status(default_prefix)["generations"][0], "config.json").read_text())
     student_metrics = generation_metrics(default_prefix)
 
     # references through the train workload
@@ -344,14 +335,15 @@ def main(argv: list[str] | None = None) -> int:
 
     variants = {"default": {"change": "—", "top1": [g["top1"] for g in generation_metrics(default_prefix)],
                             "pseudo_images": [g.get("pseudo_images", 0) for g in student_metrics]}}
-    for name, (change, _, shared) in ABLATIONS.items():
+    for name, (change, _) in ABLATIONS.items():
         if name not in selected:
             continue
         run = variant_run(base, name)
-        seconds[name] = run_pipeline(run, out, default_prefix, shared, env)
+        seconds[name] = run_pipeline(run, out, env)
         found = generation_metrics(prefix_dir(out, run))
         variants[name] = {"change": change, "top1": [g["top1"] for g in found],
-                          "pseudo_images": [g.get("pseudo_images", 0) for g in found], "shared": list(shared)}
+                          "pseudo_images": [g.get("pseudo_images", 0) for g in found],
+                          "shared": reused_stages(prefix_dir(out, run))}
 
     teacher = variants["default"]["top1"][0]
     best = max(variants["default"]["top1"][1:])
