@@ -22,8 +22,10 @@ are trimmed to their most confident images and half duplicated, so the
 student sees the balanced label distribution without throwing away most of
 the data or repeating a rare class hundreds of times.
 
-Writes ``manifest.npz`` (``keys``, ``classes``, ``copies`` and the soft
-targets ``probs`` or ``topk_indices``/``topk_values``), ``thresholds.json``
+Writes ``manifest.npz`` (``keys``, ``classes``, ``copies``, the soft
+targets ``probs`` or ``topk_indices``/``topk_values``, and ``shard`` with
+``shard_names``: which unlabeled shard each key is in, in tar order per
+shard, so that training streams the shards and applies the copies), ``thresholds.json``
 (per class: threshold, counts before and after) and ``_DONE.json``.
 
 Command line::
@@ -171,14 +173,21 @@ def load_parts(labels: str) -> tuple[dict[str, np.ndarray], np.ndarray]:
         raise ConfigError(f"labels: {done_uri} does not exist (the label stage has not completed)")
     replicas = int(store.get_json(done_uri)["metrics"]["replicas"])
     parts: list[dict[str, np.ndarray]] = []
+    names: list[np.ndarray] = []
     hist = None
     for i in range(replicas):
         with np.load(io.BytesIO(store.get_bytes(join_uri(labels, f"part-{i:05d}.npz"))), allow_pickle=False) as z:
-            parts.append({k: z[k] for k in z.files})
+            parts.append({k: z[k] for k in z.files if k != "shard_names"})
+            if "shard_names" in z.files:
+                names.append(z["shard_names"])
         h = np.asarray(store.get_json(join_uri(labels, f"stats-{i:05d}.json"))["histograms"], dtype=np.int64)
         hist = h if hist is None else hist + h
     fields = [k for k in parts[0] if all(k in p for p in parts)]
     merged = {k: np.concatenate([p[k] for p in parts]) for k in fields}
+    if len(names) == replicas and "shard" in merged:
+        if any(not np.array_equal(n, names[0]) for n in names):
+            raise ConfigError(f"labels: the parts under {labels} label different unlabeled sets")
+        merged["shard_names"] = names[0]
     return merged, hist if hist is not None else np.zeros((0, BINS), dtype=np.int64)
 
 
@@ -198,9 +207,11 @@ def run(cfg: BalanceConfig) -> dict[str, Any]:
 
     manifest = {"keys": predictions["keys"][sel.indices], "classes": predictions["classes"][sel.indices],
                 "copies": sel.copies}
-    for name in ("probs", "topk_indices", "topk_values"):
+    for name in ("probs", "topk_indices", "topk_values", "shard"):
         if name in predictions:
             manifest[name] = predictions[name][sel.indices]
+    if "shard_names" in predictions:
+        manifest["shard_names"] = predictions["shard_names"]
     buf = io.BytesIO()
     np.savez_compressed(buf, **manifest)
     digests: dict[str, str] = {}

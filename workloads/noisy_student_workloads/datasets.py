@@ -426,6 +426,8 @@ def pack_dataset(
         },
         "shards": {s: writers[s].uris for s in SPLITS},
         "patterns": {s: _brace_pattern(writers[s].uris) for s in SPLITS},
+        # Readers plan their split of the data from these without reading the shards.
+        "shard_samples": {u: n for s in SPLITS for u, n in zip(writers[s].uris, writers[s].counts, strict=True)},
     }
     store.put_json(join_uri(output_uri, "dataset.json"), info)
     done = {

@@ -1,10 +1,9 @@
-"""In-memory image sets and the train / eval transforms of the workloads.
+"""The train / eval transforms of the workloads.
 
-Data sets here are small (tens of thousands of 28×28 images), so every stage
-decodes its shards once into a uint8 tensor N×C×S×S already resized to the
-model's ``image_size``; per-step work is then indexing, a random crop, and
-(for a noisy student) timm's RandAugment. Normalisation happens on the
-device, per batch, in float.
+Images arrive one at a time from :mod:`.pipeline`, decoded to RGB and resized
+to the model's ``image_size``; per-image work is (for a noisy student) timm's
+RandAugment on the PIL image, per-batch work a random crop; normalisation
+happens on the device, per batch, in float.
 
 Transforms, chosen for small images:
 
@@ -18,59 +17,19 @@ Transforms, chosen for small images:
 
 Example::
 
-    python -c "from noisy_student_workloads.images import load_image_set; \
-print(load_image_set('file:///tmp/digits/validation-{000000..000000}.tar', 32).images.shape)"
+    python -c "from PIL import Image; from noisy_student_workloads.images import rand_augment; \
+print(rand_augment(2, 9, 32, [0, 0, 0])(Image.new('RGB', (32, 32))).size)"
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image
-
-from .shards import load_shards
-
-
-@dataclass
-class ImageSet:
-    """Decoded images (uint8 N×C×S×S, C is 1 or 3), their keys and labels (-1 = unlabeled)."""
-
-    keys: list[str]
-    images: torch.Tensor
-    labels: torch.Tensor
-
-    def __len__(self) -> int:
-        return len(self.keys)
-
-
-def _to_tensor(images: Any, image_size: int) -> torch.Tensor:
-    if len(images) == 0:
-        return torch.zeros((0, 3, image_size, image_size), dtype=torch.uint8)
-    if isinstance(images, np.ndarray):
-        x = torch.from_numpy(images).permute(0, 3, 1, 2).contiguous()  # N×C×H×W
-        if x.shape[1] not in (1, 3):  # RGBA, LA: drop alpha the way PIL's convert does
-            x = x[:, :3] if x.shape[1] == 4 else x[:, :1]
-    else:  # mixed sizes or modes: normalise each image with PIL first
-        arrays = [np.asarray(im.convert("RGB").resize((image_size, image_size), Image.BILINEAR)) for im in images]
-        return torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).contiguous()
-    if x.shape[-2:] != (image_size, image_size):
-        resized = []
-        for chunk in x.split(4096):  # bounded float memory
-            y = F.interpolate(chunk.float(), size=(image_size, image_size), mode="bilinear", antialias=True)
-            resized.append(y.round_().clamp_(0, 255).to(torch.uint8))
-        x = torch.cat(resized)
-    return x
-
-
-def load_image_set(pattern: str | Sequence[str], image_size: int) -> ImageSet:
-    """Decode the shards of ``pattern`` once into an :class:`ImageSet` of ``image_size`` pixels."""
-    keys, images, labels = load_shards(pattern if isinstance(pattern, str) else list(pattern))
-    return ImageSet(list(keys), _to_tensor(images, image_size), torch.from_numpy(np.asarray(labels, dtype=np.int64)))
 
 
 def normalize(x: torch.Tensor, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
@@ -98,8 +57,8 @@ def random_crop(x: torch.Tensor, padding: int, generator: torch.Generator | None
     return padded[batch, chans, rows, cols]
 
 
-def rand_augment(ops: int, magnitude: float, image_size: int, fill: Sequence[int]) -> Callable[[torch.Tensor], torch.Tensor]:
-    """A uint8 C×S×S → uint8 3×S×S function applying timm's RandAugment to one image."""
+def rand_augment(ops: int, magnitude: float, image_size: int, fill: Sequence[int]) -> Callable[[Image.Image], Image.Image]:
+    """timm's RandAugment for RGB PIL images of ``image_size`` pixels, borders filled with ``fill``."""
     from timm.data import rand_augment_transform
 
     hparams = {"translate_const": int(image_size * 0.45), "img_mean": tuple(int(v) for v in fill)}
@@ -109,14 +68,7 @@ def rand_augment(ops: int, magnitude: float, image_size: int, fill: Sequence[int
             # timm maps levels below 2.5 to 0 bits, which Pillow >= 10 rejects; any magnitude
             # up to about 4 reaches such levels (mstd 0.5) and would crash a training job.
             op.level_fn = _posterize_at_least_one_bit(op.level_fn)
-
-    def apply(img: torch.Tensor) -> torch.Tensor:
-        arr = img.permute(1, 2, 0).numpy()
-        pil = Image.fromarray(arr[:, :, 0] if arr.shape[2] == 1 else arr).convert("RGB")
-        out = np.asarray(transform(pil), dtype=np.uint8)
-        return torch.from_numpy(out.copy()).permute(2, 0, 1)
-
-    return apply
+    return transform
 
 
 def _posterize_at_least_one_bit(level_fn: Callable[..., tuple[int]]) -> Callable[..., tuple[int]]:
@@ -126,9 +78,9 @@ def _posterize_at_least_one_bit(level_fn: Callable[..., tuple[int]]) -> Callable
     return bits
 
 
-def mean_pixel(images: torch.Tensor) -> list[int]:
-    """The data set's mean RGB pixel (0-255), the fill colour for RandAugment."""
-    m = images.float().mean(dim=(0, 2, 3))
-    if m.numel() == 1:
-        m = m.expand(3)
+def mean_pixel(images: Sequence[Image.Image]) -> list[int]:
+    """The mean RGB pixel (0-255) of some images, the fill colour for RandAugment."""
+    if not images:
+        return [0, 0, 0]
+    m = np.mean([np.asarray(im, dtype=np.float64).reshape(-1, 3).mean(axis=0) for im in images], axis=0)
     return [int(round(v)) for v in m.tolist()]

@@ -2,11 +2,15 @@
 
 Replica i labels shards i, i+N, i+2N, ... of the (sorted, expanded)
 unlabeled pattern with the teacher in eval mode and the eval transform (no
-augmentation, no dropout, no stochastic depth). It writes under ``output``:
+augmentation, no dropout, no stochastic depth). Shards are streamed with
+read-ahead (:mod:`.pipeline`); only the predictions, in compact arrays, are
+kept. It writes under ``output``:
 
-* ``part-NNNNN.npz``: ``keys``, ``classes`` (int), ``confidences`` (float32),
-  and the soft distribution — ``probs`` (float16 N×K) when there are at most
-  100 classes, else ``topk_indices`` / ``topk_values`` (float16, ``topk`` each);
+* ``part-NNNNN.npz``: ``keys`` (bytes), ``classes`` (int), ``confidences``
+  (float32), ``shard`` (index into ``shard_names``, the file names of all
+  unlabeled shards), and the soft distribution — ``probs`` (float16 N×K)
+  when there are at most 100 classes, else ``topk_indices`` /
+  ``topk_values`` (float16, ``topk`` each);
 * ``stats-NNNNN.json``: per-class confidence histograms (100 bins over [0, 1])
   and counts of the images predicted as each class;
 * ``part-NNNNN.done.json``: this replica's marker (counts, digests).
@@ -27,7 +31,8 @@ from __future__ import annotations
 import argparse
 import io
 import sys
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -37,10 +42,14 @@ from . import images as imgs
 from .balance import BINS, histogram
 from .config import ConfigError, LabelConfig
 from .models import load_final
-from .stage import cpu_threads, event, now, put, put_json, run_entry_point, write_done
+from .pipeline import Copies, DataError, ImageBatches, ShardCatalog, Stream, unwrap
+from .runtime import CoreShare
+from .stage import event, now, put, put_json, run_entry_point, write_done
 from .store import expand_shards, join_uri, open_store
 
 FULL_DISTRIBUTION_MAX_CLASSES = 100
+# Batches between re-reading how many label replicas share this host's cores.
+RETHREAD_EVERY = 20
 
 
 def part_name(replica: int, kind: str) -> str:
@@ -49,39 +58,66 @@ def part_name(replica: int, kind: str) -> str:
             "done": f"part-{replica:05d}.done.json"}[kind]
 
 
-@torch.inference_mode()
-def predict(model: torch.nn.Module, images: torch.Tensor, meta: dict[str, Any], batch_size: int,
-            device: torch.device) -> torch.Tensor:
-    """Softmax probabilities (float32, N×K) of the model on uint8 images, eval transform only."""
-    model.eval().to(device)
-    out = []
-    for chunk in images.split(batch_size):
-        x = imgs.normalize(chunk.to(device, non_blocking=True), meta["mean"], meta["std"])
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
-            logits = model(x)
-        out.append(torch.softmax(logits.float(), dim=1).cpu())
-    if not out:
-        return torch.zeros((0, int(meta["num_classes"])))
-    return torch.cat(out)
+@dataclass
+class Predictions:
+    """Predictions accumulated batch by batch in compact arrays (the part's columns)."""
+
+    topk: int
+    columns: dict[str, list[np.ndarray]] = field(default_factory=dict)
+
+    def add(self, samples: Sequence[dict[str, Any]], probs: torch.Tensor, shard_index: dict[str, int]) -> None:
+        confidences, classes = probs.max(dim=1)
+        cols = {
+            "keys": np.asarray([s["__key__"].encode() for s in samples], dtype=np.bytes_),
+            "shard": np.asarray([shard_index[s["__url__"]] for s in samples], dtype=np.int32),
+            "classes": classes.numpy().astype(np.int32),
+            "confidences": confidences.numpy().astype(np.float32),
+        }
+        if probs.shape[1] <= FULL_DISTRIBUTION_MAX_CLASSES:
+            cols["probs"] = probs.numpy().astype(np.float16)
+        else:
+            values, indices = probs.topk(min(self.topk, probs.shape[1]), dim=1)
+            cols["topk_indices"] = indices.numpy().astype(np.int32)
+            cols["topk_values"] = values.numpy().astype(np.float16)
+        for k, v in cols.items():
+            self.columns.setdefault(k, []).append(v)
+
+    def arrays(self, num_classes: int) -> dict[str, np.ndarray]:
+        if not self.columns:  # no image: empty columns of the right kinds
+            wide = num_classes <= FULL_DISTRIBUTION_MAX_CLASSES
+            empty = {"keys": np.zeros(0, np.bytes_), "shard": np.zeros(0, np.int32), "classes": np.zeros(0, np.int32),
+                     "confidences": np.zeros(0, np.float32)}
+            if wide:
+                empty["probs"] = np.zeros((0, num_classes), np.float16)
+            else:
+                empty["topk_indices"] = np.zeros((0, self.topk), np.int32)
+                empty["topk_values"] = np.zeros((0, self.topk), np.float16)
+            return empty
+        return {k: np.concatenate(v) for k, v in self.columns.items()}
 
 
-def encode_part(keys: Sequence[str], probs: torch.Tensor, topk: int) -> bytes:
+def encode_part(arrays: dict[str, np.ndarray], shard_names: Sequence[str]) -> bytes:
     """The ``part-NNNNN.npz`` bytes for these predictions."""
-    confidences, classes = probs.max(dim=1) if len(probs) else (torch.zeros(0), torch.zeros(0, dtype=torch.int64))
-    arrays: dict[str, np.ndarray] = {
-        "keys": np.asarray(list(keys), dtype=np.str_),
-        "classes": classes.numpy().astype(np.int32),
-        "confidences": confidences.numpy().astype(np.float32),
-    }
-    if probs.shape[1] <= FULL_DISTRIBUTION_MAX_CLASSES:
-        arrays["probs"] = probs.numpy().astype(np.float16)
-    else:
-        values, indices = probs.topk(min(topk, probs.shape[1]), dim=1)
-        arrays["topk_indices"] = indices.numpy().astype(np.int32)
-        arrays["topk_values"] = values.numpy().astype(np.float16)
     buf = io.BytesIO()
-    np.savez_compressed(buf, **arrays)
+    np.savez_compressed(buf, **arrays, shard_names=np.asarray(list(shard_names), dtype=np.str_))
     return buf.getvalue()
+
+
+@torch.inference_mode()
+def predict(model: torch.nn.Module, batches: Iterable[tuple[list[dict[str, Any]], torch.Tensor]],
+            meta: dict[str, Any], device: torch.device, shard_index: dict[str, int], topk: int,
+            cores: CoreShare | None = None) -> Predictions:
+    """Softmax predictions of the model (eval mode, eval transform only) for every streamed batch."""
+    model.eval().to(device, memory_format=torch.channels_last)
+    out = Predictions(topk)
+    for i, (samples, x) in enumerate(batches):
+        if cores is not None and device.type == "cpu" and i % RETHREAD_EVERY == 0:
+            torch.set_num_threads(cores.plan(0)[0])  # replicas on this host start and finish at different times
+        x = imgs.normalize(x.to(device, non_blocking=True), meta["mean"], meta["std"])
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+            logits = model(x.contiguous(memory_format=torch.channels_last))
+        out.add(samples, torch.softmax(logits.float(), dim=1).cpu(), shard_index)
+    return out
 
 
 def finish_stage(output: str, num_replicas: int) -> dict[str, Any] | None:
@@ -106,7 +142,7 @@ def run(cfg: LabelConfig, replica_id: int, num_replicas: int) -> dict[str, Any] 
     if num_replicas < 1 or not 0 <= replica_id < num_replicas:
         raise ConfigError(f"--replica-id: {replica_id} is not in [0, {num_replicas})")
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    torch.set_num_threads(cpu_threads())
+    cores = CoreShare()
     out = cfg.output
     if replica_id == 0:
         put_json(join_uri(out, "config.json"), cfg.model_dump(mode="json"))
@@ -129,21 +165,21 @@ def run(cfg: LabelConfig, replica_id: int, num_replicas: int) -> dict[str, Any] 
         if previous.get("shards") == mine and previous.get("num_replicas") == num_replicas:
             event("skip", replica=replica_id, reason="part already labeled")  # a retried replica
             return finish_stage(out, num_replicas)
-    if mine:
-        try:
-            data = imgs.load_image_set(mine, int(meta["image_size"]))
-        except (FileNotFoundError, ValueError) as exc:
-            raise ConfigError(f"unlabeled: {exc}") from None
-        keys, images = data.keys, data.images
-    else:  # more replicas than shards: an empty part keeps the stage's bookkeeping uniform
-        keys, images = [], torch.zeros((0, 3, 1, 1), dtype=torch.uint8)
-    event("data", replica=replica_id, shards=len(mine), images=len(keys))
+    stream = Stream(mine, [], Copies(), ShardCatalog.of(mine))
+    batches = ImageBatches(stream, cfg.batch_size, int(meta["image_size"]))
+    _, workers = cores.plan(1) if device.type == "cpu" else (0, 1)
+    loader = torch.utils.data.DataLoader(batches, batch_size=None, num_workers=workers if len(mine) > 1 else 0,
+                                         pin_memory=device.type == "cuda")
+    event("data", replica=replica_id, shards=len(mine), workers=loader.num_workers)
 
     # predict
-    probs = predict(model, images, meta, cfg.batch_size, device)
-    part = encode_part(keys, probs, cfg.topk)
-    classes = probs.argmax(dim=1).numpy() if len(probs) else np.zeros(0, dtype=np.int64)
-    confidences = probs.max(dim=1).values.numpy() if len(probs) else np.zeros(0, dtype=np.float32)
+    shard_index = {u: i for i, u in enumerate(shards)}
+    try:
+        arrays = predict(model, loader, meta, device, shard_index, cfg.topk, cores).arrays(int(meta["num_classes"]))
+    except DataError as exc:
+        raise DataError(f"unlabeled: {unwrap(exc)}") from None
+    keys, classes, confidences = arrays["keys"], arrays["classes"], arrays["confidences"]
+    part = encode_part(arrays, [u.rsplit("/", 1)[-1] for u in shards])
     num_classes = int(meta["num_classes"])
     hist = histogram(classes, confidences, num_classes)
     stats = {"replica": replica_id, "num_classes": num_classes, "bins": BINS,

@@ -3,9 +3,9 @@
 Each sample is a pair of tar members sharing a key: ``<key>.png`` (the
 image) and ``<key>.cls`` (the class index as ASCII text). Unlabeled shards
 have no ``.cls`` members. Keys are unique strings without dots or slashes,
-such as ``mnist-000123``. Shards are written whole (one PUT per shard) and
-read as a stream, so a labeling replica never holds more than one sample of
-a shard in memory.
+such as ``mnist-000123``. Shards are written whole (one PUT per shard);
+reading is :mod:`.pipeline`'s (this module's readers are thin conveniences
+over it).
 
 This module does not import torch.
 
@@ -23,18 +23,17 @@ import logging
 import tarfile
 from collections import Counter
 from collections.abc import Iterable, Iterator, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 from PIL import Image
 
-from .store import ArtifactStore, expand_shards, open_store
+from .pipeline import IMAGE_EXTENSIONS, ShardCatalog, stream_samples
+from .store import ArtifactStore, expand_shards
 
 log = logging.getLogger(__name__)
 
-IMAGE_EXTENSIONS = ("png", "jpg", "jpeg")
 UNLABELED = -1
 
 
@@ -156,88 +155,29 @@ class ShardWriter:
             self.close()
 
 
-def _split_name(name: str) -> tuple[str, str]:
-    base = name.rsplit("/", 1)[-1]
-    key, _, ext = base.partition(".")
-    prefix = name[: len(name) - len(base)]
-    return prefix + key, ext.lower()
-
-
 def iter_samples(store: ArtifactStore, shard_uri: str) -> Iterator[Sample]:
-    """Stream the samples of one shard in tar order.
-
-    Raises ``ValueError`` naming the shard for a corrupt tar, a sample
-    without an image, or a ``.cls`` that is not an integer.
-    """
-    stream = store.open_read(shard_uri)
-    try:
-        try:
-            tar = tarfile.open(fileobj=stream, mode="r|")
-        except tarfile.TarError as exc:
-            raise ValueError(f"{shard_uri}: not a tar shard: {exc}") from exc
-        key: str | None = None
-        fields: dict[str, bytes] = {}
-        try:
-            for member in tar:
-                if not member.isfile():
-                    continue
-                member_key, ext = _split_name(member.name)
-                if member_key != key:
-                    if key is not None:
-                        yield _make_sample(shard_uri, key, fields)
-                    key, fields = member_key, {}
-                f = tar.extractfile(member)
-                assert f is not None
-                fields[ext] = f.read()
-        except tarfile.TarError as exc:
-            raise ValueError(f"{shard_uri}: corrupt tar shard: {exc}") from exc
-        if key is not None:
-            yield _make_sample(shard_uri, key, fields)
-    finally:
-        stream.close()
-
-
-def _make_sample(shard_uri: str, key: str, fields: dict[str, bytes]) -> Sample:
-    image = next((fields[e] for e in IMAGE_EXTENSIONS if e in fields), None)
-    if image is None:
-        raise ValueError(f"{shard_uri}: sample {key!r} has no image (.png/.jpg) member")
-    label = None
-    if "cls" in fields:
-        text = fields["cls"].decode("ascii", errors="replace").strip()
-        try:
-            label = int(text)
-        except ValueError as exc:
-            raise ValueError(f"{shard_uri}: sample {key!r} has a non-integer .cls {text!r}") from exc
-    return Sample(key, image, label)
-
-
-def _read_shard(store: ArtifactStore, uri: str) -> list[tuple[str, Image.Image, int]]:
-    out = []
-    for s in iter_samples(store, uri):
-        out.append((s.key, decode_image(s.image), UNLABELED if s.label is None else s.label))
-    return out
+    """Stream the samples of one shard in tar order (checked: see :mod:`.pipeline`)."""
+    for s in stream_samples([shard_uri], store, ShardCatalog.of([shard_uri], store)):
+        yield Sample(s["__key__"], s["image"], s["label"])
 
 
 def load_shards(
-    uris: str | Sequence[str], store: ArtifactStore | None = None, workers: int = 4
+    uris: str | Sequence[str], store: ArtifactStore | None = None
 ) -> tuple[list[str], Any, np.ndarray]:
-    """Load small data sets fully into memory.
+    """Decode small data sets whole, for inspection and tests (the stages stream instead).
 
     ``uris`` is a list of shard URIs or a pattern for :func:`expand_shards`.
     Returns ``(keys, images, labels)``: ``images`` is a uint8 array N×H×W×C
     when all images share size and mode, otherwise a list of PIL images;
-    ``labels`` is an int64 array with ``-1`` for unlabeled samples. Shards
-    are read and decoded in parallel threads; the order follows ``uris``.
+    ``labels`` is an int64 array with ``-1`` for unlabeled samples.
     """
     if isinstance(uris, str):
         uris = expand_shards(uris, store)
     uris = list(uris)
     if not uris:
         raise ValueError("no shards to load")
-    store = store or open_store(uris[0])
-    with ThreadPoolExecutor(max_workers=max(1, min(workers, len(uris)))) as pool:
-        parts = list(pool.map(lambda u: _read_shard(store, u), uris))
-    rows = [row for part in parts for row in part]
+    rows = [(s["__key__"], decode_image(s["image"]), UNLABELED if s["label"] is None else s["label"])
+            for s in stream_samples(uris, store, ShardCatalog.of(uris, store))]
     keys = [k for k, _, _ in rows]
     labels = np.asarray([y for _, _, y in rows], dtype=np.int64)
     images = [img for _, img, _ in rows]
@@ -245,11 +185,8 @@ def load_shards(
         dup = next(k for k, n in Counter(keys).items() if n > 1)
         raise ValueError(f"duplicate sample key {dup!r} across shards {uris[0]} ...")
     if images and len({(im.size, im.mode) for im in images}) == 1:
-        arrays = [np.asarray(im, dtype=np.uint8) for im in images]
-        stacked = np.stack(arrays)
-        if stacked.ndim == 3:
-            stacked = stacked[..., None]
-        return keys, stacked, labels
+        stacked = np.stack([np.asarray(im, dtype=np.uint8) for im in images])
+        return keys, stacked[..., None] if stacked.ndim == 3 else stacked, labels
     return keys, images, labels
 
 
@@ -258,15 +195,13 @@ def count_samples(uris: Iterable[str], store: ArtifactStore | None = None) -> di
     uris = list(uris)
     if not uris:
         raise ValueError("no shards to count")
-    store = store or open_store(uris[0])
     per_class: dict[int, int] = {}
     total = labeled = 0
-    for uri in uris:
-        for s in iter_samples(store, uri):
-            total += 1
-            if s.label is not None:
-                labeled += 1
-                per_class[s.label] = per_class.get(s.label, 0) + 1
+    for s in stream_samples(uris, store, ShardCatalog.of(uris, store)):
+        total += 1
+        if s["label"] is not None:
+            labeled += 1
+            per_class[s["label"]] = per_class.get(s["label"], 0) + 1
     return {
         "shards": len(uris),
         "samples": total,

@@ -8,11 +8,17 @@ same as a single plain process. Reads one config (see
 
 Recipe:
 
+* **Data.** Shards are streamed (:mod:`.pipeline`): nothing is decoded
+  ahead of the step that needs it, so memory does not grow with the data
+  set. Each epoch shuffles the shard order, each process reads only its
+  contiguous share of the (shuffled) positions and shuffles it with a
+  buffer of ``shuffle_buffer`` samples; balanced pseudo-labels take as
+  many positions as their copy count.
 * **Steps.** Each step draws a labeled batch of ``batch_size`` images and,
   for a student, a pseudo-labeled batch of ``ratio × batch_size`` images.
   An epoch is as many steps as it takes to see the larger of the two sets
   once; the smaller one cycles. ``batch_size`` is global: with W processes
-  each takes every W-th image of the step's batch (rank-strided sharding).
+  each takes its 1/W share of the step's batch.
 * **Loss.** Cross-entropy on the labeled batch plus soft cross-entropy on the
   pseudo-labeled batch (each a mean, so ``ratio`` changes how many pseudo
   labels a step sees, not how much labeled data weighs). Soft targets are the
@@ -24,12 +30,20 @@ Recipe:
 * **Schedule.** timm optimizer factory (``sgd`` is SGD with Nesterov
   momentum 0.9) and a per-step cosine schedule with linear warm-up.
 * **Metrics.** ``top1``/``top5`` (fractions) of the final model on the whole
-  validation set; earlier epochs in ``history`` are scored on a fixed subset
-  of at most 2,000 validation images, for progress only.
+  validation set; earlier epochs in ``history`` are scored on the first
+  ``eval_images`` validation images (a fixed budget), for progress only.
+* **Failures.** A non-finite loss stops training before the epoch's
+  checkpoint is written (no NaN weights are saved or promoted); unusable
+  data names its shard and key. Both exit 2 with the message.
 * **Restarts.** At start the latest ``checkpoints/epoch-NNN.pt`` is loaded
-  (model, optimizer, scheduler, RNG, history) and training continues at the
-  next epoch; data order depends only on (seed, epoch), so a resumed run
-  sees the same batches an uninterrupted one would.
+  (model, optimizer, scheduler, every rank's own RNG state, history) and
+  training continues at the next epoch; only the last ``keep_checkpoints``
+  epoch checkpoints are kept. Data order depends only on (seed, epoch), so
+  a resumed run sees the same batches an uninterrupted one would.
+* **Speed.** Threads and data-loader workers from the cores this process
+  really has (:mod:`.runtime`), workers persistent across epochs,
+  ``channels_last``; on a GPU bf16 autocast, ``cudnn.benchmark``, no host
+  sync per step, and ``torch.compile`` when ``compile`` is set.
 
 Command line::
 
@@ -60,15 +74,19 @@ import torch.nn.functional as F
 from . import images as imgs
 from .config import ConfigError, PseudoConfig, TrainConfig
 from .models import count_parameters, create_model, normalization, save_final
-from .stage import cpu_threads, event, put, put_json, run_entry_point, sha256, write_done
-from .store import join_uri, open_store
+from .pipeline import Copies, DataError, ImageBatches, ShardCatalog, Stream, TrainBatches, count_shards, decode, unwrap
+from .runtime import CoreShare
+from .stage import event, put, put_json, run_entry_point, sha256, write_done
+from .store import expand_shards, join_uri, open_store
 
 EVAL_BATCH = 512
-# Intermediate epochs are scored on a fixed random subset of at most this many
-# validation images (progress only); the last epoch on the whole set. With few
-# labels a full pass over a large validation set would cost more than training.
-PROGRESS_EVAL_IMAGES = 2000
+# Images decoded to pick RandAugment's fill colour (the data's mean pixel).
+FILL_SAMPLE_IMAGES = 256
 _CHECKPOINT = re.compile(r"epoch-(\d+)\.pt$")
+
+
+class NonFiniteLoss(ConfigError):
+    """The training loss became NaN or infinite (exits 2: usually a learning rate too high)."""
 
 
 # ---------------------------------------------------------------------------
@@ -98,9 +116,9 @@ def init_distributed() -> Dist:
     if torch.cuda.is_available():
         device = torch.device("cuda", local_rank % torch.cuda.device_count())
         torch.cuda.set_device(device)
+        torch.backends.cudnn.benchmark = True  # fixed input sizes: pick the fastest kernels once
     else:
         device = torch.device("cpu")
-        torch.set_num_threads(cpu_threads(local_world))
     if world > 1 and not dist.is_initialized():
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
     return Dist(rank, world, local_world, device)
@@ -115,29 +133,40 @@ def barrier(d: Dist) -> None:
 # data
 
 
-@dataclass
-class Source:
-    """Images to draw training batches from: a pool of indices (with duplicates) and soft targets."""
-
-    images: torch.Tensor  # uint8 N×C×S×S
-    targets: torch.Tensor  # float N×K, rows sum to 1
-    pool: torch.Tensor  # int64 indices into images; a balanced set repeats some
-
-
-def load_labeled(pattern: str, field: str, cfg: TrainConfig) -> imgs.ImageSet:
-    """Labeled shards, checked against ``num_classes``; errors name ``field``."""
+def open_set(pattern: str, field: str, cfg: TrainConfig, shuffle: bool, copies: Copies | None = None) -> Stream:
+    """A shard set as a :class:`Stream`; errors name ``field``."""
     try:
-        data = imgs.load_image_set(pattern, cfg.image_size)
+        uris = expand_shards(pattern)
     except (FileNotFoundError, ValueError) as exc:
         raise ConfigError(f"{field}: {exc}") from None
-    if len(data) == 0:
+    if not uris:
+        raise ConfigError(f"{field}: {pattern} names no shards")
+    catalog = ShardCatalog.of(uris)
+    copies = copies or Copies()
+    stream = Stream(uris, copies.sizes(uris, count_shards(uris, catalog) if copies.blocks is None else []),
+                    copies, catalog, shuffle, cfg.shuffle_buffer)
+    if stream.total == 0:
         raise ConfigError(f"{field}: no images in {pattern}")
-    if bool((data.labels < 0).any()):
-        raise ConfigError(f"{field}: {pattern} holds unlabeled images (no .cls)")
-    top = int(data.labels.max())
-    if top >= cfg.num_classes:
-        raise ConfigError(f"num_classes: {cfg.num_classes} but {field} has class {top}")
-    return data
+    return stream
+
+
+class LabeledTargets:
+    """One-hot targets of labeled samples; an unlabeled sample or a class out of range names shard and key."""
+
+    def __init__(self, num_classes: int, field: str) -> None:
+        self.num_classes, self.field = num_classes, field
+
+    def labels(self, samples: Sequence[dict[str, Any]]) -> torch.Tensor:
+        for s in samples:
+            if s["label"] is None:
+                raise DataError(f"{self.field}: {s['__url__']}: sample {s['__key__']!r} is unlabeled (no .cls)")
+            if s["label"] >= self.num_classes:
+                raise DataError(f"num_classes: {self.num_classes} but {self.field} {s['__url__']} sample "
+                                f"{s['__key__']!r} has class {s['label']}")
+        return torch.tensor([s["label"] for s in samples], dtype=torch.int64)
+
+    def __call__(self, samples: Sequence[dict[str, Any]]) -> torch.Tensor:
+        return F.one_hot(self.labels(samples), self.num_classes).float()
 
 
 def tempered(probs: np.ndarray, temperature: float) -> np.ndarray:
@@ -148,23 +177,34 @@ def tempered(probs: np.ndarray, temperature: float) -> np.ndarray:
     return (p / p.sum(axis=1, keepdims=True)).astype(np.float32)
 
 
-def manifest_targets(manifest: dict[str, np.ndarray], num_classes: int, kind: str, temperature: float) -> np.ndarray:
-    """Targets (N×K float) from a balance manifest: one-hot for ``hard``, re-tempered for ``soft``."""
-    classes = manifest["classes"].astype(np.int64)
+def manifest_targets(manifest: dict[str, np.ndarray], rows: np.ndarray, num_classes: int, kind: str,
+                     temperature: float) -> np.ndarray:
+    """Targets (len(rows)×K float) of manifest rows: one-hot for ``hard``, re-tempered for ``soft``."""
+    classes = manifest["classes"][rows].astype(np.int64)
     if kind == "hard":
         return np.eye(num_classes, dtype=np.float32)[classes]
     if "probs" in manifest:
-        probs = manifest["probs"].astype(np.float32)
+        probs = manifest["probs"][rows].astype(np.float32)
     else:  # top-k only (many classes): the rest of the mass is unknown, renormalise over the top k
-        probs = np.zeros((len(classes), num_classes), dtype=np.float32)
-        np.put_along_axis(probs, manifest["topk_indices"].astype(np.int64), manifest["topk_values"].astype(np.float32), 1)
-    if probs.shape[1] != num_classes:
-        raise ConfigError(f"num_classes: {num_classes} but the pseudo-label manifest has {probs.shape[1]} classes")
+        probs = np.zeros((len(rows), num_classes), dtype=np.float32)
+        np.put_along_axis(probs, manifest["topk_indices"][rows].astype(np.int64),
+                          manifest["topk_values"][rows].astype(np.float32), 1)
     return tempered(probs, temperature)
 
 
-def load_pseudo(pseudo: PseudoConfig, cfg: TrainConfig) -> Source:
-    """The balanced pseudo-labeled set: manifest targets joined by key with the unlabeled images."""
+class PseudoTargets:
+    """Targets of pseudo-labeled samples, from their manifest rows."""
+
+    def __init__(self, manifest: dict[str, np.ndarray], num_classes: int, kind: str, temperature: float) -> None:
+        self.manifest, self.num_classes, self.kind, self.temperature = manifest, num_classes, kind, temperature
+
+    def __call__(self, samples: Sequence[dict[str, Any]]) -> torch.Tensor:
+        rows = np.fromiter((s["row"] for s in samples), dtype=np.int64, count=len(samples))
+        return torch.from_numpy(manifest_targets(self.manifest, rows, self.num_classes, self.kind, self.temperature))
+
+
+def load_manifest(pseudo: PseudoConfig, cfg: TrainConfig) -> tuple[dict[str, np.ndarray], Copies]:
+    """The balance manifest and, per unlabeled shard, the copies of its samples in tar order."""
     try:
         raw = open_store(pseudo.manifest).get_bytes(pseudo.manifest)
     except FileNotFoundError as exc:
@@ -173,50 +213,39 @@ def load_pseudo(pseudo: PseudoConfig, cfg: TrainConfig) -> Source:
         manifest = {k: z[k] for k in z.files}
     if len(manifest.get("keys", ())) == 0:
         raise ConfigError(f"pseudo.manifest: {pseudo.manifest} selects no images")
+    if "shard" not in manifest:
+        raise ConfigError(f"pseudo.manifest: {pseudo.manifest} has no shard index (written by an older balance "
+                          "stage); run the label and balance stages again")
+    width = manifest["probs"].shape[1] if "probs" in manifest else None
+    if width is not None and width != cfg.num_classes:
+        raise ConfigError(f"num_classes: {cfg.num_classes} but the pseudo-label manifest has {width} classes")
     try:
-        unlabeled = imgs.load_image_set(pseudo.unlabeled, cfg.image_size)
+        uris = expand_shards(pseudo.unlabeled)
     except (FileNotFoundError, ValueError) as exc:
         raise ConfigError(f"pseudo.unlabeled: {exc}") from None
-    position = {k: i for i, k in enumerate(unlabeled.keys)}
-    missing = [str(k) for k in manifest["keys"] if str(k) not in position]
+    by_name = {u.rsplit("/", 1)[-1]: u for u in uris}
+    names = [str(n) for n in manifest["shard_names"]]
+    missing = [n for n in names if n not in by_name]
     if missing:
-        raise ConfigError(f"pseudo.unlabeled: {len(missing)} manifest keys not found, e.g. {missing[0]!r}")
-    rows = torch.tensor([position[str(k)] for k in manifest["keys"]], dtype=torch.int64)
-    targets = torch.from_numpy(manifest_targets(manifest, cfg.num_classes, pseudo.type, pseudo.temperature))
-    copies = torch.from_numpy(manifest["copies"].astype(np.int64))
-    pool = torch.repeat_interleave(torch.arange(len(rows)), copies)
-    return Source(unlabeled.images[rows], targets, pool)
+        raise ConfigError(f"pseudo.unlabeled: the manifest's shard {missing[0]!r} is not in {pseudo.unlabeled}")
+    keys = manifest.pop("keys")
+    keys = np.char.encode(keys, "utf-8") if keys.dtype.kind == "U" else keys
+    order = np.argsort(manifest["shard"], kind="stable")  # per shard, in tar order (the label stage's order)
+    starts = np.searchsorted(manifest["shard"][order], np.arange(len(names) + 1))
+    blocks = {}
+    for i, name in enumerate(names):
+        rows = order[starts[i] : starts[i + 1]]
+        if len(rows):
+            blocks[by_name[name]] = (keys[rows], manifest["copies"][rows].astype(np.int64), rows)
+    return manifest, Copies(blocks)
 
 
-def plan_batches(pool_size: int, global_batch: int, steps: int, d: Dist, seed: int) -> torch.Tensor:
-    """Steps × (this rank's share of ``global_batch``) positions into a pool, cycling through permutations."""
-    g = torch.Generator().manual_seed(seed)
-    need = steps * global_batch
-    perms = [torch.randperm(pool_size, generator=g) for _ in range(math.ceil(need / pool_size))]
-    return torch.cat(perms)[:need].view(steps, global_batch)[:, d.rank :: d.world]
-
-
-class StepBatches(torch.utils.data.Dataset):
-    """Item ``i`` is step ``i``'s batch: uint8 images (3 channels), float targets, labeled count."""
-
-    def __init__(self, sources: Sequence[Source], plans: Sequence[torch.Tensor], augment: Any, padding: int) -> None:
-        self.sources, self.plans, self.augment, self.padding = list(sources), list(plans), augment, padding
-
-    def __len__(self) -> int:
-        return len(self.plans[0])
-
-    def __getitem__(self, step: int) -> tuple[torch.Tensor, torch.Tensor, int]:
-        xs, ys = [], []
-        for source, plan in zip(self.sources, self.plans):
-            rows = source.pool[plan[step]]
-            x = source.images[rows]
-            if self.augment is not None:
-                x = torch.stack([self.augment(img) for img in x])
-            elif x.shape[1] == 1:
-                x = x.expand(-1, 3, -1, -1)
-            xs.append(imgs.random_crop(x, self.padding))
-            ys.append(source.targets[rows])
-        return torch.cat(xs), torch.cat(ys), len(self.plans[0][step])
+def fill_colour(stream: Stream, image_size: int) -> list[int]:
+    """RandAugment's fill: the mean pixel of the first labeled images (the same in every process)."""
+    images = []
+    for s in stream.items(0, min(stream.total, FILL_SAMPLE_IMAGES), None, 0, 0):
+        images.append(decode(s, image_size))
+    return imgs.mean_pixel(images)
 
 
 # ---------------------------------------------------------------------------
@@ -249,45 +278,84 @@ def check_optimizer(name: str) -> None:
 # checkpoints
 
 
+def epoch_checkpoints(output: str) -> list[tuple[int, str]]:
+    """``(epoch, uri)`` of every ``checkpoints/epoch-NNN.pt`` under ``output``, oldest first."""
+    prefix = join_uri(output, "checkpoints/")
+    return sorted((int(m.group(1)), u) for u in open_store(prefix).list(prefix) if (m := _CHECKPOINT.search(u)))
+
+
 def latest_checkpoint(output: str) -> str | None:
     """URI of the highest ``checkpoints/epoch-NNN.pt`` under ``output``, if any."""
-    prefix = join_uri(output, "checkpoints/")
-    found = [(int(m.group(1)), u) for u in open_store(prefix).list(prefix) if (m := _CHECKPOINT.search(u))]
-    return max(found)[1] if found else None
+    found = epoch_checkpoints(output)
+    return found[-1][1] if found else None
 
 
-def save_checkpoint(uri: str, model: torch.nn.Module, optimizer: Any, scheduler: Any, epoch: int, history: list) -> None:
+def rng_state() -> dict[str, Any]:
+    """This process's RNG states (torch, CUDA, numpy, python)."""
+    return {
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+        "numpy": np.random.get_state(),
+        "python": random.getstate(),
+    }
+
+
+def set_rng_state(rng: dict[str, Any]) -> None:
+    torch.set_rng_state(rng["torch"])
+    if rng["cuda"] and torch.cuda.is_available() and len(rng["cuda"]) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all(rng["cuda"])
+    np.random.set_state(rng["numpy"])
+    random.setstate(rng["python"])
+
+
+def gather_rng(d: Dist) -> list[dict[str, Any]]:
+    """Every rank's RNG state, in rank order (on every rank)."""
+    if d.world == 1:
+        return [rng_state()]
+    states: list[Any] = [None] * d.world
+    dist.all_gather_object(states, rng_state())
+    return states
+
+
+def save_checkpoint(uri: str, model: torch.nn.Module, optimizer: Any, scheduler: Any, epoch: int, history: list,
+                    rng: list[dict[str, Any]]) -> None:
     state = {
         "model": model.state_dict(),
         "optimizer": optimizer.state_dict(),
         "scheduler": scheduler.state_dict(),
         "epoch": epoch,
         "history": history,
-        "rng": {
-            "torch": torch.get_rng_state(),
-            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
-            "numpy": np.random.get_state(),
-            "python": random.getstate(),
-        },
+        "rng": rng,  # one entry per rank
     }
     buf = io.BytesIO()
     torch.save(state, buf)
     put(uri, buf.getvalue())
 
 
-def load_checkpoint(uri: str, model: torch.nn.Module, optimizer: Any, scheduler: Any) -> tuple[int, list]:
-    """Restore training state; returns (epochs completed, history)."""
+def prune_checkpoints(output: str, keep: int) -> None:
+    """Delete all but the last ``keep`` epoch checkpoints."""
+    found = epoch_checkpoints(output)
+    for _, uri in found[: max(0, len(found) - keep)]:
+        open_store(uri).delete(uri)
+
+
+def load_checkpoint(uri: str, model: torch.nn.Module, optimizer: Any, scheduler: Any, d: Dist) -> tuple[int, list]:
+    """Restore training state and this rank's own RNG state; returns (epochs completed, history)."""
     # Our own checkpoint under the run's prefix: it holds RNG state objects, hence weights_only=False.
     state = torch.load(io.BytesIO(open_store(uri).get_bytes(uri)), map_location="cpu", weights_only=False)
     model.load_state_dict(state["model"])
     optimizer.load_state_dict(state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
     rng = state["rng"]
-    torch.set_rng_state(rng["torch"])
-    if rng["cuda"] and torch.cuda.is_available() and len(rng["cuda"]) == torch.cuda.device_count():
-        torch.cuda.set_rng_state_all(rng["cuda"])
-    np.random.set_state(rng["numpy"])
-    random.setstate(rng["python"])
+    if isinstance(rng, dict):  # written by a single process before per-rank states
+        rng = [rng]
+    if len(rng) == d.world:
+        set_rng_state(rng[d.rank])
+    else:  # another world size: a fresh, distinct stream per rank, still reproducible
+        seed = hash((int(state["epoch"]), d.rank)) % 2**31
+        torch.manual_seed(seed)
+        np.random.seed(seed)
+        random.seed(seed)
     return int(state["epoch"]), list(state["history"])
 
 
@@ -300,19 +368,24 @@ def soft_cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Ten
     return -(targets * F.log_softmax(logits.float(), dim=1)).sum(dim=1).mean()
 
 
+def to_input(x: torch.Tensor, mean: list[float], std: list[float], d: Dist) -> torch.Tensor:
+    """uint8 batch → normalised float batch on the device, channels_last."""
+    x = imgs.normalize(x.to(d.device, non_blocking=True), mean, std)
+    return x.contiguous(memory_format=torch.channels_last)
+
+
 @torch.inference_mode()
-def evaluate(model: torch.nn.Module, data: imgs.ImageSet, mean: list[float], std: list[float], d: Dist,
-             subset: torch.Tensor | None = None) -> dict[str, float]:
-    """Top-1/top-5 (fractions) on ``data`` (or its ``subset`` rows); each rank scores every W-th image."""
+def evaluate(model: torch.nn.Module, validation: Stream, images: int, image_size: int, targets: LabeledTargets,
+             mean: list[float], std: list[float], d: Dist) -> dict[str, float]:
+    """Top-1/top-5 (fractions) on the first ``images`` validation images; each rank scores its 1/W of them."""
     was_training = model.training
     model.eval()
-    rows = (torch.arange(len(data)) if subset is None else subset)[d.rank :: d.world]
+    lo, hi = _rank_range(min(images, validation.total), d.world, d.rank)
     counts = torch.zeros(3, dtype=torch.float64, device=d.device)
-    for chunk in rows.split(EVAL_BATCH):
-        x = imgs.normalize(data.images[chunk].to(d.device, non_blocking=True), mean, std)
-        y = data.labels[chunk].to(d.device)
+    for samples, x in ImageBatches(validation, EVAL_BATCH, image_size, positions=(lo, hi)):
+        y = targets.labels(samples).to(d.device)
         with torch.autocast(d.device.type, dtype=torch.bfloat16, enabled=d.device.type == "cuda"):
-            logits = model(x)
+            logits = model(to_input(x, mean, std, d))
         top = logits.topk(min(5, logits.shape[1]), dim=1).indices
         hit = top == y[:, None]
         counts += torch.stack([hit[:, 0].sum(), hit.any(dim=1).sum(), torch.tensor(len(y), device=d.device)]).double()
@@ -323,15 +396,20 @@ def evaluate(model: torch.nn.Module, data: imgs.ImageSet, mean: list[float], std
     return {"top1": float(counts[0]) / n, "top5": float(counts[1]) / n, "validation_images": int(counts[2])}
 
 
+def _rank_range(total: int, world: int, rank: int) -> tuple[int, int]:
+    return total * rank // world, total * (rank + 1) // world
+
+
 def train_epoch(
-    model: torch.nn.Module, loader: Any, optimizer: Any, scheduler: Any, first_update: int,
-    mean: list[float], std: list[float], d: Dist,
+    model: torch.nn.Module, batches: Any, optimizer: Any, scheduler: Any, first_update: int,
+    mean: list[float], std: list[float], d: Dist, epoch: int,
 ) -> tuple[float, int]:
-    """One epoch; returns (mean loss, images this rank trained on)."""
+    """One epoch; returns (mean loss, images this rank trained on). Raises :class:`NonFiniteLoss`."""
     model.train()
-    total_loss, images, update = 0.0, 0, first_update
-    for step, (x, y, n_labeled) in enumerate(loader):
-        x = imgs.normalize(x.to(d.device, non_blocking=True), mean, std)
+    total_loss = torch.zeros((), dtype=torch.float64, device=d.device)  # summed on the device: no sync per step
+    images, update, steps = 0, first_update, 0
+    for x, y, n_labeled in batches:
+        x = to_input(x, mean, std, d)
         y = y.to(d.device, non_blocking=True)
         with torch.autocast(d.device.type, dtype=torch.bfloat16, enabled=d.device.type == "cuda"):
             logits = model(x)
@@ -343,9 +421,16 @@ def train_epoch(
         optimizer.step()
         update += 1
         scheduler.step_update(num_updates=update)
-        total_loss += float(loss.detach())
+        total_loss += loss.detach()
         images += len(y)
-    return total_loss / max(1, step + 1), images
+        steps += 1
+    mean_loss = float(total_loss) / max(1, steps)
+    if not math.isfinite(mean_loss):
+        lr = optimizer.param_groups[0]["lr"]
+        raise NonFiniteLoss(f"loss: not finite ({mean_loss}) in epoch {epoch + 1} (learning rate {lr:.3g}); "
+                            "training stopped before this epoch's checkpoint, no weights were saved from it "
+                            "(lower lr, or add warmup_epochs)")
+    return mean_loss, images
 
 
 def run(cfg: TrainConfig) -> dict[str, Any]:
@@ -354,6 +439,12 @@ def run(cfg: TrainConfig) -> dict[str, Any]:
     from timm.scheduler import create_scheduler_v2
 
     d = init_distributed()
+    cores = CoreShare()
+    threads, workers = cores.plan(cfg.workers)
+    if d.device.type == "cuda":
+        workers = cfg.workers  # the GPU computes; every core is free for data
+    else:
+        torch.set_num_threads(threads)
     out = cfg.output
     torch.manual_seed(cfg.seed + d.rank)
     np.random.seed(cfg.seed + d.rank)
@@ -367,26 +458,28 @@ def run(cfg: TrainConfig) -> dict[str, Any]:
         put_json(join_uri(out, "config.json"), cfg.model_dump(mode="json"), digests)
 
     # data
-    labeled = load_labeled(cfg.labeled, "labeled", cfg)
-    validation = load_labeled(cfg.validation, "validation", cfg)
-    eye = torch.eye(cfg.num_classes)
-    sources = [Source(labeled.images, eye[labeled.labels], torch.arange(len(labeled)))]
-    batches = [cfg.batch_size]
+    labeled = open_set(cfg.labeled, "labeled", cfg, shuffle=True)
+    validation = open_set(cfg.validation, "validation", cfg, shuffle=False)
+    streams, batches = [labeled], [cfg.batch_size]
+    targets: list[Any] = [LabeledTargets(cfg.num_classes, "labeled")]
     if cfg.pseudo is not None:
-        sources.append(load_pseudo(cfg.pseudo, cfg))
+        manifest, copies = load_manifest(cfg.pseudo, cfg)
+        streams.append(open_set(cfg.pseudo.unlabeled, "pseudo.unlabeled", cfg, shuffle=True, copies=copies))
         batches.append(cfg.pseudo.ratio * cfg.batch_size)
-    steps = max(math.ceil(len(s.pool) / b) for s, b in zip(sources, batches))
+        targets.append(PseudoTargets(manifest, cfg.num_classes, cfg.pseudo.type, cfg.pseudo.temperature))
+    steps = max(math.ceil(s.total / b) for s, b in zip(streams, batches))
     augment = None
     if cfg.noise.rand_augment is not None:
         ra = cfg.noise.rand_augment
-        augment = imgs.rand_augment(ra.ops, ra.magnitude, cfg.image_size, imgs.mean_pixel(labeled.images))
-    event("data", labeled=len(labeled), pseudo=len(sources[1].pool) if len(sources) > 1 else 0,
-          validation=len(validation), steps_per_epoch=steps)
+        augment = imgs.rand_augment(ra.ops, ra.magnitude, cfg.image_size, fill_colour(labeled, cfg.image_size))
+    event("data", labeled=labeled.total, pseudo=streams[1].total if len(streams) > 1 else 0,
+          validation=validation.total, steps_per_epoch=steps, threads=torch.get_num_threads(), workers=workers)
 
     # model
-    model.to(d.device)
+    model.to(d.device, memory_format=torch.channels_last)
     mean, std = normalization(model)
     ddp_model = torch.nn.parallel.DistributedDataParallel(model) if d.world > 1 else model
+    step_model = torch.compile(ddp_model) if cfg.compile else ddp_model
 
     # optimizer
     optimizer = create_optimizer_v2(model, opt=cfg.optimizer, lr=cfg.lr, weight_decay=cfg.weight_decay, momentum=0.9)
@@ -397,37 +490,42 @@ def run(cfg: TrainConfig) -> dict[str, Any]:
     start, history = 0, []
     resume_uri = latest_checkpoint(out)
     if resume_uri is not None:
-        start, history = load_checkpoint(resume_uri, model, optimizer, scheduler)
+        start, history = load_checkpoint(resume_uri, model, optimizer, scheduler, d)
         event("resume", epoch=start, epochs=cfg.epochs, checkpoint=resume_uri)
 
     # loop
-    progress_rows = torch.randperm(len(validation), generator=torch.Generator().manual_seed(cfg.seed))
-    progress_rows = progress_rows[:PROGRESS_EVAL_IMAGES].sort().values
+    data = TrainBatches(streams, batches, steps, d.rank, d.world, cfg.seed, start, cfg.image_size, targets,
+                        augment, padding=cfg.image_size // 8)
+    loader = torch.utils.data.DataLoader(
+        data, batch_size=None, num_workers=workers, persistent_workers=workers > 0,
+        pin_memory=d.device.type == "cuda", prefetch_factor=4 if workers > 0 else None,
+    )
+    label_targets = LabeledTargets(cfg.num_classes, "validation")
     for epoch in range(start, cfg.epochs):
-        plans = [plan_batches(len(s.pool), b, steps, d, seed=(cfg.seed * 1_000_003 + epoch) * 2 + i)
-                 for i, (s, b) in enumerate(zip(sources, batches))]
-        loader = torch.utils.data.DataLoader(
-            StepBatches(sources, plans, augment, padding=cfg.image_size // 8),
-            batch_size=None, shuffle=False, num_workers=cfg.workers,
-            pin_memory=d.device.type == "cuda", persistent_workers=False,
-        )
         tic = time.perf_counter()
-        loss, seen = train_epoch(ddp_model, loader, optimizer, scheduler, epoch * steps, mean, std, d)
+        try:
+            loss, seen = train_epoch(step_model, loader, optimizer, scheduler, epoch * steps, mean, std, d, epoch)
+        except DataError as exc:
+            raise unwrap(exc) from None
         seconds = time.perf_counter() - tic
         scheduler.step(epoch + 1)
         last = epoch + 1 == cfg.epochs
-        scores = evaluate(model, validation, mean, std, d, subset=None if last else progress_rows)
+        scores = evaluate(model, validation, validation.total if last else cfg.eval_images, cfg.image_size,
+                          label_targets, mean, std, d)
         history.append({"epoch": epoch + 1, "loss": loss, **scores, "images": seen * d.world, "seconds": seconds})
+        rng = gather_rng(d)
         if d.main:
             save_checkpoint(join_uri(out, "checkpoints", f"epoch-{epoch + 1:03d}.pt"), model, optimizer, scheduler,
-                            epoch + 1, history)
+                            epoch + 1, history, rng)
+            prune_checkpoints(out, cfg.keep_checkpoints)
             put_json(join_uri(out, "progress.json"), {"epoch": epoch + 1, "epochs": cfg.epochs, "top1": scores["top1"]})
         event("epoch", epoch=epoch + 1, epochs=cfg.epochs, loss=round(loss, 4), top1=round(scores["top1"], 4),
               images_per_second=round(seen * d.world / seconds, 1))
         barrier(d)
 
     # metrics
-    final = history[-1] if history else evaluate(model, validation, mean, std, d)
+    final = history[-1] if history else evaluate(model, validation, validation.total, cfg.image_size,
+                                                 label_targets, mean, std, d)
     train_seconds = sum(h["seconds"] for h in history)
     metrics = {
         "role": cfg.role,
@@ -437,8 +535,8 @@ def run(cfg: TrainConfig) -> dict[str, Any]:
         "parameters": parameters,
         "images_per_second": sum(h["images"] for h in history) / train_seconds if train_seconds else 0.0,
         "epochs": cfg.epochs,
-        "labeled_images": len(labeled),
-        "pseudo_images": len(sources[1].pool) if len(sources) > 1 else 0,
+        "labeled_images": labeled.total,
+        "pseudo_images": streams[1].total if len(streams) > 1 else 0,
         "world_size": d.world,
         "validation_images": final["validation_images"],
         "history": [{k: h[k] for k in ("epoch", "loss", "top1", "top5", "validation_images")} for h in history],
@@ -449,6 +547,7 @@ def run(cfg: TrainConfig) -> dict[str, Any]:
         put_json(join_uri(out, "metrics.json"), metrics, digests)
         write_done(out, cfg.role, {k: v for k, v in metrics.items() if k != "history"}, digests)
     barrier(d)
+    cores.close()
     if d.world > 1:
         dist.destroy_process_group()
     return metrics
