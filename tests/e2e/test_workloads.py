@@ -3,6 +3,7 @@ two-process DDP through TorchX ``local_cwd``, and a killed training job that res
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -11,6 +12,7 @@ import time
 
 import numpy as np
 import pytest
+import torch
 
 from noisy_student_workloads import balance, components, label, train
 from noisy_student_workloads.datasets import pack_dataset
@@ -127,6 +129,48 @@ def test_errors_leave_no_marker(digits, tmp_path):
                           "unlabeled": uri(tmp_path / "nothing-{000000..000001}.tar"), "output": uri(labels) + "/"})
     assert label.main(["--config", missing]) == 2
 
+    # A teacher with NaN weights is never used to label (every pseudo-label would become class 0).
+    payload = torch.load(teacher_out / "checkpoint.pt", weights_only=True)
+    next(v for v in payload["state_dict"].values() if v.is_floating_point()).fill_(float("nan"))
+    torch.save(payload, tmp_path / "nan.pt")
+    nan_cfg = json.dumps({"checkpoint": uri(tmp_path / "nan.pt"), "unlabeled": digits["unlabeled"],
+                          "output": uri(tmp_path / "nan-labels") + "/"})
+    assert label.main(["--config", nan_cfg]) == 2
+    assert not (tmp_path / "nan-labels" / "part-00000.npz").exists()
+
+
+def test_non_finite_loss_fails_clearly_and_saves_no_weights(digits, tmp_path, capsys):
+    out = tmp_path / "diverged"
+    assert train.main(["--config", json.dumps(train_config(digits, out, epochs=2, lr=1e30))]) == 2
+    assert "loss: not finite" in capsys.readouterr().err
+    assert not (out / "checkpoints").exists() and not (out / "checkpoint.pt").exists()
+    assert not (out / "_DONE.json").exists()
+
+
+def torchrun(cfg: dict, log) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           "-m", "noisy_student_workloads.train", "--config", json.dumps(cfg)]
+    return subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, timeout=600)
+
+
+def test_two_rank_resume_restores_each_ranks_own_rng(digits, tmp_path):
+    noise = {"rand_augment": {"ops": 1, "magnitude": 5}, "dropout": 0.3, "stochastic_depth": 0.2}
+    whole, resumed = tmp_path / "whole", tmp_path / "resumed"
+    with open(tmp_path / "torchrun.log", "w") as log:
+        assert torchrun(train_config(digits, whole, epochs=2, batch_size=8, noise=noise), log).returncode == 0
+        (resumed / "checkpoints").mkdir(parents=True)
+        shutil.copy(whole / "checkpoints/epoch-001.pt", resumed / "checkpoints/epoch-001.pt")
+        assert torchrun(train_config(digits, resumed, epochs=2, batch_size=8, noise=noise), log).returncode == 0
+    a = torch.load(whole / "checkpoints/epoch-002.pt", weights_only=False)
+    b = torch.load(resumed / "checkpoints/epoch-002.pt", weights_only=False)
+    assert len(a["rng"]) == len(b["rng"]) == 2
+    assert not torch.equal(a["rng"][0]["torch"], a["rng"][1]["torch"])  # ranks draw distinct dropout masks
+    for rank in (0, 1):  # each rank continued its own stream, as without the interruption
+        assert torch.equal(a["rng"][rank]["torch"], b["rng"][rank]["torch"])
+        assert a["rng"][rank]["python"] == b["rng"][rank]["python"]
+    for name, weight in a["model"].items():
+        torch.testing.assert_close(b["model"][name], weight, rtol=1e-4, atol=1e-5, msg=name)
+
 
 def test_ddp_two_processes_through_local_cwd(digits, tmp_path):
     from torchx.runner import get_runner
@@ -176,4 +220,6 @@ def test_killed_training_resumes_from_its_checkpoint(tmp_path):
     metrics = read_json(out / "metrics.json")
     assert [h["epoch"] for h in metrics["history"]] == [1, 2, 3, 4]
     assert read_json(out / "progress.json") == {"epoch": 4, "epochs": 4, "top1": metrics["top1"]}
+    # only the last keep_checkpoints (default 2) epoch checkpoints are kept
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["epoch-003.pt", "epoch-004.pt"]
     assert open_store(uri(out)).exists(uri(out / "_DONE.json"))

@@ -53,10 +53,18 @@ def normalization(model: torch.nn.Module) -> tuple[list[float], list[float]]:
     return list(cfg.get("mean", (0.5,) * 3)), list(cfg.get("std", (0.5,) * 3))
 
 
+def check_finite(state: dict[str, torch.Tensor], what: str) -> None:
+    """Refuse weights holding NaN or infinity (they would turn every pseudo-label into class 0)."""
+    bad = [k for k, v in state.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
+    if bad:
+        raise ConfigError(f"checkpoint: {what} has non-finite weights ({len(bad)} tensors, e.g. {bad[0]!r})")
+
+
 def save_final(uri: str, model: torch.nn.Module, name: str, num_classes: int, image_size: int) -> bytes:
     """Write the final checkpoint to ``uri``; returns the bytes written (for the digest)."""
     mean, std = normalization(model)
     state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+    check_finite(state, f"the model to be written to {uri}")
     payload = {
         "model": name,
         "num_classes": num_classes,
@@ -82,6 +90,7 @@ def load_final(uri: str) -> tuple[torch.nn.Module, dict[str, Any]]:
     missing = {"model", "num_classes", "image_size", "state_dict"} - set(payload)
     if missing:
         raise ConfigError(f"checkpoint: {uri} is not a final checkpoint (missing {sorted(missing)})")
+    check_finite(payload["state_dict"], uri)
     model = create_model(payload["model"], payload["num_classes"])
     model.load_state_dict(payload["state_dict"])
     model.eval()

@@ -135,25 +135,26 @@ def check_tar(data: bytes, uri: str) -> int:
     when the archive is cut (inside a member or at a member boundary) or
     holds a bad header.
     """
-    buf = io.BytesIO(data)
-    last = None
-    members = 0
+    last: tarfile.TarInfo | None = None
+    members, end = 0, len(data)
     try:
-        with tarfile.open(fileobj=buf, mode="r:") as tar:
+        with tarfile.open(fileobj=io.BytesIO(data), mode="r:") as tar:
             for member in tar:
-                members += 1
-                last = member.name
+                members, last = members + 1, member
                 if member.offset_data + member.size > len(data):
-                    raise DataError(f"{uri}: truncated tar shard: member {member.name!r} is cut short")
+                    break
             end = tar.offset
     except tarfile.ReadError as exc:
         if not data:
             raise DataError(f"{uri}: empty file, not a tar shard") from exc
-        after = f" after member {last!r}" if last else ""
-        raise DataError(f"{uri}: corrupt tar shard{after}: {exc}") from exc
+        if last is None or "unexpected end" not in str(exc):
+            after = f" after member {last.name!r}" if last else ""
+            raise DataError(f"{uri}: corrupt tar shard{after}: {exc}") from exc
+    if last is not None and last.offset_data + last.size > len(data):
+        raise DataError(f"{uri}: truncated tar shard: member {last.name!r} is cut short")
     trailer = data[end : end + 2 * _TAR_BLOCK]
     if len(trailer) < 2 * _TAR_BLOCK or trailer.count(0) != len(trailer):
-        after = f" after member {last!r}" if last else ""
+        after = f" after member {last.name!r}" if last else ""
         raise DataError(f"{uri}: truncated tar shard: no end-of-archive marker{after}")
     return members
 
