@@ -9,6 +9,7 @@ no smaller stand-in run is needed.
 
 from __future__ import annotations
 
+import json
 import uuid
 
 import pytest
@@ -53,7 +54,9 @@ def test_operator_runs_the_quickstart_with_local_cwd_jobs(kube_api, tmp_path):
         assert 0.0 <= generation["top1"] <= 1.0
         assert generation["parameters"] > 0
     assert status["teacherTop1"] == status["generations"][-1]["top1"]
-    prefix = tmp_path / "artifacts" / namespace / name
-    assert (prefix / f"gen-{students}" / "student" / "_DONE.json").exists()
+    last = next(s for s in status["stages"] if s["stage"] == "student" and s["generation"] == students)
+    marker = tmp_path / "artifacts" / namespace / "stages" / "student" / last["key"] / "_DONE.json"
+    assert json.loads(marker.read_text())["run"] == f"{namespace}/{name}"  # the job knew its run
+    assert last["state"] == "Complete" and last["producedBy"] == f"{namespace}/{name}"
     names = [j["name"] for j in status["jobs"]]
     assert len(names) == len(set(names)) == 2 + 3 * students
