@@ -31,6 +31,7 @@ from __future__ import annotations
 import argparse
 import io
 import sys
+import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -106,13 +107,13 @@ def encode_part(arrays: dict[str, np.ndarray], shard_names: Sequence[str]) -> by
 @torch.inference_mode()
 def predict(model: torch.nn.Module, batches: Iterable[tuple[list[dict[str, Any]], torch.Tensor]],
             meta: dict[str, Any], device: torch.device, shard_index: dict[str, int], topk: int,
-            cores: CoreShare | None = None) -> Predictions:
+            cores: CoreShare | None = None, workers: int = 0) -> Predictions:
     """Softmax predictions of the model (eval mode, eval transform only) for every streamed batch."""
     model.eval().to(device, memory_format=torch.channels_last)
     out = Predictions(topk)
     for i, (samples, x) in enumerate(batches):
         if cores is not None and device.type == "cpu" and i % RETHREAD_EVERY == 0:
-            torch.set_num_threads(cores.plan(0)[0])  # replicas on this host start and finish at different times
+            torch.set_num_threads(cores.plan(workers)[0])  # replicas on this host start and finish at different times
         x = imgs.normalize(x.to(device, non_blocking=True), meta["mean"], meta["std"])
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
             logits = model(x.contiguous(memory_format=torch.channels_last))
@@ -174,10 +175,13 @@ def run(cfg: LabelConfig, replica_id: int, num_replicas: int) -> dict[str, Any] 
 
     # predict
     shard_index = {u: i for i, u in enumerate(shards)}
+    tic = time.perf_counter()
     try:
-        arrays = predict(model, loader, meta, device, shard_index, cfg.topk, cores).arrays(int(meta["num_classes"]))
+        arrays = predict(model, loader, meta, device, shard_index, cfg.topk, cores,
+                         loader.num_workers).arrays(int(meta["num_classes"]))
     except DataError as exc:
         raise DataError(f"unlabeled: {unwrap(exc)}") from None
+    seconds = time.perf_counter() - tic
     keys, classes, confidences = arrays["keys"], arrays["classes"], arrays["confidences"]
     part = encode_part(arrays, [u.rsplit("/", 1)[-1] for u in shards])
     num_classes = int(meta["num_classes"])
@@ -192,8 +196,9 @@ def run(cfg: LabelConfig, replica_id: int, num_replicas: int) -> dict[str, Any] 
     put_json(join_uri(out, part_name(replica_id, "done")), {
         "replica": replica_id, "num_replicas": num_replicas, "images": len(keys), "shards": mine,
         "per_class": stats["counts"], "sha256": digests, "finished": now(),
+        "images_per_second": len(keys) / seconds if seconds > 0 else 0.0,
     })
-    event("labeled", replica=replica_id, images=len(keys),
+    event("labeled", replica=replica_id, images=len(keys), images_per_second=round(len(keys) / max(seconds, 1e-9), 1),
           mean_confidence=round(float(confidences.mean()), 4) if len(keys) else None)
     return finish_stage(out, num_replicas)
 

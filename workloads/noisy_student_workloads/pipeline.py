@@ -131,32 +131,41 @@ class ShardCatalog:
 def check_tar(data: bytes, uri: str) -> int:
     """Walk the tar headers of a shard to its end-of-archive marker; returns the member count.
 
-    Raises :class:`DataError` naming the shard and the last complete sample
+    Raises :class:`DataError` naming the shard and the last complete member
     when the archive is cut (inside a member or at a member boundary) or
-    holds a bad header.
+    holds a bad header. A header walk (name, size, checksum) rather than
+    ``tarfile``: it runs on every shard read and must cost next to nothing.
     """
-    last: tarfile.TarInfo | None = None
-    members, end = 0, len(data)
-    try:
-        with tarfile.open(fileobj=io.BytesIO(data), mode="r:") as tar:
-            for member in tar:
-                members, last = members + 1, member
-                if member.offset_data + member.size > len(data):
-                    break
-            end = tar.offset
-    except tarfile.ReadError as exc:
-        if not data:
-            raise DataError(f"{uri}: empty file, not a tar shard") from exc
-        if last is None or "unexpected end" not in str(exc):
-            after = f" after member {last.name!r}" if last else ""
-            raise DataError(f"{uri}: corrupt tar shard{after}: {exc}") from exc
-    if last is not None and last.offset_data + last.size > len(data):
-        raise DataError(f"{uri}: truncated tar shard: member {last.name!r} is cut short")
-    trailer = data[end : end + 2 * _TAR_BLOCK]
-    if len(trailer) < 2 * _TAR_BLOCK or trailer.count(0) != len(trailer):
-        after = f" after member {last.name!r}" if last else ""
-        raise DataError(f"{uri}: truncated tar shard: no end-of-archive marker{after}")
-    return members
+    if not data:
+        raise DataError(f"{uri}: empty file, not a tar shard")
+    pos, members, last = 0, 0, None
+    view = memoryview(data)
+    while True:
+        header = view[pos : pos + _TAR_BLOCK]
+        after = f" after member {last!r}" if last else ""
+        if len(header) < _TAR_BLOCK:
+            raise DataError(f"{uri}: truncated tar shard: no end-of-archive marker{after}")
+        if not any(header):
+            if any(view[pos + _TAR_BLOCK : pos + 2 * _TAR_BLOCK]) or len(view) < pos + 2 * _TAR_BLOCK:
+                raise DataError(f"{uri}: truncated tar shard: no end-of-archive marker{after}")
+            return members
+        raw = bytes(header)
+        name = raw[:100].split(b"\0", 1)[0].decode("utf-8", errors="replace")
+        stored = raw[148:156].split(b"\0", 1)[0].strip()
+        checksum = sum(raw[:148]) + 8 * 32 + sum(raw[156:])
+        try:
+            ok = int(stored or b"-1", 8) == checksum
+            size = int(raw[124:136].split(b"\0", 1)[0].strip() or b"0", 8) if raw[124] < 0x80 else \
+                int.from_bytes(raw[125:136], "big")
+        except ValueError:
+            ok = False
+        if not ok:
+            kind = "corrupt tar shard" if members else "not a tar shard"
+            raise DataError(f"{uri}: {kind}: bad tar header at byte {pos}{after}")
+        if pos + _TAR_BLOCK + size > len(data):
+            raise DataError(f"{uri}: truncated tar shard: member {name!r} is cut short")
+        pos += _TAR_BLOCK + -(-size // _TAR_BLOCK) * _TAR_BLOCK
+        members, last = members + 1, name
 
 
 def fetch_shard(uri: str, store: ArtifactStore, catalog: ShardCatalog | None) -> bytes:
@@ -386,14 +395,23 @@ class Stream:
         if self.shuffle:
             random.Random(order_seed).shuffle(order)
         segs = segments_of(order, self.uris, self.sizes, lo, hi)
+        # A range no larger than the shuffle buffer is read once and then cycled from memory.
+        small: list[dict[str, Any]] | None = [] if quota is not None and hi - lo <= self.shuffle_buffer else None
         yielded, rounds = 0, 0
         while True:
             rng = random.Random(f"{seed}-{rounds}")
-            if self.shuffle and rounds > 0:
-                segs = rng.sample(segs, len(segs))
-            items: Iterator[dict[str, Any]] = take_segments(segs, self.copies, catalog=self.catalog)
-            if self.shuffle:
-                items = wds.filters._shuffle(items, bufsize=self.shuffle_buffer, initial=self.shuffle_buffer, rng=rng)
+            items: Iterator[dict[str, Any]]
+            if small and rounds > 0:
+                items = iter(rng.sample(small, len(small)) if self.shuffle else small)
+            else:
+                if self.shuffle and rounds > 0:
+                    segs = rng.sample(segs, len(segs))
+                items = take_segments(segs, self.copies, catalog=self.catalog)
+                if small is not None:
+                    items = _recorded(items, small)
+                if self.shuffle:
+                    items = wds.filters._shuffle(items, bufsize=self.shuffle_buffer, initial=self.shuffle_buffer,
+                                                 rng=rng)
             for s in items:
                 if quota is not None and yielded >= quota:
                     return
@@ -402,6 +420,12 @@ class Stream:
             if quota is None or yielded >= quota:
                 return
             rounds += 1
+
+
+def _recorded(items: Iterable[dict[str, Any]], into: list[dict[str, Any]]) -> Iterator[dict[str, Any]]:
+    for item in items:
+        into.append(item)
+        yield item
 
 
 def count_shards(uris: Sequence[str], catalog: ShardCatalog, store: ArtifactStore | None = None) -> list[int]:
