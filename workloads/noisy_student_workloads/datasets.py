@@ -434,6 +434,8 @@ def pack_dataset(
         **info,
         "sha256": {u: d for s in SPLITS for u, d in zip(writers[s].uris, writers[s].sha256, strict=True)},
     }
+    if os.environ.get("NSO_RUN"):
+        done["run"] = os.environ["NSO_RUN"]  # the run whose job packed it (see stage.write_done)
     store.put_json(marker_uri, done)
     log.info("packed %s into %s: %s", source, output_uri, info["counts"])
     return done
