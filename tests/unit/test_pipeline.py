@@ -208,3 +208,26 @@ def test_manifest_key_missing_from_its_shard_names_both(tmp_path: Path) -> None:
     blocks = {uris[0]: (np.asarray([b"u-00002", b"gone-1"]), np.asarray([1, 2]), np.asarray([0, 1]))}
     with pytest.raises(DataError, match=r"u-000000\.tar: sample 'gone-1' of the pseudo-label manifest is not in"):
         list(stream_of(uris, Copies(blocks)).items(0, 3, None, 0, 0))
+
+
+class RowTargets:
+    """The manifest row of each sample, as the target (picklable for worker processes)."""
+
+    def __call__(self, samples: list[dict]) -> torch.Tensor:
+        return torch.tensor([[float(s["row"])] for s in samples])
+
+
+def test_persistent_workers_draw_each_epochs_planned_samples(tmp_path: Path) -> None:
+    uris, keys = write_shards(tmp_path, "u", 120, 20)
+    copies = manifest_copies(uris, keys, [1, 2, 0] * 40, 20)
+    stream = stream_of(uris, copies)
+    data = TrainBatches([stream], [10], 12, 0, 1, seed=3, first_epoch=4, image_size=8, targets=[RowTargets()])
+    loader = torch.utils.data.DataLoader(data, batch_size=None, num_workers=2, persistent_workers=True)
+    sequences = []
+    for epoch in (4, 5):  # resumed at epoch 4: the workers count their epochs from there
+        drawn = [int(r) for _, y, _ in loader for r in y[:, 0]]
+        per_worker = [[[s["row"] for s in b] for b in data.epoch_items(epoch, w, 2)[0]] for w in range(2)]
+        planned = [r for pair in zip(*per_worker) for b in pair for r in b]  # the loader takes workers in turn
+        assert drawn == planned and len(drawn) == 120
+        sequences.append(drawn)
+    assert sequences[0] != sequences[1] and sorted(sequences[0]) == sorted(sequences[1])

