@@ -37,8 +37,7 @@ import hashlib
 import io
 import itertools
 import random
-import tarfile
-from collections import deque
+from collections import Counter, deque
 from collections.abc import Iterable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -429,14 +428,10 @@ def _recorded(items: Iterable[dict[str, Any]], into: list[dict[str, Any]]) -> It
 
 
 def count_shards(uris: Sequence[str], catalog: ShardCatalog, store: ArtifactStore | None = None) -> list[int]:
-    """Samples per shard: from the packing marker when it has them, otherwise by reading the shard."""
-    counts = []
-    for uri in uris:
-        n = catalog.samples.get(_basename(uri))
-        if n is None:
-            n = sum(1 for _ in stream_samples([uri], store, catalog))
-        counts.append(n)
-    return counts
+    """Samples per shard: from the packing marker when it has them, otherwise by reading the shards."""
+    unknown = [u for u in uris if _basename(u) not in catalog.samples]
+    read = Counter(s["__url__"] for s in stream_samples(unknown, store, catalog)) if unknown else Counter()
+    return [catalog.samples.get(_basename(u), read[u]) for u in uris]
 
 
 def batched(items: Iterable[Any], size: int) -> Iterator[list[Any]]:

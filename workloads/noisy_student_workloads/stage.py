@@ -113,12 +113,3 @@ def write_done(
         marker["run"] = os.environ["NSO_RUN"]  # the run whose job made it (shown when another run reuses it)
     put_json(join_uri(output, DONE), marker)
     return marker
-
-
-def cpu_threads(local_processes: int = 1) -> int:
-    """CPUs available to each of ``local_processes`` processes on this node."""
-    try:
-        cpus = len(os.sched_getaffinity(0))
-    except AttributeError:
-        cpus = os.cpu_count() or 1
-    return max(1, cpus // max(1, local_processes))
