@@ -221,7 +221,8 @@ def test_run_goes_through_every_stage_to_succeeded(h, ns, s3_prefix):
     assert [g["top1"] for g in status["generations"]] == [0.7, 0.75, 0.8]
     assert status["generations"][1]["imagesUsed"] == 3000
     assert status["teacherTop1"] == 0.8
-    assert status["generations"][2]["checkpoint"].endswith(f"/{ns}/{run}/gen-2/student/checkpoint.pt")
+    last = status["generations"][2]
+    assert last["checkpoint"].endswith(f"/{ns}/stages/student/{last['key']}/checkpoint.pt")
     for type_, value in {"Ready": "True", "Succeeded": "True", "Progressing": "False", "Failed": "False",
                          "Suspended": "False"}.items():
         assert condition(status, type_)["status"] == value, type_
