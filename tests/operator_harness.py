@@ -35,7 +35,7 @@ from typing import Any, TypeVar
 import yaml
 from kube_server import apply_crd, retry_while_initialising
 
-from noisy_student_operator.api import GROUP, PLURAL, VERSION, RunSpec
+from noisy_student_operator.api import GROUP, PLURAL, VERSION, RunSpec, validate_tolerant
 from noisy_student_operator.backend import (
     LABEL_ATTEMPT,
     LABEL_GENERATION,
@@ -384,7 +384,8 @@ class Harness:
     def layout(self, namespace: str, run: str) -> RunLayout:
         body = self.get_run(namespace, run)
         assert body is not None, f"run {namespace}/{run} is gone"
-        return RunLayout.for_run(RunSpec.model_validate(body["spec"]), namespace, run)
+        spec, _ = validate_tolerant(RunSpec, body["spec"])  # as the operator reads it
+        return RunLayout.for_run(spec, namespace, run)
 
     def job_name(self, namespace: str, run: str, stage: Stage, attempt: int = 0) -> str:
         """The name the operator gives the job of `stage` (named by its stage key) under the run's spec."""

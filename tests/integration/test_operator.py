@@ -468,6 +468,7 @@ def test_volcano_jobs_pass_the_server_schema_and_reference_the_secret(h, ns, s3_
         "app.kubernetes.io/managed-by": "noisy-student-operator",
         "noisystudent.dev/run": run, "noisystudent.dev/stage": "teacher",
         "noisystudent.dev/generation": "0", "noisystudent.dev/attempt": "0",
+        "noisystudent.dev/stage-key": h.layout(ns, run).key(Stage(0, TEACHER)),
     }
     assert metadata["ownerReferences"] == [{
         "apiVersion": "noisystudent.dev/v1alpha1", "kind": "NoisyStudentRun", "name": run,

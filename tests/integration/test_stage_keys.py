@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import json
+import shlex
 import time
 from typing import Any
 
@@ -27,7 +28,9 @@ __all__ = ["cluster", "h", "ns", "operator", "recorded_permissions"]  # fixtures
 def job_config(job: dict[str, Any]) -> dict[str, Any]:
     """The workload config that the Volcano Job passes to its container (`--config <json>`)."""
     container = job["spec"]["tasks"][0]["template"]["spec"]["containers"][0]
-    words = [*(container.get("command") or []), *(container.get("args") or [])]
+    # TorchX runs `bash -c '<torchrun ... --config <json>>'`: split the shell words of each argument.
+    words = [w for part in [*(container.get("command") or []), *(container.get("args") or [])]
+             for w in shlex.split(part)]
     return json.loads(words[words.index("--config") + 1])
 
 
@@ -66,8 +69,10 @@ def test_a_recreated_run_with_another_teacher_trains_it_and_reports_its_marker(h
     h.delete_run(ns, run)
     wait_for(lambda: h.get_run(ns, run) is None, STEP, f"run {run} to disappear")
 
+    # Deleting a run leaves its Volcano Jobs to the garbage collector (which this server lacks).
+    old = {j["metadata"]["name"] for j in h.jobs(ns, run)}
     h.create_run(ns, run, spec(s3_prefix, students=1, teacher={"model": "resnet34", "epochs": 1}))
-    teacher = h.next_job(ns, run, set(), STEP)
+    teacher = h.next_job(ns, run, old, STEP)
     assert job_stage(teacher) == Stage(0, TEACHER)
     assert teacher["metadata"]["name"] != next(j["name"] for j in first["jobs"] if j["stage"] == "teacher")
     layout = h.layout(ns, run)
