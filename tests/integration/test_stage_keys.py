@@ -183,3 +183,29 @@ def test_stored_spec_and_status_with_fields_of_a_newer_version_do_not_fail_the_r
         assert status.get("futureCounter") == 3  # what the operator does not know, it leaves alone
     finally:
         apply_crds(cluster.client, [original])
+
+
+def test_gc_keeps_what_the_runs_in_the_api_server_reference(h, cluster, ns, s3_prefix):
+    """`noisy-student gc` without run files: the live runs are those of the API server."""
+    import os
+    import subprocess
+    import sys
+
+    from noisy_student_workloads.store import open_store
+
+    run = "collected"
+    h.create_run(ns, run, spec(s3_prefix, students=1))
+    layout = h.layout(ns, run)
+    store = open_store(s3_prefix)
+    for stage in layout.keys:
+        store.put_bytes(layout.stage_uri(stage, "out.bin"), b"x" * 10)
+    orphan = f"{layout.root}/stages/teacher/{'0' * 16}/"
+    store.put_bytes(orphan + "checkpoint.pt", b"x" * 2048)
+    env = {**os.environ, "KUBECONFIG": str(cluster.server.kubeconfig)}
+    cli = [sys.executable, "-m", "noisy_student_operator.cli", "gc", "-o", "json"]
+    listed = json.loads(subprocess.run(cli, env=env, capture_output=True, text=True, check=True).stdout)
+    mine = [d for d in listed if d["uri"].startswith(layout.root + "/")]
+    assert [(d["uri"], d["bytes"], d["complete"]) for d in mine] == [(orphan, 2048, False)]
+    subprocess.run([*cli, "--yes"], env=env, capture_output=True, text=True, check=True)
+    assert not store.exists(orphan + "checkpoint.pt")
+    assert all(store.exists(layout.stage_uri(stage, "out.bin")) for stage in layout.keys)
