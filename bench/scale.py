@@ -109,6 +109,7 @@ def run_stage(module: str, config: dict, log: Path, extra: list[str] = ()) -> tu
 def bare(kind: str, pattern: str, model: str, image_size: int, batch: int, ratio: int, images: int) -> float:
     """Images/s of a bare webdataset streaming loop over the same S3 shards, in its own process."""
     code = f"""
+import noisy_student_workloads  # first, as in the stages: OpenMP's wait policy is set before torch loads
 import io, json, sys, time, numpy as np, torch, torch.nn.functional as F, webdataset as wds
 from noisy_student_workloads import images as imgs
 from noisy_student_workloads.models import create_model, normalization

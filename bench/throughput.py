@@ -36,10 +36,10 @@ import tempfile
 import time
 from pathlib import Path
 
+import noisy_student_workloads  # noqa: F401  (first: it sets OpenMP's wait policy before torch loads)
 import torch
 import torch.nn.functional as F
 import webdataset as wds
-
 from noisy_student_workloads import balance, label, train
 from noisy_student_workloads import images as imgs
 from noisy_student_workloads.config import BalanceConfig, LabelConfig, NoiseConfig, RandAugmentConfig, TrainConfig
