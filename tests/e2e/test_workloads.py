@@ -93,6 +93,9 @@ def test_teacher_label_balance_student(digits, tmp_path):
     with np.load(balanced / "manifest.npz") as manifest:
         assert int(manifest["copies"].sum()) == sum(per_class)
         assert manifest["probs"].shape == (len(manifest["keys"]), 10)
+        # which unlabeled shard each key is in, so that training streams the shards
+        assert manifest["shard"].shape == manifest["keys"].shape
+        assert sorted(manifest["shard_names"]) == [f"unlabeled-{i:06d}.tar" for i in range(4)]
     assert len(read_json(balanced / "thresholds.json")["classes"]) == 10
 
     student_cfg = train_config(
