@@ -180,6 +180,9 @@ def main() -> None:
     server = start_s3_server(weed)
     os.environ.update(server.env())
     work = Path(tempfile.mkdtemp(prefix="ns-scale-"))
+    # The stages divide the cores among the workload processes of this host; a private slot directory
+    # keeps other people's jobs from changing their threads and workers between the two sizes.
+    os.environ["NSO_CPU_SLOTS_DIR"] = str(work / "cpu-slots")
     log = work / "stages.log"
     try:
         root = f"s3://{server.bucket}/scale/"
