@@ -120,3 +120,39 @@ def test_model_noise_reaches_timm():
     assert model.drop_rate == 0.5
     drop_paths = [m.drop_prob for m in model.modules() if type(m).__name__ == "DropPath"]
     assert drop_paths and max(drop_paths) == pytest.approx(0.2)
+
+
+def test_new_train_keys_have_defaults_so_older_configs_still_parse():
+    cfg = parse_config(teacher_config(), TrainConfig)
+    assert (cfg.eval_images, cfg.keep_checkpoints, cfg.shuffle_buffer, cfg.compile) == (500, 2, 1000, False)
+    with pytest.raises(ConfigError, match="keep_checkpoints"):
+        parse_config(teacher_config(keep_checkpoints=0), TrainConfig)
+
+
+@pytest.mark.parametrize("with_shard_index", [True, False])
+def test_manifest_copies_follow_tar_order_per_shard(tmp_path, with_shard_index):
+    # A manifest from an older balance stage has no shard index: training finds each key's shard by reading.
+    import numpy as np
+
+    from noisy_student_workloads.shards import ShardWriter, encode_png
+    from noisy_student_workloads.store import FileStore
+    from noisy_student_workloads.train import load_manifest
+
+    with ShardWriter(FileStore(), f"file://{tmp_path}/unlabeled-%06d.tar", 4) as w:
+        for i in range(10):
+            w.write(f"u-{i:02d}", encode_png(np.zeros((4, 4), np.uint8)))
+    rows = [1, 2, 5, 8, 9]  # kept by balancing, in label (tar) order
+    manifest = {"keys": np.asarray([f"u-{i:02d}" for i in rows]), "classes": np.zeros(5, np.int32),
+                "copies": np.asarray([1, 2, 1, 3, 1]), "probs": np.full((5, 10), 0.1, np.float16)}
+    if with_shard_index:
+        manifest["shard"] = np.asarray([0, 0, 1, 2, 2], np.int32)
+        manifest["shard_names"] = np.asarray([f"unlabeled-{i:06d}.tar" for i in range(3)])
+    np.savez(tmp_path / "manifest.npz", **manifest)
+    raw = student_config()
+    raw["pseudo"] = {**raw["pseudo"], "manifest": f"file://{tmp_path}/manifest.npz",
+                     "unlabeled": f"file://{tmp_path}/unlabeled-{{000000..000002}}.tar"}
+    cfg = parse_config(raw, TrainConfig)
+    _, copies = load_manifest(cfg.pseudo, cfg)
+    assert copies.sizes(w.uris, []) == [3, 1, 4]
+    keys, n, manifest_rows = copies.blocks[w.uris[2]]
+    assert keys.tolist() == [b"u-08", b"u-09"] and n.tolist() == [3, 1] and manifest_rows.tolist() == [3, 4]

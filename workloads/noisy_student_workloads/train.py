@@ -74,7 +74,9 @@ import torch.nn.functional as F
 from . import images as imgs
 from .config import ConfigError, PseudoConfig, TrainConfig
 from .models import count_parameters, create_model, normalization, save_final
-from .pipeline import Copies, DataError, ImageBatches, ShardCatalog, Stream, TrainBatches, count_shards, decode, unwrap
+from .pipeline import (
+    Copies, DataError, ImageBatches, ShardCatalog, Stream, TrainBatches, count_shards, decode, stream_samples, unwrap,
+)
 from .runtime import CoreShare
 from .stage import event, put, put_json, run_entry_point, sha256, write_done
 from .store import expand_shards, join_uri, open_store
@@ -213,9 +215,6 @@ def load_manifest(pseudo: PseudoConfig, cfg: TrainConfig) -> tuple[dict[str, np.
         manifest = {k: z[k] for k in z.files}
     if len(manifest.get("keys", ())) == 0:
         raise ConfigError(f"pseudo.manifest: {pseudo.manifest} selects no images")
-    if "shard" not in manifest:
-        raise ConfigError(f"pseudo.manifest: {pseudo.manifest} has no shard index (written by an older balance "
-                          "stage); run the label and balance stages again")
     width = manifest["probs"].shape[1] if "probs" in manifest else None
     if width is not None and width != cfg.num_classes:
         raise ConfigError(f"num_classes: {cfg.num_classes} but the pseudo-label manifest has {width} classes")
@@ -224,12 +223,14 @@ def load_manifest(pseudo: PseudoConfig, cfg: TrainConfig) -> tuple[dict[str, np.
     except (FileNotFoundError, ValueError) as exc:
         raise ConfigError(f"pseudo.unlabeled: {exc}") from None
     by_name = {u.rsplit("/", 1)[-1]: u for u in uris}
+    keys = manifest.pop("keys")
+    keys = np.char.encode(keys, "utf-8") if keys.dtype.kind == "U" else keys
+    if "shard" not in manifest:
+        locate_keys(manifest, keys, uris, pseudo.unlabeled)
     names = [str(n) for n in manifest["shard_names"]]
     missing = [n for n in names if n not in by_name]
     if missing:
         raise ConfigError(f"pseudo.unlabeled: the manifest's shard {missing[0]!r} is not in {pseudo.unlabeled}")
-    keys = manifest.pop("keys")
-    keys = np.char.encode(keys, "utf-8") if keys.dtype.kind == "U" else keys
     order = np.argsort(manifest["shard"], kind="stable")  # per shard, in tar order (the label stage's order)
     starts = np.searchsorted(manifest["shard"][order], np.arange(len(names) + 1))
     blocks = {}
@@ -238,6 +239,23 @@ def load_manifest(pseudo: PseudoConfig, cfg: TrainConfig) -> tuple[dict[str, np.
         if len(rows):
             blocks[by_name[name]] = (keys[rows], manifest["copies"][rows].astype(np.int64), rows)
     return manifest, Copies(blocks)
+
+
+def locate_keys(manifest: dict[str, np.ndarray], keys: np.ndarray, uris: Sequence[str], pattern: str) -> None:
+    """Add ``shard``/``shard_names`` to a manifest from an older balance stage, by reading the shards' keys once."""
+    row_of = {k: i for i, k in enumerate(keys.tolist())}
+    shard = np.full(len(keys), -1, dtype=np.int64)
+    index = {u: i for i, u in enumerate(uris)}
+    for s in stream_samples(uris, catalog=ShardCatalog.of(uris)):
+        row = row_of.get(s["__key__"].encode())
+        if row is not None:
+            shard[row] = index[s["__url__"]]
+    if (shard < 0).any():
+        missing = keys[int(np.flatnonzero(shard < 0)[0])].decode()
+        raise ConfigError(f"pseudo.unlabeled: {int((shard < 0).sum())} manifest keys not found in {pattern}, "
+                          f"e.g. {missing!r}")
+    manifest["shard"] = shard
+    manifest["shard_names"] = np.asarray([u.rsplit("/", 1)[-1] for u in uris])
 
 
 def fill_colour(stream: Stream, image_size: int) -> list[int]:
