@@ -311,7 +311,7 @@ class ResourcesSpec(ApiModel):
     """What each job gets."""
 
     image: str = Field(
-        default="ghcr.io/noisy-student-operator/workloads:0.1.0",
+        default="ghcr.io/noisy-student-operator/workloads:0.2.0",
         min_length=1,
         description="Container image with the workloads (torch + timm).",
     )
