@@ -51,24 +51,24 @@ def s3_prefix(s3_env: S3Server) -> str:
 
 @pytest.fixture(scope="session")
 def kube_api(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ApiServer]:
-    """A real Kubernetes API server (etcd + kube-apiextensions-apiserver) for the whole session."""
+    """A real Kubernetes control plane (scripts/dev-cluster) for the whole session.
+
+    Its API server writes the operator's requests to ``audit_log`` (RBAC
+    coverage, see operator_harness.audit_args); one cluster serves every test,
+    since a second one would double the load on a small machine.
+    """
+    from operator_harness import audit_args
+
+    directory = tmp_path_factory.mktemp("kube-api")
     try:
-        server = start_api_server(tmp_path_factory.mktemp("kube-api"))
+        server = start_api_server(directory, audit_args(directory))
     except ApiServerUnavailable as error:
-        skip_or_fail(f"no Kubernetes API server for tests: {error}")
+        skip_or_fail(f"no Kubernetes control plane for tests: {error}")
     yield server
     server.stop()
 
 
 @pytest.fixture(scope="session")
-def kube_api_with_audit(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ApiServer]:
-    """A second API server that logs every request (metadata only) to ``audit_log``, for RBAC coverage."""
-    from operator_harness import audit_args
-
-    directory = tmp_path_factory.mktemp("kube-api-audit")
-    try:
-        server = start_api_server(directory, audit_args(directory))
-    except ApiServerUnavailable as error:
-        skip_or_fail(f"no Kubernetes API server for tests: {error}")
-    yield server
-    server.stop()
+def kube_api_with_audit(kube_api: ApiServer) -> ApiServer:
+    """The session's cluster, named for the tests that read its audit log."""
+    return kube_api

@@ -1,11 +1,14 @@
-"""Drive the real operator against a real API server: play Volcano and the workloads.
+"""Drive the real operator against a real control plane: play the workloads.
 
 The operator (`noisy-student operator`) runs as a subprocess with its own
-kubeconfig and S3 credentials, exactly as in a cluster. No Volcano controller
-and no workload runs: `Harness` sets the status phase of the Volcano Jobs the
-operator created (Running, Completed, Failed) and writes the completion
+kubeconfig and S3 credentials, exactly as in a cluster. Volcano is real
+(scripts/dev-cluster): its controller makes pods of the operator's Jobs, its
+scheduler binds them to the nodes of the fast test kubelet, which starts them
+at once. No workload runs: `Harness` ends a job's pods as its containers
+would (the kubelet's exit-code annotation), after writing the completion
 markers (`_DONE.json`) the workloads would write, into the real S3 server, at
-the paths the run layout defines.
+the paths the run layout defines; Volcano's job controller derives the Job's
+phase from its pods.
 
 RBAC coverage: the operator gets its own client certificate (user
 `noisy-student-operator`, see `operator_kubeconfig`), the API server's audit
@@ -33,7 +36,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import yaml
-from kube_server import apply_crd, retry_while_initialising
+from kube_server import apply_crd, ensure_namespace, retry_while_initialising, volcano_crd_dir
 
 from noisy_student_operator.api import GROUP, PLURAL, VERSION, RunSpec, validate_tolerant
 from noisy_student_operator.backend import (
@@ -48,8 +51,6 @@ from noisy_student_operator.core.layout import BALANCE, LABEL, PREPARE, RunLayou
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 RUN_CRD = REPO_ROOT / "crds" / "noisystudent.dev_noisystudentruns.yaml"
-#: Volcano's CRDs are shared data next to the repository, never copied into it.
-VOLCANO_CRD_DIR = REPO_ROOT.parent / "shared" / "crds" / "volcano"
 PERMISSIONS_FILE = Path(__file__).resolve().parent / "fixtures" / "operator_permissions.json"
 
 HARNESS_AGENT = "nso-harness"
@@ -57,14 +58,24 @@ HARNESS_AGENT = "nso-harness"
 OPERATOR_USER = "noisy-student-operator"
 
 VOLCANO_JOBS = {"group": "batch.volcano.sh", "version": "v1alpha1", "plural": "jobs"}
+#: The label Volcano's job controller puts on the pods of a Job.
+VOLCANO_JOB_LABEL = "volcano.sh/job-name"
+#: The fast kubelet ends a pod's containers with this exit code (scripts/dev-cluster.d/nso-dev/kubelet.go) ...
+EXIT_CODE_ANNOTATION = "kubelet.nso.dev/exit-code"
+#: ... and this termination message.
+EXIT_MESSAGE_ANNOTATION = "kubelet.nso.dev/message"
 RUNS = {"group": GROUP, "version": VERSION, "plural": PLURAL}
 
-AUDIT_POLICY = """\
+# Only the operator's requests: the controllers' and the kubelet's would
+# make the log large for nothing.
+AUDIT_POLICY = f"""\
 apiVersion: audit.k8s.io/v1
 kind: Policy
 omitStages: [RequestReceived]
 rules:
   - level: Metadata
+    users: [{OPERATOR_USER}]
+  - level: None
 """
 
 T = TypeVar("T")
@@ -120,10 +131,9 @@ def apply_crds(client: Any, documents: list[dict[str, Any]], timeout: float = 60
         apply_crd(client, crd, timeout)
 
 
-def volcano_crds() -> list[dict[str, Any]] | None:
-    """Volcano's CRDs from `../shared/crds/volcano/`, or None when that directory is absent."""
-    paths = sorted(VOLCANO_CRD_DIR.glob("*.yaml"))
-    return load_documents(paths) if paths else None
+def volcano_crds() -> list[dict[str, Any]]:
+    """Volcano's CRDs, from the Volcano module that scripts/dev-cluster builds (its cluster has them)."""
+    return load_documents(sorted(volcano_crd_dir().glob("*.yaml")))
 
 
 def run_crd() -> dict[str, Any]:
@@ -133,9 +143,10 @@ def run_crd() -> dict[str, Any]:
 def operator_kubeconfig(admin_kubeconfig: Path, pki: Path, out: Path) -> Path:
     """A kubeconfig for the same server with the operator's own client certificate (user OPERATOR_USER).
 
-    Signed by the dev server's CA (`<run dir>/pki/ca.key`); the group
-    `system:masters` is the only one this server authorises, so permissions
-    are learnt from the audit log rather than enforced.
+    Signed by the dev cluster's CA (`<run dir>/pki/ca.key`), in the group
+    `system:masters`: every request it makes is allowed and lands in the
+    audit log, from which the permissions it needs are learnt (the chart's
+    RBAC is compared with them in tests/integration/test_helm_chart.py).
     """
     import base64
 
@@ -311,6 +322,7 @@ class Harness:
         self.operator = operator  # its log tail explains a timeout
         self.custom = k8s.CustomObjectsApi(client)
         self.core = k8s.CoreV1Api(client)
+        self.namespaces: set[str] = set()
 
     def _operator_log(self) -> str:
         return self.operator.log_tail() if self.operator else ""
@@ -318,6 +330,10 @@ class Harness:
     # -- runs --------------------------------------------------------------------
 
     def create_run(self, namespace: str, name: str, spec: dict[str, Any]) -> dict[str, Any]:
+        """Create the run (and its namespace, when it is new)."""
+        if namespace not in self.namespaces:
+            ensure_namespace(self.client, namespace)
+            self.namespaces.add(namespace)
         return retry_while_initialising(lambda: self.custom.create_namespaced_custom_object(
             **RUNS, namespace=namespace, body=run_document(name, spec)))
 
@@ -374,10 +390,56 @@ class Harness:
                 return None
             raise
 
-    def set_phase(self, namespace: str, name: str, phase: str) -> None:
-        """What Volcano's controller does: write `status.state.phase` through the status subresource."""
-        self.custom.patch_namespaced_custom_object_status(
-            **VOLCANO_JOBS, namespace=namespace, name=name, body={"status": {"state": {"phase": phase}}})
+    def pods(self, namespace: str, job: str) -> list[dict[str, Any]]:
+        """The pods Volcano made for the Job (as plain dicts, like the custom objects)."""
+        items = self.core.list_namespaced_pod(namespace, label_selector=f"{VOLCANO_JOB_LABEL}={job}").items
+        return [self.client.sanitize_for_serialization(pod) for pod in items]
+
+    def replicas(self, namespace: str, job: str) -> int:
+        body = self.job(namespace, job)
+        assert body is not None, f"Volcano Job {namespace}/{job} is gone"
+        return sum(int(task.get("replicas", 1)) for task in body["spec"]["tasks"])
+
+    def running_pods(self, namespace: str, job: str, timeout: float = 60.0) -> list[dict[str, Any]]:
+        """Wait until every replica of the Job has a Running pod; return those pods."""
+        def probe() -> list[dict[str, Any]] | None:
+            pods = [p for p in self.pods(namespace, job)
+                    if p["status"].get("phase") == "Running" and not p["metadata"].get("deletionTimestamp")]
+            return pods if len(pods) >= self.replicas(namespace, job) else None
+
+        return wait_for(probe, timeout, f"Running pods of every replica of {namespace}/{job}",
+                        detail=lambda: self._job_detail(namespace, job))
+
+    def exit_pods(self, namespace: str, job: str, code: int, message: str = "") -> None:
+        """What the containers do when the workload ends: exit with `code` (the fast kubelet reports it)."""
+        annotations = {EXIT_CODE_ANNOTATION: str(code)}
+        if message:
+            annotations[EXIT_MESSAGE_ANNOTATION] = message
+        for pod in self.running_pods(namespace, job):
+            self.core.patch_namespaced_pod(pod["metadata"]["name"], namespace,
+                                           {"metadata": {"annotations": annotations}})
+
+    def set_phase(self, namespace: str, name: str, phase: str, timeout: float = 60.0) -> None:
+        """Bring the Volcano Job to `phase` as a cluster does, and wait until Volcano reports it.
+
+        Running: its pods run (the kubelet starts them once Volcano binds them).
+        Completed: every container exits with 0. Failed: every container exits
+        with 1.
+        """
+        if phase == "Completed":
+            self.exit_pods(namespace, name, 0)
+        elif phase == "Failed":
+            self.exit_pods(namespace, name, 1, "harness: the workload failed")
+        elif phase != "Running":
+            raise ValueError(f"set_phase: {phase!r} is not something pods can do")
+        wait_for(lambda: job_phase(self.job(namespace, name) or {}) == phase, timeout,
+                 f"Volcano Job {namespace}/{name} {phase}", detail=lambda: self._job_detail(namespace, name))
+
+    def _job_detail(self, namespace: str, name: str) -> str:
+        job = self.job(namespace, name)
+        pods = [(p["metadata"]["name"], p["spec"].get("nodeName"), p["status"].get("phase"))
+                for p in self.pods(namespace, name)]
+        return f"job status: {json.dumps((job or {}).get('status'))}\npods: {pods}\n{self._operator_log()}"
 
     # -- workloads ---------------------------------------------------------------
 
@@ -413,7 +475,7 @@ class Harness:
         return uri
 
     def complete(self, namespace: str, job: dict[str, Any], layout: RunLayout | None = None) -> None:
-        """The job's workload finished: marker first, then the Volcano phase Completed."""
+        """The job's workload finished: marker first, then its containers exit with 0 (Volcano: Completed)."""
         labels = job["metadata"]["labels"]
         layout = layout or self.layout(namespace, labels[LABEL_RUN])
         stage = job_stage(job)

@@ -27,6 +27,11 @@ namespace.
 - apiGroups: [batch.volcano.sh]
   resources: [jobs/status]
   verbs: [get, update]
+# TorchX's describe() reads the first pod of each task of a running Job
+# (`<job>-<task>-0`) for its IP address.
+- apiGroups: [""]
+  resources: [pods]
+  verbs: [get]
 # Stage transitions and handler errors are posted as Events (kopf and the
 # operator).
 - apiGroups: [""]
