@@ -14,6 +14,7 @@ whose lease is held (a job is computing it right now) is never collected::
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
@@ -117,4 +118,4 @@ def runs_from_cluster() -> list[NoisyStudentRun]:
 
 
 def to_json(directories: Iterable[StageDirectory]) -> str:
-    return json.dumps([d.__dict__ for d in directories], indent=2)
+    return json.dumps([dataclasses.asdict(d) for d in directories], indent=2)

@@ -21,12 +21,10 @@ from importlib import metadata
 from typing import Any
 
 from ..api import RunSpec
-from .layout import Stage, plan_stages
+from .layout import PENDING_KEY, Stage, plan_stages
 
 #: Hex digits of a key (64 bits: collisions are out of reach for any artifact store).
 KEY_LENGTH = 16
-#: Stands for the stage's own (not yet known) key while its material is rendered.
-_SELF = "<self>"
 #: Component arguments that place or size a job without changing what it computes.
 _PLACEMENT_ARGS = ("image", "cpu", "memMB", "gpu", "output")
 #: Bump when the meaning of key material changes, so that no old output is taken for a new one.
@@ -45,11 +43,6 @@ def workload_identity(spec: RunSpec, scheduler: str) -> str:
     if scheduler == "kubernetes":
         return f"image:{spec.resources.image}"
     return f"noisy-student-operator=={package_version()}"
-
-
-def digest(material: Mapping[str, Any]) -> str:
-    text = json.dumps(material, sort_keys=True, separators=(",", ":"), default=str)
-    return hashlib.sha256(text.encode()).hexdigest()[:KEY_LENGTH]
 
 
 def key_material(request_args: Mapping[str, Any], config: Mapping[str, Any] | None, spec: RunSpec) -> dict[str, Any]:
@@ -86,7 +79,8 @@ def stage_keys(
             "workload": workload,
             **key_material(args, config, spec),
         }
-        if _SELF in json.dumps(material, default=str):
+        text = json.dumps(material, sort_keys=True, separators=(",", ":"), default=str)
+        if PENDING_KEY in text:
             raise AssertionError(f"the key material of {stage.describe()} refers to its own output")
-        keys[stage] = digest(material)
+        keys[stage] = hashlib.sha256(text.encode()).hexdigest()[:KEY_LENGTH]
     return keys

@@ -119,9 +119,6 @@ class RunLayout:
     def marker_uri(self, stage: Stage) -> str:
         return self.stage_uri(stage, MARKER)
 
-    def lease_uri(self, stage: Stage) -> str:
-        return self.stage_uri(stage, LEASE)
-
     def checkpoint_uri(self, generation: int) -> str:
         kind = TEACHER if generation == 0 else STUDENT
         return self.stage_uri(Stage(generation, kind), "checkpoint.pt")

@@ -29,6 +29,7 @@ Rules it follows:
 from __future__ import annotations
 
 import enum
+import functools
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
@@ -79,8 +80,9 @@ class RunRef:
     #: What runs the stages (see `keys.workload_identity`); by default from `spec.scheduler.name`.
     workload: str | None = None
 
-    @property
+    @functools.cached_property
     def layout(self) -> RunLayout:
+        """Stage keys and locations; computed once per pass (observe and plan share them)."""
         return RunLayout.for_run(self.spec, self.namespace, self.name, self.workload)
 
 

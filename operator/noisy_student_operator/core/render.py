@@ -8,10 +8,9 @@ arguments are those of `noisy_student_workloads.components`.
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
-
-from collections.abc import Mapping
 
 from ..api import RunSpec
 from .keys import stage_keys
