@@ -416,7 +416,14 @@ class JobStatus(ApiModel):
     handle: str | None = Field(default=None, description="TorchX app handle.")
     submitted_at: datetime | None = Field(default=None, description="Submission time.")
     finished_at: datetime | None = Field(default=None, description="Completion time.")
-    message: str | None = Field(default=None, description="Why it failed.")
+    message: str | None = Field(default=None, description="Why it failed, or why it is not running yet.")
+    reason: str | None = Field(
+        default=None,
+        description="CamelCase reason of the job's last failure, e.g. `SubmitRejected` (see docs/lifecycle.md).",
+    )
+    submit_failures: int = Field(
+        default=0, description="Submissions that failed with a transient error (retried with backoff)."
+    )
 
 
 class GenerationStatus(ApiModel):

@@ -27,7 +27,8 @@ from typing import Any, Protocol
 
 from .api import API_VERSION, KIND
 from .api import JobStatus as JobRecord
-from .core.planner import JobObservation, JobState
+from .core import reasons
+from .core.planner import JobObservation, JobState, JobSubmitError
 from .core.render import JobRequest
 
 log = logging.getLogger(__name__)
@@ -143,6 +144,37 @@ def patch_volcano_job(resource: dict[str, Any], request: JobRequest, context: Jo
                 ]
 
 
+def _server_message(error: Any) -> str:
+    """The API server's own message of an `ApiException` (its Status body), else its reason."""
+    try:
+        body = json.loads(error.body or "")
+    except (TypeError, ValueError):
+        body = None
+    if isinstance(body, dict) and body.get("message"):
+        return str(body["message"])
+    return str(error.reason or "no message").strip()
+
+
+def classify_submit_error(error: BaseException) -> JobSubmitError:
+    """Permanent (the server or an admission webhook refused the job) or transient (may pass)."""
+    from kubernetes.client.rest import ApiException
+
+    if isinstance(error, JobSubmitError):
+        return error
+    if isinstance(error, ApiException):
+        status = int(error.status or 0)
+        # 4xx: denied by admission (a webhook, quota, Pod Security), Forbidden, Invalid, no such
+        # namespace or CRD — except timeouts, conflicts and throttling, which pass.
+        permanent = 400 <= status < 500 and status not in (408, 409, 429)
+        reason = reasons.SUBMIT_REJECTED if permanent else reasons.SUBMIT_FAILED
+        return JobSubmitError(f"the API server answered {status} {error.reason}: {_server_message(error)}",
+                              reason, permanent)
+    if isinstance(error, (ValueError, TypeError, KeyError)):
+        # TorchX validating the AppDef or its scheduler options: the same request fails again.
+        return JobSubmitError(f"the job was refused before submission: {error}", reasons.SUBMIT_REJECTED, True)
+    return JobSubmitError(f"{type(error).__name__}: {error}")
+
+
 def default_local_root() -> Path:
     """Working directories and logs of `local_cwd` jobs when the driver names none."""
     cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
@@ -211,9 +243,12 @@ class TorchXJobBackend:
 
     def submit(self, request: JobRequest, context: JobContext) -> str:
         image = request.args.get("image", "")
-        if self.scheduler == "kubernetes":
-            return self._submit_kubernetes(request, context, image)
-        return self._submit_local(request, context)
+        try:
+            if self.scheduler == "kubernetes":
+                return self._submit_kubernetes(request, context, image)
+            return self._submit_local(request, context)
+        except Exception as error:
+            raise classify_submit_error(error) from error
 
     def _handle(self, job: JobRecord, context: JobContext) -> str | None:
         if self.scheduler == "kubernetes":

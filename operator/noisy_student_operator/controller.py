@@ -5,6 +5,13 @@
 observe → plan → act pass, posts the plan's Events, updates metrics, and
 writes the full status when it changed. Passes over the same run are
 serialised by a per-run lock.
+
+A pass that fails (the artifact store or the API server cannot be read)
+still reports: the run's `Ready` condition says why (`ArtifactStoreError`,
+`ReconcileError`) and one Warning Event is posted per distinct error, never
+one per pass. When the plan asks to look again at a given time (a retry's
+backoff), `requeue(namespace, name, seconds)` is called, so the retry
+happens to the second rather than at the next timer tick.
 """
 
 from __future__ import annotations
@@ -23,11 +30,12 @@ from .core import reasons
 from .core.conditions import is_true, set_condition
 from .core.keys import workload_identity
 from .core.planner import ACTIVE_STATES, Plan, RunRef, Submit
-from .reconcile import Reconciler, utcnow
+from .reconcile import ArtifactStoreError, Reconciler, utcnow
 
 log = logging.getLogger(__name__)
 
 EventFn = Callable[[Any, str, str, str], None]
+RequeueFn = Callable[[str, str, float], None]
 
 
 class InvalidRun(ValueError):
@@ -36,6 +44,10 @@ class InvalidRun(ValueError):
 
 def _no_events(body: Any, type_: str, reason: str, message: str) -> None:
     log.info("%s %s: %s", type_, reason, message)
+
+
+def _no_requeue(namespace: str, name: str, seconds: float) -> None:
+    """Without a requeue hook the next timer tick looks again."""
 
 
 class RunController:
@@ -48,12 +60,15 @@ class RunController:
         reconciler_for: Callable[[JobBackend], Reconciler] = Reconciler,
         scheduler_override: str | None = None,
         post_event: EventFn = _no_events,
+        requeue: RequeueFn = _no_requeue,
     ) -> None:
         self.runs_api = runs_api
         self.backends = backends
         self.reconcilers = {name: reconciler_for(backend) for name, backend in backends.items()}
         self.scheduler_override = scheduler_override
         self.post_event = post_event
+        self.requeue = requeue
+        self._errors: dict[str, str] = {}  # the last failed pass's message, by run
         self._locks: dict[str, threading.Lock] = defaultdict(threading.Lock)
         self._conditions: dict[str, str] = {}
 
@@ -99,8 +114,10 @@ class RunController:
     # -- passes ------------------------------------------------------------------
 
     def reconcile(self, namespace: str, name: str) -> Plan | None:
+        """One pass; None when the run is gone or the pass failed (its error is in status)."""
         started = time.perf_counter()
-        with self._locks[f"{namespace}/{name}"]:
+        key = f"{namespace}/{name}"
+        with self._locks[key]:
             body = self.runs_api.get(namespace, name)
             if body is None or body["metadata"].get("deletionTimestamp"):
                 return None
@@ -109,12 +126,38 @@ class RunController:
             except InvalidRun as error:
                 self._mark_invalid(body, str(error))
                 raise
-            except Exception:
+            except Exception as error:
                 metrics.RECONCILE_ERRORS.inc()
-                raise
+                self._report_error(body, error)
+                return None
             finally:
                 metrics.RECONCILE_SECONDS.observe(time.perf_counter() - started)
+            self._errors.pop(key, None)
+        if plan.requeue_after is not None:
+            self.requeue(namespace, name, plan.requeue_after)
         return plan
+
+    def _report_error(self, body: dict[str, Any], error: Exception) -> None:
+        """Say in status why the pass failed; one Event per distinct error."""
+        meta = body["metadata"]
+        namespace, name = meta.get("namespace") or "default", meta["name"]
+        reason = reasons.ARTIFACT_STORE_ERROR if isinstance(error, ArtifactStoreError) else reasons.RECONCILE_ERROR
+        message = f"{error}"
+        log.warning("reconcile of %s/%s failed: %s", namespace, name, message, exc_info=not isinstance(
+            error, ArtifactStoreError))
+        if self._errors.get(f"{namespace}/{name}") == message:
+            return
+        self._errors[f"{namespace}/{name}"] = message
+        self.post_event(body, "Warning", reason, message)
+        status, _ = validate_tolerant(RunStatus, body.get("status") or {})
+        conditions = set_condition(status.conditions, reasons.READY, False, reason, message, utcnow(),
+                                   meta.get("generation"))
+        try:
+            self.runs_api.patch_status(namespace, name, {
+                "conditions": [c.model_dump(mode="json", by_alias=True) for c in conditions]})
+        except Exception:  # the API server is what failed: the next pass reports again
+            log.warning("could not record the error of %s/%s in status", namespace, name, exc_info=True)
+            self._errors.pop(f"{namespace}/{name}", None)
 
     def _reconcile(self, body: dict[str, Any]) -> Plan:
         run = self._ref(body)

@@ -3,13 +3,18 @@
 Level-based: a timer re-observes every run; create, resume and spec-update
 events and Volcano Job phase changes are only hints that make the next pass
 come sooner. A pass reads the run fresh from the API, observes, plans, acts,
-and writes the full status. Nothing in a pass sleeps; a failed pass raises
-`kopf.TemporaryError` and kopf retries it.
+and writes the full status. Nothing in a pass sleeps. A failed pass reports
+its error in the run's status (see `RunController`) and the timer looks again:
+handlers never raise for it, so kopf posts no error Event every few seconds.
+A plan's `requeue_after` (a retry's backoff) is honoured to the second by a
+one-shot timer per run (`Requeuer`).
 """
 
 from __future__ import annotations
 
 import logging
+import threading
+from collections.abc import Callable
 from typing import Any
 
 import kopf
@@ -35,14 +40,38 @@ def _event(body: Any, type_: str, reason: str, message: str) -> None:
     kopf.event(body, type=type_, reason=reason, message=message)
 
 
+class Requeuer:
+    """One pending one-shot timer per run: `schedule` replaces the run's earlier one."""
+
+    def __init__(self, callback: Callable[[str, str], None]) -> None:
+        self.callback = callback
+        self._timers: dict[tuple[str, str], threading.Timer] = {}
+        self._lock = threading.Lock()
+
+    def schedule(self, namespace: str, name: str, seconds: float) -> None:
+        key = (namespace, name)
+        timer = threading.Timer(max(seconds, 0.0), self._fire, args=key)
+        timer.daemon = True
+        with self._lock:
+            previous = self._timers.pop(key, None)
+            if previous is not None:
+                previous.cancel()
+            self._timers[key] = timer
+        timer.start()
+
+    def _fire(self, namespace: str, name: str) -> None:
+        with self._lock:
+            self._timers.pop((namespace, name), None)
+        self.callback(namespace, name)
+
+
 def reconcile(namespace: str, name: str) -> None:
     try:
         controller().reconcile(namespace, name)
     except InvalidRun as error:
         raise kopf.PermanentError(str(error)) from error
-    except Exception as error:
-        log.exception("reconcile of %s/%s failed", namespace, name)
-        raise kopf.TemporaryError(f"reconcile failed: {error}", delay=10) from error
+    except Exception:  # reading the run itself failed: the timer looks again
+        log.warning("reconcile of %s/%s failed", namespace, name, exc_info=True)
 
 
 def on_startup(settings: kopf.OperatorSettings, **_: Any) -> None:
@@ -88,6 +117,7 @@ def register(run_controller: RunController, interval: float = 10.0, watch_jobs: 
     global _controller
     _controller = run_controller
     run_controller.post_event = _event
+    run_controller.requeue = Requeuer(reconcile).schedule
     resource = dict(group=GROUP, version=VERSION, plural=PLURAL)
     kopf.on.startup()(on_startup)
     kopf.on.resume(**resource)(on_run_changed)

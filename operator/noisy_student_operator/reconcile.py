@@ -3,11 +3,16 @@
 The kopf handlers and the local runner call `Reconciler.reconcile(run)`; it
 reads completion markers from the artifact store, asks the job backend for
 the state of active jobs, calls the pure planner, and carries out the plan
-(submit or cancel). Writing the returned status is left to the driver.
+(submit or cancel). A submission that fails never loses the pass: it is
+recorded on its job (`record_submit_error`) and the run is planned again, so
+the returned status says what happened (a refused job fails the run with the
+server's message; a transient error waits for its retry). Writing the
+returned status is left to the driver.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from collections.abc import Callable, Mapping
 from datetime import datetime, timezone
@@ -17,13 +22,29 @@ from noisy_student_workloads.store import ArtifactStore, open_store
 
 from .backend import JobBackend, JobContext
 from .core.layout import Stage, plan_stages
-from .core.planner import ACTIVE_STATES, Cancel, Observation, Plan, RunRef, Submit, plan_run
+from .core import reasons
+from .core.planner import (
+    ACTIVE_STATES,
+    Cancel,
+    Event,
+    JobSubmitError,
+    Observation,
+    Plan,
+    RunRef,
+    Submit,
+    plan_run,
+    record_submit_error,
+)
 
 log = logging.getLogger(__name__)
 
 
 def utcnow() -> datetime:
     return datetime.now(timezone.utc)
+
+
+class ArtifactStoreError(RuntimeError):
+    """The artifact store could not be read (no credentials, 403 without s3:ListBucket, unreachable)."""
 
 
 class MarkerReader:
@@ -65,27 +86,51 @@ class Reconciler:
 
     def observe(self, run: RunRef, context: JobContext) -> Observation:
         active = [j for j in run.status.jobs if j.state in ACTIVE_STATES]
-        return Observation(
-            now=self.clock(),
-            jobs=self.backend.observe(active, context),
-            markers=self.markers.read(run),
-        )
+        try:
+            markers = self.markers.read(run)
+        except Exception as error:
+            raise ArtifactStoreError(f"reading completion markers under {run.layout.root} failed: {error}") from error
+        return Observation(now=self.clock(), jobs=self.backend.observe(active, context), markers=markers)
 
     def reconcile(self, run: RunRef, context: JobContext) -> Plan:
-        plan = plan_run(run, self.observe(run, context))
-        self.act(plan, context)
-        return plan
+        observation = self.observe(run, context)
+        plan = plan_run(run, observation)
+        errors = self.act(plan, context)
+        if not errors:
+            return plan
+        status = plan.status
+        for name, error in errors.items():
+            status = record_submit_error(run.spec, status, name, error, observation.now)
+        again = plan_run(dataclasses.replace(run, status=status), observation)
+        return Plan(again.status, plan.actions + again.actions, plan.events + again.events, again.requeue_after)
 
-    def act(self, plan: Plan, context: JobContext) -> None:
+    def act(self, plan: Plan, context: JobContext) -> dict[str, JobSubmitError]:
+        """Carry out the plan; returns the submissions that failed, by job name."""
         records = {job.name: job for job in plan.status.jobs}
+        errors: dict[str, JobSubmitError] = {}
         for action in plan.actions:
             if isinstance(action, Submit):
-                handle = self.backend.submit(action.request, context)
-                records[action.request.name].handle = handle
-                log.info("submitted %s", action.request.name)
+                name = action.request.name
+                describe = action.request.stage.describe()
+                try:
+                    handle = self.backend.submit(action.request, context)
+                except JobSubmitError as error:
+                    errors[name] = error
+                except Exception as error:  # unclassified (a connection error): may pass
+                    errors[name] = JobSubmitError(f"{type(error).__name__}: {error}")
+                else:
+                    records[name].handle = handle
+                    reason = reasons.JOB_RESUBMITTED if action.resubmit else reasons.JOB_SUBMITTED
+                    plan.events.append(Event("Normal", reason, f"Submitted job {name} for {describe}."))
+                    log.info("submitted %s", name)
+                    continue
+                error = errors[name]
+                log.warning("submitting %s failed (%s): %s", name, error.reason, error)
+                plan.events.append(Event("Warning", reasons.SUBMIT_ERROR, f"Submitting job {name} failed: {error}"))
             elif isinstance(action, Cancel):
                 self.backend.cancel(action.job, context)
                 log.info("cancelled %s", action.job.name)
+        return errors
 
     def cancel_all(self, run: RunRef, context: JobContext) -> list[str]:
         """Cancel every job the run still has running (deletion, Ctrl-C)."""

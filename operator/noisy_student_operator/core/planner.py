@@ -20,6 +20,11 @@ Rules it follows:
 * A failed attempt is retried after `backoffSeconds * 2**failures` (capped),
   as a new attempt with its own name, until `retry.limit` failures; then the
   run is Failed with a condition naming the stage.
+* A submission that fails is recorded on the job: a permanent error (the API
+  server or an admission webhook refused the job) fails the run at once with
+  the server's message; a transient one is retried with the same backoff.
+* Events are posted on transitions only (a job's failure once, not every pass
+  while the retry waits).
 * `spec.suspend` cancels the running job and launches nothing; on resume the
   interrupted stage is submitted again as a new attempt (not counted as a failure).
 * A Failed run stays Failed until its spec changes (`metadata.generation`);
@@ -95,9 +100,19 @@ class Observation:
     markers: Mapping[Stage, Mapping[str, Any]] = field(default_factory=dict)
 
 
+class JobSubmitError(Exception):
+    """A backend could not submit a job; `permanent` when trying again cannot help."""
+
+    def __init__(self, message: str, reason: str = reasons.SUBMIT_FAILED, permanent: bool = False) -> None:
+        super().__init__(message)
+        self.reason = reason
+        self.permanent = permanent
+
+
 @dataclass(frozen=True)
 class Submit:
     request: JobRequest
+    resubmit: bool = False  # the same name again: the backend lost the job
 
 
 @dataclass(frozen=True)
@@ -191,6 +206,8 @@ class _Pass:
         self.actions: list[Submit | Cancel] = []
         self.requeue_after: float | None = None
         self.next_retry_at: datetime | None = None
+        self.failed_now: set[str] = set()  # jobs that failed in this pass (their Event is posted once)
+        self.failure_reason = reasons.STAGE_FAILED
 
     def retry_after_spec_change(self) -> None:
         """The spec changed after the run failed: earlier failures no longer count."""
@@ -211,6 +228,8 @@ class _Pass:
                 continue
             if seen.state.active:
                 job.state = seen.state.value
+                if job.reason == reasons.SUBMIT_FAILED:  # the retried submission went through
+                    job.reason = job.message = None
                 continue
             job.state = "Succeeded" if seen.state is JobState.SUCCEEDED else "Failed"
             job.finished_at = self.now
@@ -218,6 +237,8 @@ class _Pass:
                 job.message = seen.message or "the job was cancelled outside the operator"
             elif seen.state is JobState.FAILED:
                 job.message = seen.message or "the job failed"
+            if job.state == "Failed":
+                self.failed_now.add(job.name)
 
     def records(self, stage: Stage) -> list[JobStatus]:
         key = self.layout.key(stage)
@@ -305,7 +326,7 @@ class _Pass:
     def submit(self, stage: Stage, attempt: int, resubmit: bool = False) -> None:
         request = render_job(self.spec, self.layout, stage, attempt, self.teacher_parameters(stage.generation))
         name = request.name
-        self.actions.append(Submit(request))
+        self.actions.append(Submit(request, resubmit))
         existing = next((j for j in self.jobs if j.name == name), None)
         if existing is None:
             self.jobs.append(
@@ -319,8 +340,10 @@ class _Pass:
                     submitted_at=self.now,
                 )
             )
-        reason = reasons.JOB_RESUBMITTED if resubmit else reasons.JOB_SUBMITTED
-        self.event("Normal", reason, f"Submitted job {name} for {stage.describe()}.")
+
+    def wait_until(self, retry_at: datetime) -> None:
+        self.next_retry_at = retry_at
+        self.requeue_after = max((retry_at - self.now).total_seconds(), 0.0)
 
     def drive(self, stage: Stage) -> str | None:
         """Act on the current stage; returns a failure message when the run has failed."""
@@ -340,13 +363,18 @@ class _Pass:
             return None
         if latest.state in ACTIVE_STATES:
             seen = self.observation.jobs.get(latest.name)
-            if seen is not None and seen.state is JobState.MISSING:
+            unsubmitted = seen is None or seen.state is JobState.MISSING
+            retry_at = self.run.status.next_retry_at
+            if latest.submit_failures and unsubmitted and retry_at is not None and self.now < retry_at:
+                self.wait_until(retry_at)  # the last submission failed; its backoff runs
+            elif unsubmitted and (seen is not None or latest.submit_failures):
                 self.submit(stage, latest.attempt, resubmit=True)
             return None
         if latest.state == "Succeeded":
             # Succeeded without a marker (the marker check came first): a failure.
             latest.state = "Failed"
             latest.message = "the job succeeded but wrote no completion marker"
+            self.failed_now.add(latest.name)
         if latest.state in ("Cancelled", SUPERSEDED):
             self.submit(stage, latest.attempt + 1)
             return None
@@ -354,6 +382,9 @@ class _Pass:
         if latest.finished_at is None:
             latest.finished_at = self.now
         message = latest.message or "the job failed"
+        if latest.reason == reasons.SUBMIT_REJECTED:
+            self.failure_reason = latest.reason
+            return f"Stage {stage.kind} of generation {stage.generation} could not be submitted: {message}"
         if failures > self.spec.retry.limit:
             return (
                 f"Stage {stage.kind} of generation {stage.generation} failed after {failures} attempts: "
@@ -363,15 +394,14 @@ class _Pass:
         if self.now >= retry_at:
             self.submit(stage, latest.attempt + 1)
             return None
-        if self.next_retry_at is None:
+        if latest.name in self.failed_now:
             self.event(
                 "Warning",
                 reasons.JOB_FAILED,
                 f"Job {latest.name} failed: {message}; retry {failures} of "
                 f"{self.spec.retry.limit} at {retry_at.isoformat()}.",
             )
-        self.next_retry_at = retry_at
-        self.requeue_after = max((retry_at - self.now).total_seconds(), 0.0)
+        self.wait_until(retry_at)
         return None
 
     # -- report ----------------------------------------------------------------
@@ -396,7 +426,7 @@ class _Pass:
         put(reasons.SUCCEEDED, state == "Succeeded",
             reasons.RUN_SUCCEEDED if state == "Succeeded" else reasons.IN_PROGRESS, detail)
         put(reasons.FAILED, state == "Failed",
-            reasons.STAGE_FAILED if state == "Failed" else reasons.NO_FAILURE,
+            self.failure_reason if state == "Failed" else reasons.NO_FAILURE,
             detail if state == "Failed" else "No stage has failed.")
         put(reasons.SUSPENDED, state == "Suspended",
             reasons.RUN_SUSPENDED if state == "Suspended" else reasons.NOT_SUSPENDED,
@@ -428,6 +458,23 @@ class _Pass:
             stages=self.stage_statuses(),
             conditions=self.conditions,
         )
+
+
+def record_submit_error(spec: RunSpec, status: RunStatus, name: str, error: JobSubmitError, now: datetime) -> RunStatus:
+    """The status after the submission of job `name` failed (planned again with `plan_run`)."""
+    status = status.model_copy(deep=True)
+    job = next(j for j in status.jobs if j.name == name)
+    job.reason = error.reason
+    if error.permanent:
+        job.state = "Failed"
+        job.finished_at = now
+        job.message = str(error)
+        return status
+    job.submit_failures += 1
+    retry_at = now + timedelta(seconds=backoff_delay(spec, job.submit_failures))
+    job.message = f"submitting failed: {error}; retrying at {retry_at.isoformat()}"
+    status.next_retry_at = retry_at
+    return status
 
 
 def plan_run(run: RunRef, observation: Observation) -> Plan:

@@ -18,11 +18,20 @@ IN_PROGRESS = "InProgress"
 COMPLETED = "Completed"
 NO_FAILURE = "NoFailure"
 STAGE_FAILED = "StageFailed"
+#: The API server (or an admission webhook) refused the job: trying again cannot help.
+SUBMIT_REJECTED = "SubmitRejected"
+#: Submitting failed with an error that may pass (timeout, 5xx, throttling): retried with backoff.
+SUBMIT_FAILED = "SubmitFailed"
+#: The artifact store could not be read (credentials, permissions, network): nothing can be decided.
+ARTIFACT_STORE_ERROR = "ArtifactStoreError"
+#: A pass failed for another reason (the API server, a bug); the message quotes the error.
+RECONCILE_ERROR = "ReconcileError"
 
 # Event reasons
 JOB_SUBMITTED = "JobSubmitted"
 JOB_CANCELLED = "JobCancelled"
 JOB_FAILED = "JobFailed"
+SUBMIT_ERROR = "SubmitError"
 JOB_RESUBMITTED = "JobResubmitted"
 STAGE_COMPLETED = "StageCompleted"
 PROMOTED = "Promoted"

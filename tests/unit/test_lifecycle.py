@@ -1,0 +1,196 @@
+"""The run lifecycle through the operator's reconcile (without kopf): submit errors, events, backoff.
+
+The API server's answers are the real `kubernetes` client's `ApiException`s
+(what TorchX's `KubernetesScheduler.schedule` raises), classified by
+`classify_submit_error` exactly as `TorchXJobBackend.submit` does.
+"""
+
+import json
+import threading
+from datetime import datetime, timedelta, timezone
+
+import pytest
+from kubernetes.client.rest import ApiException
+from test_controller import TEACHER_0, InMemoryRunsApi, layout_of, name, setup  # noqa: F401 (fixture)
+
+from noisy_student_operator.backend import InMemoryJobBackend, classify_submit_error
+from noisy_student_operator.controller import RunController
+from noisy_student_operator.core.planner import JobState
+from noisy_student_operator.handlers import Requeuer
+from noisy_student_operator.reconcile import MarkerReader, Reconciler
+
+T0 = datetime(2026, 1, 1, tzinfo=timezone.utc)
+WEBHOOK_DENIAL = ('admission webhook "validatejob.volcano.sh" denied the request: '
+                  "unable to find job queue: queue.scheduling.volcano.sh \"gpu\" not found")
+
+
+def api_error(status, reason, message=None):
+    error = ApiException(status=status, reason=reason)
+    if message is not None:
+        error.body = json.dumps({"kind": "Status", "status": "Failure", "message": message, "code": status})
+    return error
+
+
+class FlakyBackend(InMemoryJobBackend):
+    """Submissions raise the queued errors (classified as TorchXJobBackend does) before they work."""
+
+    def __init__(self, *errors):
+        super().__init__()
+        self.errors = list(errors)
+
+    def submit(self, request, context):
+        if self.errors:
+            self.submissions.append(request.name)
+            raise classify_submit_error(self.errors.pop(0))
+        return super().submit(request, context)
+
+
+class Clock:
+    def __init__(self):
+        self.now = T0
+
+    def __call__(self):
+        return self.now
+
+
+def make_controller(api, backend, clock, events, requeues):
+    return RunController(
+        api,
+        {"kubernetes": backend},
+        reconciler_for=lambda b: Reconciler(b, MarkerReader(), clock=clock),
+        post_event=lambda body, t, r, m: events.append((t, r, m)),
+        requeue=lambda ns, n, seconds: requeues.append(seconds),
+    )
+
+
+def conditions(api):
+    return {c["type"]: c for c in api.objects[("ml", "demo")]["status"]["conditions"]}
+
+
+# ----------------------------------------------------------------------------- classification
+
+
+@pytest.mark.parametrize(
+    ("error", "permanent", "quoted"),
+    [
+        (api_error(400, "Bad Request", WEBHOOK_DENIAL), True, "unable to find job queue"),
+        (api_error(403, "Forbidden", 'jobs.batch.volcano.sh is forbidden: exceeded quota: q'), True, "exceeded quota"),
+        (api_error(422, "Unprocessable Entity", "Job.batch.volcano.sh \"x\" is invalid"), True, "is invalid"),
+        (api_error(404, "Not Found", 'namespaces "gone" not found'), True, "not found"),
+        (api_error(500, "Internal Server Error", "etcdserver: request timed out"), False, "request timed out"),
+        (api_error(503, "Service Unavailable"), False, "Service Unavailable"),
+        (api_error(429, "Too Many Requests", "throttled"), False, "throttled"),
+        (api_error(409, "Conflict", "the object has been modified"), False, "modified"),
+        (ConnectionResetError("connection reset by peer"), False, "connection reset"),
+        (ValueError("role 'teacher': replicas must be >= 1"), True, "replicas must be"),
+    ],
+)
+def test_submit_errors_are_classified_and_quote_the_server(error, permanent, quoted):
+    classified = classify_submit_error(error)
+    assert classified.permanent is permanent
+    assert quoted in str(classified)
+    assert classified.reason == ("SubmitRejected" if permanent else "SubmitFailed")
+
+
+# ----------------------------------------------------------------------------- submit errors
+
+
+def test_refused_submission_fails_the_run_with_the_servers_message(setup):
+    api, _, _, _, _, layout = setup
+    backend = FlakyBackend(api_error(400, "Bad Request", WEBHOOK_DENIAL))
+    events, requeues = [], []
+    controller = make_controller(api, backend, Clock(), events, requeues)
+    assert controller.reconcile("ml", "demo") is not None  # the pass does not raise
+    status = api.objects[("ml", "demo")]["status"]
+    failed = conditions(api)["Failed"]
+    assert failed["status"] == "True" and failed["reason"] == "SubmitRejected"
+    assert "unable to find job queue" in failed["message"]
+    assert conditions(api)["Ready"]["status"] == "False"
+    job = status["jobs"][0]
+    assert job["state"] == "Failed" and job["reason"] == "SubmitRejected"
+    assert [r for _, r, _ in events] == ["SubmitError", "RunFailed"]
+    # Never retried, no further Events: the run stays Failed until its spec changes.
+    for _ in range(3):
+        controller.reconcile("ml", "demo")
+    assert backend.submissions == [name(layout, TEACHER_0)]
+    assert len(events) == 2
+
+
+def test_transient_submit_error_is_retried_with_backoff_to_the_second(setup):
+    api, _, _, _, _, layout = setup
+    api.objects[("ml", "demo")]["spec"]["retry"] = {"limit": 2, "backoffSeconds": 7, "maxBackoffSeconds": 60}
+    backend = FlakyBackend(api_error(503, "Service Unavailable"), api_error(500, "Internal Server Error", "etcd"))
+    clock, events, requeues = Clock(), [], []
+    controller = make_controller(api, backend, clock, events, requeues)
+    controller.reconcile("ml", "demo")
+    job = api.objects[("ml", "demo")]["status"]["jobs"][0]
+    assert job["state"] == "Pending" and job["submitFailures"] == 1 and "503" in job["message"]
+    assert conditions(api)["Progressing"]["reason"] == "WaitingForRetry"
+    assert requeues == [7.0]
+    clock.now += timedelta(seconds=6)
+    controller.reconcile("ml", "demo")  # the backoff has not run out: nothing is submitted
+    assert len(backend.submissions) == 1 and requeues[-1] == 1.0
+    clock.now += timedelta(seconds=1)
+    controller.reconcile("ml", "demo")  # second failure: the backoff doubles
+    assert len(backend.submissions) == 2 and requeues[-1] == 14.0
+    clock.now += timedelta(seconds=14)
+    controller.reconcile("ml", "demo")
+    assert backend.submissions == [name(layout, TEACHER_0)] * 3 and backend.jobs[name(layout, TEACHER_0)]
+    controller.reconcile("ml", "demo")  # observed running: the submit error is history
+    job = api.objects[("ml", "demo")]["status"]["jobs"][0]
+    assert job["state"] == "Running" and job.get("message") is None and job["attempt"] == 0
+    assert not conditions(api)["Failed"]["status"] == "True"
+    assert [r for _, r, _ in events] == ["SubmitError", "SubmitError", "JobResubmitted"]
+
+
+def test_job_failure_posts_one_event_while_its_retry_waits(setup):
+    api, _, _, _, _, layout = setup
+    backend = InMemoryJobBackend()
+    clock, events, requeues = Clock(), [], []
+    controller = make_controller(api, backend, clock, events, requeues)
+    controller.reconcile("ml", "demo")
+    backend.jobs[name(layout, TEACHER_0)] = JobState.FAILED
+    for _ in range(5):
+        clock.now += timedelta(seconds=1)
+        controller.reconcile("ml", "demo")
+    assert [r for _, r, _ in events].count("JobFailed") == 1
+    assert requeues == [10.0, 9.0, 8.0, 7.0, 6.0]  # failed at T0+1 s, retried at T0+11 s (default 10 s)
+
+
+# ----------------------------------------------------------------------------- failed passes
+
+
+def test_unreadable_artifact_store_is_a_condition_with_the_stores_message(setup):
+    api, _, _, _, _, _ = setup
+
+    def forbidden(root):
+        raise PermissionError("An error occurred (403) when calling the HeadObject operation: Forbidden")
+
+    events = []
+    controller = RunController(
+        api, {"kubernetes": InMemoryJobBackend()},
+        reconciler_for=lambda b: Reconciler(b, MarkerReader(store_for=forbidden)),
+        post_event=lambda body, t, r, m: events.append((t, r, m)),
+    )
+    for _ in range(3):
+        assert controller.reconcile("ml", "demo") is None  # no exception for kopf to turn into Events
+    ready = conditions(api)["Ready"]
+    assert ready["status"] == "False" and ready["reason"] == "ArtifactStoreError"
+    assert "(403) when calling the HeadObject operation: Forbidden" in ready["message"]
+    assert [r for _, r, _ in events] == ["ArtifactStoreError"]
+
+
+def test_requeuer_fires_once_and_a_new_schedule_replaces_the_old():
+    fired = []
+    done = threading.Event()
+
+    def callback(namespace, name):
+        fired.append((namespace, name))
+        done.set()
+
+    requeuer = Requeuer(callback)
+    requeuer.schedule("ml", "demo", 30.0)
+    requeuer.schedule("ml", "demo", 0.01)  # replaces the 30 s one
+    assert done.wait(10)
+    assert fired == [("ml", "demo")]
+    assert not requeuer._timers
