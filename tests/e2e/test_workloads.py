@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import torch
 
-from noisy_student_workloads import balance, components, label, train
+from noisy_student_workloads import balance, components, label, predictions, train
 from noisy_student_workloads.datasets import pack_dataset
 from noisy_student_workloads.store import open_store
 
@@ -53,7 +53,8 @@ def train_config(data: dict, output, **overrides) -> dict:
     return cfg
 
 
-def test_teacher_label_balance_student(digits, tmp_path):
+def test_teacher_label_balance_student(digits, tmp_path, monkeypatch):
+    monkeypatch.setattr(predictions, "PART_ROWS", 256)  # several parts per replica, as a large unlabeled set has
     run = tmp_path / "run"
     assert train.main(["--config", json.dumps(train_config(digits, run / "gen-0/teacher"))]) == 0
     teacher = read_json(run / "gen-0/teacher/_DONE.json")
@@ -73,10 +74,14 @@ def test_teacher_label_balance_student(digits, tmp_path):
     assert label.main(["--config", label_cfg, "--replica-id", "0", "--num-replicas", "2"]) == 0
     done = read_json(labels / "_DONE.json")
     assert done["metrics"]["images"] == 1397 and done["metrics"]["replicas"] == 2
-    with np.load(labels / "part-00000.npz") as part0, np.load(labels / "part-00001.npz") as part1:
+    with np.load(labels / "part-00000-00000.npz") as part0, np.load(labels / "part-00001-00000.npz") as part1:
         assert not set(part0["keys"]) & set(part1["keys"])  # disjoint shards
         assert part0["probs"].dtype == np.float16 and part0["probs"].shape[1] == 10
         np.testing.assert_allclose(part0["probs"].astype(np.float32).sum(axis=1), 1.0, atol=1e-2)
+    parts = list(predictions.read_parts(uri(labels) + "/"))
+    assert len(parts) >= 4 and all(len(p["keys"]) <= 256 + 255 for p in parts)
+    labeled = {k: np.concatenate([p[k] for p in parts]) for k in ("keys", "classes", "confidences", "probs")}
+    assert len(labeled["keys"]) == len(set(labeled["keys"])) == 1397
     stats = read_json(labels / "stats-00000.json")
     assert len(stats["histograms"]) == 10 and len(stats["histograms"][0]) == 100
     # A replica rerun (e.g. a retried pod) rewrites the same stage marker.
@@ -91,6 +96,12 @@ def test_teacher_label_balance_student(digits, tmp_path):
     per_class = marker["metrics"]["per_class"]  # a 1-epoch teacher may never predict some classes
     assert set(per_class) <= {0, 50} and sum(per_class) >= 50
     with np.load(balanced / "manifest.npz") as manifest:
+        # streamed part by part, the same as balancing every prediction in memory
+        sel = balance.select(labeled["classes"], labeled["confidences"], 10, 0.0, 50, seed=0,
+                             histograms=predictions.read_histograms(uri(labels) + "/"))
+        assert manifest["keys"].tolist() == labeled["keys"][sel.indices].tolist()
+        assert manifest["copies"].tolist() == sel.copies.tolist()
+        np.testing.assert_array_equal(manifest["probs"], labeled["probs"][sel.indices])
         assert int(manifest["copies"].sum()) == sum(per_class)
         assert manifest["probs"].shape == (len(manifest["keys"]), 10)
         # which unlabeled shard each key is in, so that training streams the shards
@@ -139,7 +150,7 @@ def test_errors_leave_no_marker(digits, tmp_path):
     nan_cfg = json.dumps({"checkpoint": uri(tmp_path / "nan.pt"), "unlabeled": digits["unlabeled"],
                           "output": uri(tmp_path / "nan-labels") + "/"})
     assert label.main(["--config", nan_cfg]) == 2
-    assert not (tmp_path / "nan-labels" / "part-00000.npz").exists()
+    assert not list((tmp_path / "nan-labels").glob("part-*"))
 
 
 def test_non_finite_loss_fails_clearly_and_saves_no_weights(digits, tmp_path, capsys):

@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from noisy_student_workloads.balance import auto_target, class_thresholds, histogram, select
+from noisy_student_workloads.balance import Picker, auto_target, class_thresholds, histogram, plan_selection, select
 from noisy_student_workloads.config import BalanceConfig, ConfigError, parse_config
 
 
@@ -107,3 +107,59 @@ def test_balance_config_rejects_bad_fields():
 def test_class_out_of_range_names_num_classes():
     with pytest.raises(ConfigError, match="num_classes"):
         select(np.array([0, 5]), np.array([0.9, 0.9]), 3, 0.3)
+
+
+def reference_select(classes, confidences, num_classes, threshold, target, seed):
+    """Balancing as it was done with every prediction in memory: sort each class, keep its top ``target``."""
+    hist = histogram(classes, confidences, num_classes)
+    thresholds = class_thresholds(hist, threshold, target)
+    rng = np.random.default_rng(seed)
+    rows_out, copies_out = [], []
+    for c in range(num_classes):
+        rows = np.flatnonzero((classes == c) & (confidences >= thresholds[c]))
+        copies = np.ones(len(rows), dtype=np.int64)
+        if len(rows) > target:
+            rows = rows[np.argsort(-confidences[rows], kind="stable")[:target]]
+            copies = np.ones(len(rows), dtype=np.int64)
+        elif 0 < len(rows) < target:
+            copies = np.full(len(rows), target // len(rows), dtype=np.int64)
+            copies[rng.choice(len(rows), size=target % len(rows), replace=False)] += 1
+        rows_out.append(rows)
+        copies_out.append(copies)
+    rows, copies = np.concatenate(rows_out), np.concatenate(copies_out)
+    order = np.argsort(rows, kind="stable")
+    return rows[order], copies[order]
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_streamed_selection_equals_sorting_everything(seed):
+    """Part by part, with memory independent of the number of predictions, the same rows and copies as a full sort.
+
+    Confidences are float32 softmax outputs with many ties (a confident
+    teacher puts thousands of images at the same value), so the radix passes
+    and the ties in row order across parts are both exercised."""
+    rng = np.random.default_rng(seed)
+    n, num_classes = 5000, 7
+    classes = rng.choice(num_classes, size=n, p=[0.4, 0.25, 0.15, 0.1, 0.05, 0.04, 0.01])
+    confidences = rng.choice([1.0, 0.99951171875, 0.9990234375, 0.875], size=n).astype(np.float32)
+    spread = rng.random(n) < 0.5
+    confidences[spread] = rng.random(int(spread.sum())).astype(np.float32)
+    confidences = confidences.astype(np.float64)
+    target = int(rng.integers(50, 900))
+    expected_rows, expected_copies = reference_select(classes, confidences, num_classes, 0.2, target, seed)
+
+    cuts = np.sort(rng.choice(np.arange(1, n), size=9, replace=False))
+    parts = list(zip(np.split(classes, cuts), np.split(confidences, cuts), strict=True))
+    plan = plan_selection(lambda: iter(parts), num_classes, 0.2, target, seed=seed)
+    picker = Picker(plan)
+    picked = [picker.pick(c, x) for c, x in parts]
+    rows = np.concatenate([r + start for (r, _), start in zip(picked, np.concatenate([[0], cuts]), strict=True)])
+    copies = np.concatenate([c for _, c in picked])
+    assert rows.tolist() == expected_rows.tolist()
+    assert copies.tolist() == expected_copies.tolist()
+    assert plan.kept == len(rows) and [c["after"] for c in plan.classes] == totals_of(classes, rows, copies, 7)
+    assert set(totals_of(classes, rows, copies, 7)) <= {0, target}
+
+
+def totals_of(classes, rows, copies, num_classes):
+    return np.bincount(classes[rows], weights=copies, minlength=num_classes).astype(int).tolist()

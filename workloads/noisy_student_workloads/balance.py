@@ -36,19 +36,24 @@ Command line::
 
 from __future__ import annotations
 
-import io
+import hashlib
+import os
 import sys
-from collections.abc import Sequence
+import tempfile
+import zipfile
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 
 from .config import BalanceConfig, ConfigError
-from .stage import DONE, event, put, put_json, run_entry_point, write_done
+from .predictions import BINS, histogram, read_histograms, read_parts
+from .stage import event, put_json, run_entry_point, write_done
 from .store import join_uri, open_store
 
-BINS = 100
+# Bits of a confidence resolved per pass when finding a crowded class's cut-off (4096 counters per class).
+RADIX_BITS = 12
 
 
 @dataclass
@@ -59,14 +64,6 @@ class Selection:
     copies: np.ndarray  # int64, >= 1, same length as indices
     target: int | None  # images per class aimed at (None without balancing)
     classes: list[dict[str, Any]] = field(default_factory=list)
-
-
-def histogram(classes: np.ndarray, confidences: np.ndarray, num_classes: int) -> np.ndarray:
-    """num_classes × 100 counts of confidences per predicted class (bins of 0.01)."""
-    bins = np.clip((np.asarray(confidences) * BINS).astype(np.int64), 0, BINS - 1)
-    hist = np.zeros((num_classes, BINS), dtype=np.int64)
-    np.add.at(hist, (np.asarray(classes, dtype=np.int64), bins), 1)
-    return hist
 
 
 def class_thresholds(histograms: np.ndarray, threshold: float, target: int | None) -> np.ndarray:
@@ -99,6 +96,197 @@ def auto_target(counts: np.ndarray) -> int:
     return max(1, int(round(float(np.median(nonzero)))))
 
 
+# (classes, confidences) of the predictions, part by part in row order; each call starts a new pass.
+Passes = Callable[[], Iterable[tuple[np.ndarray, np.ndarray]]]
+
+
+def _bits(confidences: np.ndarray) -> np.ndarray:
+    """Non-negative confidences as uint64 in the same order (``-0.0`` becomes ``0.0``)."""
+    return (np.asarray(confidences, dtype=np.float64) + 0.0).view(np.uint64)
+
+
+def _ranks(groups: np.ndarray, num_groups: int) -> tuple[np.ndarray, np.ndarray]:
+    """Each element's index among the elements of its group before it, and the group sizes."""
+    counts = np.bincount(groups, minlength=num_groups)
+    order = np.argsort(groups, kind="stable")
+    ranks = np.empty(len(groups), dtype=np.int64)
+    ranks[order] = np.arange(len(groups)) - (np.cumsum(counts) - counts)[groups[order]]
+    return ranks, counts
+
+
+def _checked(classes: np.ndarray, confidences: np.ndarray, num_classes: int) -> tuple[np.ndarray, np.ndarray]:
+    classes = np.asarray(classes, dtype=np.int64)
+    confidences = np.asarray(confidences, dtype=np.float64)
+    if classes.shape != confidences.shape:
+        raise ValueError("classes and confidences must have the same length")
+    if len(classes) and (classes.min() < 0 or classes.max() >= num_classes):
+        raise ConfigError(f"num_classes: {num_classes} but the pseudo-labels have class {int(classes.max())}")
+    return classes, confidences
+
+
+@dataclass
+class Plan:
+    """Per class, which candidates (confidence at or above the class threshold) to keep and how many copies.
+
+    A crowded class (more candidates than the target) keeps its ``target``
+    most confident candidates, ties in row order: those whose confidence
+    bits shifted right by ``shift`` exceed ``prefix``, and the first
+    ``ties`` of those equal to it. Other classes (``shift`` 64) keep every
+    candidate, ``copies`` times, and one more for the candidates (by index
+    in row order) in ``extra``.
+    """
+
+    thresholds: np.ndarray
+    target: int | None
+    prefix: np.ndarray
+    shift: np.ndarray
+    ties: np.ndarray
+    copies: np.ndarray
+    extra: dict[int, np.ndarray]
+    classes: list[dict[str, Any]]
+    rows: int
+
+    @property
+    def kept(self) -> int:
+        return sum(c["kept"] for c in self.classes)
+
+
+def _cutoffs(passes: Passes, thresholds: np.ndarray, crowded: np.ndarray,
+             target: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The ``target``-th highest confidence of each crowded class, by radix selection.
+
+    Each pass over the predictions resolves :data:`RADIX_BITS` more bits of
+    it, counting only the candidates still in the bucket that holds it, so
+    memory is a few thousand counters per class, whatever the number of
+    predictions. It stops for a class when the bucket holds exactly the
+    images still to take (all of them are kept) or is a single value (the
+    first ones in row order are kept).
+    """
+    num_classes = len(thresholds)
+    prefix = np.zeros(num_classes, dtype=np.uint64)
+    shift = np.full(num_classes, 64, dtype=np.uint64)
+    need = np.where(crowded, target, 0).astype(np.int64)
+    active = crowded.copy()
+    width = 1 << RADIX_BITS
+    while active.any():
+        lower = np.where(active, np.maximum(shift.astype(np.int64) - RADIX_BITS, 0), shift).astype(np.uint64)
+        counts = np.zeros((num_classes, width), dtype=np.int64)
+        for classes, confidences in passes():
+            classes, confidences = _checked(classes, confidences, num_classes)
+            m = active[classes] & (confidences >= thresholds[classes])
+            c, x = classes[m], _bits(confidences[m])
+            # Bits above `shift` must equal the prefix; at 64 every non-negative float's top bit (0) matches prefix 0.
+            inside = (x >> np.minimum(shift[c], np.uint64(63))) == prefix[c]
+            mask = (np.uint64(1) << (shift[c] - lower[c])) - np.uint64(1)
+            digits = ((x >> lower[c]) & mask).astype(np.int64)
+            np.add.at(counts, (c[inside], digits[inside]), 1)
+        for k in np.flatnonzero(active):
+            from_top = np.cumsum(counts[k, ::-1])
+            d = width - 1 - int(np.searchsorted(from_top, need[k]))  # the digit whose bucket holds the cut-off
+            need[k] -= int(from_top[width - 1 - d] - counts[k, d])
+            prefix[k] = (prefix[k] << (shift[k] - lower[k])) | np.uint64(d)
+            shift[k] = lower[k]
+            active[k] = not (counts[k, d] == need[k] or shift[k] == 0)
+    return prefix, shift, need
+
+
+def plan_selection(passes: Passes, num_classes: int, threshold: float, images_per_class: int | str = "auto",
+                   balance: bool = True, seed: int = 0, histograms: np.ndarray | None = None) -> Plan:
+    """Decide what to keep of each class in a few passes over the predictions, holding one part at a time.
+
+    ``histograms`` (num_classes × 100) default to those of the predictions;
+    the label stage computes them as it goes and they sum to the same.
+    """
+    if not 0.0 <= threshold <= 1.0:
+        raise ConfigError(f"confidence_threshold: {threshold} is outside [0, 1]")
+    before = np.zeros(num_classes, dtype=np.int64)
+    filtered = np.zeros(num_classes, dtype=np.int64)
+    hist = np.zeros((num_classes, BINS), dtype=np.int64)
+    rows = 0
+    for classes, confidences in passes():
+        classes, confidences = _checked(classes, confidences, num_classes)
+        rows += len(classes)
+        before += np.bincount(classes, minlength=num_classes)
+        filtered += np.bincount(classes[confidences >= threshold], minlength=num_classes)
+        if histograms is None:
+            hist += histogram(classes, confidences, num_classes)
+    hist = hist if histograms is None else np.asarray(histograms)
+    if hist.shape != (num_classes, BINS):
+        raise ConfigError(f"num_classes: {num_classes} but the label histograms are {hist.shape[0]} × {hist.shape[1]}")
+    if not balance:
+        target = None
+    elif images_per_class == "auto":
+        target = auto_target(filtered)
+    else:
+        target = int(images_per_class)
+    thresholds = class_thresholds(hist, threshold, target)
+
+    candidates = np.zeros(num_classes, dtype=np.int64)
+    for classes, confidences in passes():
+        classes, confidences = _checked(classes, confidences, num_classes)
+        candidates += np.bincount(classes[confidences >= thresholds[classes]], minlength=num_classes)
+    crowded = candidates > target if target is not None else np.zeros(num_classes, dtype=bool)
+    if crowded.any():
+        prefix, shift, ties = _cutoffs(passes, thresholds, crowded, int(target or 0))
+    else:
+        prefix, shift, ties = (np.zeros(num_classes, np.uint64), np.full(num_classes, 64, np.uint64),
+                               np.zeros(num_classes, np.int64))
+
+    rng = np.random.default_rng(seed)
+    copies = np.ones(num_classes, dtype=np.int64)
+    extra: dict[int, np.ndarray] = {}
+    report = []
+    for c in range(num_classes):
+        n = int(candidates[c])
+        kept = min(n, target) if crowded[c] and target is not None else n
+        if target is not None and 0 < n < target:  # the paper's stochastic rounding of target / n, exact total
+            copies[c] = target // n
+            extra[c] = np.sort(rng.choice(n, size=target % n, replace=False))
+        report.append({
+            "class": c,
+            "threshold": float(thresholds[c]),
+            "predicted": int(before[c]),
+            "above_threshold": int(filtered[c]),
+            "kept": kept,
+            "after": kept * int(copies[c]) + len(extra.get(c, ())),
+        })
+    return Plan(thresholds, target, prefix, shift, ties, copies, extra, report, rows)
+
+
+class Picker:
+    """Applies a :class:`Plan` to the predictions part by part, in the row order the plan was made in."""
+
+    def __init__(self, plan: Plan) -> None:
+        self.plan = plan
+        self.seen = np.zeros(len(plan.thresholds), dtype=np.int64)  # candidates so far, per class
+        self.tied = np.zeros(len(plan.thresholds), dtype=np.int64)  # candidates at a crowded class's cut-off so far
+
+    def pick(self, classes: np.ndarray, confidences: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Rows of this part to keep (ascending) and the copies of each."""
+        plan, num_classes = self.plan, len(self.plan.thresholds)
+        classes, confidences = _checked(classes, confidences, num_classes)
+        rows = np.flatnonzero(confidences >= plan.thresholds[classes])
+        c = classes[rows]
+        index, counts = _ranks(c, num_classes)
+        index += self.seen[c]
+        self.seen += counts
+
+        keep = np.ones(len(rows), dtype=bool)
+        crowded = plan.shift[c] < 64
+        key = _bits(confidences[rows]) >> np.minimum(plan.shift[c], np.uint64(63))
+        tie = crowded & (key == plan.prefix[c])
+        keep[crowded & ~tie] = key[crowded & ~tie] > plan.prefix[c][crowded & ~tie]
+        tie_rank, tie_counts = _ranks(c[tie], num_classes)
+        keep[tie] = self.tied[c[tie]] + tie_rank < plan.ties[c[tie]]
+        self.tied += tie_counts
+
+        copies = plan.copies[c].copy()
+        for k in set(np.unique(c).tolist()) & plan.extra.keys():
+            m = c == k
+            copies[m] += np.isin(index[m], plan.extra[k])
+        return rows[keep], copies[keep]
+
+
 def select(
     classes: np.ndarray,
     confidences: np.ndarray,
@@ -109,121 +297,92 @@ def select(
     seed: int = 0,
     histograms: np.ndarray | None = None,
 ) -> Selection:
-    """Filter by confidence and balance classes — pure numpy, no I/O.
-
-    ``histograms`` (num_classes × 100) default to those of the predictions;
-    the label stage computes them per shard and they sum to the same.
-    """
-    if not 0.0 <= threshold <= 1.0:
-        raise ConfigError(f"confidence_threshold: {threshold} is outside [0, 1]")
-    classes = np.asarray(classes, dtype=np.int64)
-    confidences = np.asarray(confidences, dtype=np.float64)
+    """Filter by confidence and balance classes — in memory, no I/O (:func:`plan_selection` on one part)."""
+    classes, confidences = np.asarray(classes), np.asarray(confidences)
     if classes.shape != confidences.shape:
         raise ValueError("classes and confidences must have the same length")
-    if len(classes) and (classes.min() < 0 or classes.max() >= num_classes):
-        raise ConfigError(f"num_classes: {num_classes} but the pseudo-labels have class {int(classes.max())}")
-    hist = histogram(classes, confidences, num_classes) if histograms is None else np.asarray(histograms)
-    if hist.shape != (num_classes, BINS):
-        raise ConfigError(f"num_classes: {num_classes} but the label histograms are {hist.shape[0]} × {hist.shape[1]}")
-
-    passed = confidences >= threshold
-    before = np.bincount(classes, minlength=num_classes)
-    filtered = np.bincount(classes[passed], minlength=num_classes)
-    if not balance:
-        target = None
-    elif images_per_class == "auto":
-        target = auto_target(filtered)
-    else:
-        target = int(images_per_class)
-    per_class_threshold = class_thresholds(hist, threshold, target)
-    rng = np.random.default_rng(seed)
-
-    keep_rows, keep_copies, report = [], [], []
-    for c in range(num_classes):
-        rows = np.flatnonzero((classes == c) & (confidences >= per_class_threshold[c]))
-        copies = np.ones(len(rows), dtype=np.int64)
-        if target is not None and len(rows) > target:
-            # most confident first; stable, so ties keep input order
-            rows = rows[np.argsort(-confidences[rows], kind="stable")[:target]]
-            copies = np.ones(len(rows), dtype=np.int64)
-        elif target is not None and 0 < len(rows) < target:
-            copies = np.full(len(rows), target // len(rows), dtype=np.int64)
-            copies[rng.choice(len(rows), size=target % len(rows), replace=False)] += 1
-        keep_rows.append(rows)
-        keep_copies.append(copies)
-        report.append({
-            "class": c,
-            "threshold": float(per_class_threshold[c]),
-            "predicted": int(before[c]),
-            "above_threshold": int(filtered[c]),
-            "kept": int(len(rows)),
-            "after": int(copies.sum()),
-        })
-    rows = np.concatenate(keep_rows) if keep_rows else np.zeros(0, dtype=np.int64)
-    copies = np.concatenate(keep_copies) if keep_copies else np.zeros(0, dtype=np.int64)
-    order = np.argsort(rows, kind="stable")
-    return Selection(rows[order].astype(np.int64), copies[order], target, report)
+    plan = plan_selection(lambda: [(classes, confidences)], num_classes, threshold, images_per_class, balance, seed,
+                          histograms)
+    rows, copies = Picker(plan).pick(classes, confidences)
+    return Selection(rows, copies, plan.target, plan.classes)
 
 
-def load_parts(labels: str) -> tuple[dict[str, np.ndarray], np.ndarray]:
-    """All predictions of the label stage (concatenated parts) and their summed histograms."""
-    store = open_store(labels)
-    done_uri = join_uri(labels, DONE)
-    if not store.exists(done_uri):
-        raise ConfigError(f"labels: {done_uri} does not exist (the label stage has not completed)")
-    replicas = int(store.get_json(done_uri)["metrics"]["replicas"])
-    parts: list[dict[str, np.ndarray]] = []
-    names: list[np.ndarray] = []
-    hist = None
-    for i in range(replicas):
-        with np.load(io.BytesIO(store.get_bytes(join_uri(labels, f"part-{i:05d}.npz"))), allow_pickle=False) as z:
-            parts.append({k: z[k] for k in z.files if k != "shard_names"})
-            if "shard_names" in z.files:
-                names.append(z["shard_names"])
-        h = np.asarray(store.get_json(join_uri(labels, f"stats-{i:05d}.json"))["histograms"], dtype=np.int64)
-        hist = h if hist is None else hist + h
-    fields = [k for k in parts[0] if all(k in p for p in parts)]
-    merged = {k: np.concatenate([p[k] for p in parts]) for k in fields}
-    if len(names) == replicas and "shard" in merged:
-        if any(not np.array_equal(n, names[0]) for n in names):
-            raise ConfigError(f"labels: the parts under {labels} label different unlabeled sets")
-        merged["shard_names"] = names[0]
-    return merged, hist if hist is not None else np.zeros((0, BINS), dtype=np.int64)
+class Column:
+    """One manifest column, spooled part by part to a local file, then stored as one ``.npy`` zip member."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        self.file = open(path, "wb")  # noqa: SIM115 - closed in store()
+        self.blocks: list[tuple[np.dtype[Any], tuple[int, ...]]] = []
+
+    def append(self, values: np.ndarray) -> None:
+        values = np.ascontiguousarray(values)
+        self.file.write(values.tobytes())
+        self.blocks.append((values.dtype, values.shape))
+
+    def store(self, zf: zipfile.ZipFile, name: str) -> None:
+        self.file.close()
+        dtype = np.result_type(*[d for d, _ in self.blocks])  # keys: the widest part's width
+        shape = (sum(s[0] for _, s in self.blocks), *self.blocks[0][1][1:])
+        with zf.open(f"{name}.npy", "w", force_zip64=True) as out, open(self.path, "rb") as f:
+            np.lib.format.write_array_header_1_0(
+                out, {"descr": np.lib.format.dtype_to_descr(dtype), "fortran_order": False, "shape": shape})
+            for d, s in self.blocks:
+                block = np.frombuffer(f.read(d.itemsize * int(np.prod(s))), dtype=d).reshape(s)
+                out.write(block.astype(dtype).tobytes())
+
+
+def write_manifest(uri: str, parts: Iterable[dict[str, np.ndarray]], plan: Plan, digests: dict[str, str]) -> None:
+    """Stream the kept rows of ``parts`` (and their copies) into ``manifest.npz`` at ``uri``, one part in memory."""
+    picker = Picker(plan)
+    with tempfile.TemporaryDirectory(prefix="balance-") as tmp:
+        cols: dict[str, Column] = {}
+        shard_names = None
+        for part in parts:
+            rows, copies = picker.pick(part["classes"], part["confidences"])
+            kept = {k: part[k][rows] for k in ("keys", "classes", "probs", "topk_indices", "topk_values", "shard")
+                    if k in part}
+            kept["copies"] = copies
+            for k, v in kept.items():
+                cols.setdefault(k, Column(os.path.join(tmp, k))).append(v)
+            shard_names = part.get("shard_names", shard_names)
+        path = os.path.join(tmp, "manifest.npz")
+        with zipfile.ZipFile(path, "w", compression=zipfile.ZIP_DEFLATED, allowZip64=True) as zf:
+            for k, col in cols.items():
+                col.store(zf, k)
+            if shard_names is not None:
+                with zf.open("shard_names.npy", "w") as out:
+                    np.lib.format.write_array(out, shard_names, allow_pickle=False)
+        open_store(uri).put_file(uri, path)
+        with open(path, "rb") as f:
+            digests[uri] = hashlib.file_digest(f, "sha256").hexdigest()
 
 
 def run(cfg: BalanceConfig) -> dict[str, Any]:
-    """Balance as configured; returns the stage marker."""
+    """Balance as configured, streaming the label stage's parts; returns the stage marker."""
     out = cfg.output
     put_json(join_uri(out, "config.json"), cfg.model_dump(mode="json"))
-    predictions, hist = load_parts(cfg.labels)
-    if len(predictions["keys"]) == 0:
-        raise ConfigError(f"labels: {cfg.labels} holds no predictions (empty unlabeled set)")
+    hist = read_histograms(cfg.labels)
     if hist.shape[0] != cfg.num_classes:
         raise ConfigError(f"num_classes: {cfg.num_classes} but the labels have {hist.shape[0]} classes")
-    sel = select(predictions["classes"], predictions["confidences"], cfg.num_classes, cfg.confidence_threshold,
-                 cfg.images_per_class, cfg.balance, cfg.seed, hist)
-    if len(sel.indices) == 0:
+    fields = ("classes", "confidences")
+    plan = plan_selection(lambda: ((p["classes"], p["confidences"]) for p in read_parts(cfg.labels, fields)),
+                          cfg.num_classes, cfg.confidence_threshold, cfg.images_per_class, cfg.balance, cfg.seed, hist)
+    if plan.rows == 0:
+        raise ConfigError(f"labels: {cfg.labels} holds no predictions (empty unlabeled set)")
+    if plan.kept == 0:
         raise ConfigError(f"confidence_threshold: {cfg.confidence_threshold} keeps no image")
 
-    manifest = {"keys": predictions["keys"][sel.indices], "classes": predictions["classes"][sel.indices],
-                "copies": sel.copies}
-    for name in ("probs", "topk_indices", "topk_values", "shard"):
-        if name in predictions:
-            manifest[name] = predictions[name][sel.indices]
-    if "shard_names" in predictions:
-        manifest["shard_names"] = predictions["shard_names"]
-    buf = io.BytesIO()
-    np.savez_compressed(buf, **manifest)
     digests: dict[str, str] = {}
-    put(join_uri(out, "manifest.npz"), buf.getvalue(), digests)
+    write_manifest(join_uri(out, "manifest.npz"), read_parts(cfg.labels), plan, digests)
     put_json(join_uri(out, "thresholds.json"), {
-        "confidence_threshold": cfg.confidence_threshold, "target": sel.target, "classes": sel.classes}, digests)
+        "confidence_threshold": cfg.confidence_threshold, "target": plan.target, "classes": plan.classes}, digests)
     metrics = {
-        "predicted": int(len(predictions["keys"])),
-        "kept": int(len(sel.indices)),
-        "images": int(sel.copies.sum()),
-        "target": sel.target,
-        "per_class": [c["after"] for c in sel.classes],
+        "predicted": plan.rows,
+        "kept": plan.kept,
+        "images": sum(c["after"] for c in plan.classes),
+        "target": plan.target,
+        "per_class": [c["after"] for c in plan.classes],
     }
     event("balanced", **{k: v for k, v in metrics.items() if k != "per_class"})
     return write_done(out, "balance", metrics, digests)

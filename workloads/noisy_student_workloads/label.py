@@ -3,17 +3,11 @@
 Replica i labels shards i, i+N, i+2N, ... of the (sorted, expanded)
 unlabeled pattern with the teacher in eval mode and the eval transform (no
 augmentation, no dropout, no stochastic depth). Shards are streamed with
-read-ahead (:mod:`.pipeline`); only the predictions, in compact arrays, are
-kept. It writes under ``output``:
-
-* ``part-NNNNN.npz``: ``keys`` (bytes), ``classes`` (int), ``confidences``
-  (float32), ``shard`` (index into ``shard_names``, the file names of all
-  unlabeled shards), and the soft distribution — ``probs`` (float16 N×K)
-  when there are at most 100 classes, else ``topk_indices`` /
-  ``topk_values`` (float16, ``topk`` each);
-* ``stats-NNNNN.json``: per-class confidence histograms (100 bins over [0, 1])
-  and counts of the images predicted as each class;
-* ``part-NNNNN.done.json``: this replica's marker (counts, digests).
+read-ahead (:mod:`.pipeline`), and the predictions are written as they
+come, in parts of bounded size (:mod:`.predictions` has the format and its
+readers), so memory does not grow with the number of unlabeled images. It
+writes under ``output`` the replica's parts ``part-NNNNN-PPPPP.npz``, its
+histograms ``stats-NNNNN.json`` and, last, its marker ``part-NNNNN.done.json``.
 
 Then, if all N part markers exist, it writes the stage marker ``_DONE.json``
 from the part markers alone, so its content is the same whichever replica
@@ -29,102 +23,46 @@ Command line::
 from __future__ import annotations
 
 import argparse
-import io
 import sys
 import time
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 import torch
 
 from . import images as imgs
-from .balance import BINS, histogram
 from .config import ConfigError, LabelConfig
 from .models import load_final
 from .pipeline import Copies, DataError, ImageBatches, ShardCatalog, Stream, unwrap
+from .predictions import PartWriter, columns, marker_name
 from .runtime import CoreShare
-from .stage import event, now, put, put_json, run_entry_point, write_done
+from .stage import event, now, put_json, run_entry_point, write_done
 from .store import expand_shards, join_uri, open_store
 
-FULL_DISTRIBUTION_MAX_CLASSES = 100
 # Batches between re-reading how many label replicas share this host's cores.
 RETHREAD_EVERY = 20
 
 
-def part_name(replica: int, kind: str) -> str:
-    """``part-00003.npz``, ``stats-00003.json``, ``part-00003.done.json``."""
-    return {"part": f"part-{replica:05d}.npz", "stats": f"stats-{replica:05d}.json",
-            "done": f"part-{replica:05d}.done.json"}[kind]
-
-
-@dataclass
-class Predictions:
-    """Predictions accumulated batch by batch in compact arrays (the part's columns)."""
-
-    topk: int
-    columns: dict[str, list[np.ndarray]] = field(default_factory=dict)
-
-    def add(self, samples: Sequence[dict[str, Any]], probs: torch.Tensor, shard_index: dict[str, int]) -> None:
-        confidences, classes = probs.max(dim=1)
-        cols = {
-            "keys": np.asarray([s["__key__"].encode() for s in samples], dtype=np.bytes_),
-            "shard": np.asarray([shard_index[s["__url__"]] for s in samples], dtype=np.int32),
-            "classes": classes.numpy().astype(np.int32),
-            "confidences": confidences.numpy().astype(np.float32),
-        }
-        if probs.shape[1] <= FULL_DISTRIBUTION_MAX_CLASSES:
-            cols["probs"] = probs.numpy().astype(np.float16)
-        else:
-            values, indices = probs.topk(min(self.topk, probs.shape[1]), dim=1)
-            cols["topk_indices"] = indices.numpy().astype(np.int32)
-            cols["topk_values"] = values.numpy().astype(np.float16)
-        for k, v in cols.items():
-            self.columns.setdefault(k, []).append(v)
-
-    def arrays(self, num_classes: int) -> dict[str, np.ndarray]:
-        if not self.columns:  # no image: empty columns of the right kinds
-            wide = num_classes <= FULL_DISTRIBUTION_MAX_CLASSES
-            empty = {"keys": np.zeros(0, np.bytes_), "shard": np.zeros(0, np.int32), "classes": np.zeros(0, np.int32),
-                     "confidences": np.zeros(0, np.float32)}
-            if wide:
-                empty["probs"] = np.zeros((0, num_classes), np.float16)
-            else:
-                empty["topk_indices"] = np.zeros((0, self.topk), np.int32)
-                empty["topk_values"] = np.zeros((0, self.topk), np.float16)
-            return empty
-        return {k: np.concatenate(v) for k, v in self.columns.items()}
-
-
-def encode_part(arrays: dict[str, np.ndarray], shard_names: Sequence[str]) -> bytes:
-    """The ``part-NNNNN.npz`` bytes for these predictions."""
-    buf = io.BytesIO()
-    np.savez_compressed(buf, **arrays, shard_names=np.asarray(list(shard_names), dtype=np.str_))
-    return buf.getvalue()
-
-
 @torch.inference_mode()
 def predict(model: torch.nn.Module, batches: Iterable[tuple[list[dict[str, Any]], torch.Tensor]],
-            meta: dict[str, Any], device: torch.device, shard_index: dict[str, int], topk: int,
-            cores: CoreShare | None = None, workers: int = 0) -> Predictions:
-    """Softmax predictions of the model (eval mode, eval transform only) for every streamed batch."""
+            meta: dict[str, Any], device: torch.device, shard_index: dict[str, int], writer: PartWriter,
+            cores: CoreShare | None = None, workers: int = 0) -> None:
+    """Softmax predictions of the model (eval mode, eval transform only) for every streamed batch, into ``writer``."""
     model.eval().to(device, memory_format=torch.channels_last)
-    out = Predictions(topk)
     for i, (samples, x) in enumerate(batches):
         if cores is not None and device.type == "cpu" and i % RETHREAD_EVERY == 0:
             torch.set_num_threads(cores.plan(workers)[0])  # replicas on this host start and finish at different times
         x = imgs.normalize(x.to(device, non_blocking=True), meta["mean"], meta["std"])
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
             logits = model(x.contiguous(memory_format=torch.channels_last))
-        out.add(samples, torch.softmax(logits.float(), dim=1).cpu(), shard_index)
-    return out
+        writer.add(columns(samples, torch.softmax(logits.float(), dim=1).cpu(), shard_index, writer.topk))
 
 
 def finish_stage(output: str, num_replicas: int) -> dict[str, Any] | None:
     """Write ``_DONE.json`` when all part markers exist; deterministic content, from part markers only."""
     store = open_store(output)
-    markers = [join_uri(output, part_name(i, "done")) for i in range(num_replicas)]
+    markers = [join_uri(output, marker_name(i)) for i in range(num_replicas)]
     if not all(store.exists(m) for m in markers):
         return None
     parts = [store.get_json(m) for m in markers]
@@ -160,7 +98,7 @@ def run(cfg: LabelConfig, replica_id: int, num_replicas: int) -> dict[str, Any] 
         raise ConfigError(f"unlabeled: {cfg.unlabeled} names no shards")
     mine = shards[replica_id::num_replicas]
     store = open_store(out)
-    done_uri = join_uri(out, part_name(replica_id, "done"))
+    done_uri = join_uri(out, marker_name(replica_id))
     if store.exists(done_uri):
         previous = store.get_json(done_uri)
         if previous.get("shards") == mine and previous.get("num_replicas") == num_replicas:
@@ -173,33 +111,21 @@ def run(cfg: LabelConfig, replica_id: int, num_replicas: int) -> dict[str, Any] 
                                          pin_memory=device.type == "cuda")
     event("data", replica=replica_id, shards=len(mine), workers=loader.num_workers)
 
-    # predict
-    shard_index = {u: i for i, u in enumerate(shards)}
+    # predict, writing parts as they fill, then this replica's marker, then (maybe) the stage marker
+    num_classes = int(meta["num_classes"])
+    writer = PartWriter(out, replica_id, num_classes, cfg.topk, [u.rsplit("/", 1)[-1] for u in shards])
     tic = time.perf_counter()
     try:
-        arrays = predict(model, loader, meta, device, shard_index, cfg.topk, cores,
-                         loader.num_workers).arrays(int(meta["num_classes"]))
+        predict(model, loader, meta, device, {u: i for i, u in enumerate(shards)}, writer, cores, loader.num_workers)
     except DataError as exc:
         raise DataError(f"unlabeled: {unwrap(exc)}") from None
     seconds = time.perf_counter() - tic
-    keys, classes, confidences = arrays["keys"], arrays["classes"], arrays["confidences"]
-    part = encode_part(arrays, [u.rsplit("/", 1)[-1] for u in shards])
-    num_classes = int(meta["num_classes"])
-    hist = histogram(classes, confidences, num_classes)
-    stats = {"replica": replica_id, "num_classes": num_classes, "bins": BINS,
-             "counts": hist.sum(axis=1).tolist(), "histograms": hist.tolist()}
-
-    # outputs, then this replica's marker, then (maybe) the stage marker
-    digests: dict[str, str] = {}
-    put(join_uri(out, part_name(replica_id, "part")), part, digests)
-    put_json(join_uri(out, part_name(replica_id, "stats")), stats, digests)
-    put_json(join_uri(out, part_name(replica_id, "done")), {
-        "replica": replica_id, "num_replicas": num_replicas, "images": len(keys), "shards": mine,
-        "per_class": stats["counts"], "sha256": digests, "finished": now(),
-        "images_per_second": len(keys) / seconds if seconds > 0 else 0.0,
-    })
-    event("labeled", replica=replica_id, images=len(keys), images_per_second=round(len(keys) / max(seconds, 1e-9), 1),
-          mean_confidence=round(float(confidences.mean()), 4) if len(keys) else None)
+    images = writer.images
+    writer.close({"num_replicas": num_replicas, "shards": mine, "finished": now(),
+                  "images_per_second": images / seconds if seconds > 0 else 0.0})
+    event("labeled", replica=replica_id, images=images, parts=len(writer.parts),
+          images_per_second=round(images / max(seconds, 1e-9), 1),
+          mean_confidence=round(writer.confidence_sum / images, 4) if images else None)
     return finish_stage(out, num_replicas)
 
 

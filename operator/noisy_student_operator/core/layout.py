@@ -8,7 +8,7 @@ belongs to the run::
     <artifacts.uri>/<namespace>/
       stages/prepare/<key>/{labeled-*.tar, unlabeled-*.tar, validation-*.tar, _DONE.json}
       stages/teacher/<key>/{checkpoint.pt, checkpoints/epoch-*.pt, metrics.json, config.json, _DONE.json}
-      stages/label/<key>/{part-00000.npz, stats-00000.json, ..., _DONE.json}
+      stages/label/<key>/{part-00000-00000.npz, ..., stats-00000.json, part-00000.done.json, ..., _DONE.json}
       stages/balance/<key>/{manifest.npz, thresholds.json, _DONE.json}
       stages/student/<key>/{checkpoint.pt, checkpoints/epoch-*.pt, metrics.json, _DONE.json}
       <run>/{stages.json, status.json, spec.json, top1.png}   (local runner)
