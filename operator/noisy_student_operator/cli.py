@@ -51,7 +51,8 @@ def build_parser() -> argparse.ArgumentParser:
     op.add_argument("--metrics-port", type=int, default=8080, help="Prometheus port (0 disables)")
     op.add_argument("--liveness", default="http://0.0.0.0:8081/healthz", help="kopf liveness endpoint")
     op.add_argument("--scheduler", choices=("kubernetes", "local_cwd"), default=None,
-                    help="override every run's spec.scheduler.name (local_cwd: jobs on the operator's host)")
+                    help="override every run's spec.scheduler.name; without it only `kubernetes` is served and a "
+                         "run asking for local_cwd (processes on the operator's host) is refused")
     op.add_argument("--interval", type=float, default=10.0, help="seconds between re-observations")
     sub.add_parser("data", help="pack data sets into shards (see `noisy-student data --help`)", add_help=False)
     return parser

@@ -41,6 +41,14 @@ RequeueFn = Callable[[str, str, float], None]
 class InvalidRun(ValueError):
     """The stored spec does not validate (something the CRD schema cannot express)."""
 
+    reason = reasons.INVALID_SPEC
+
+
+class SchedulerNotServed(InvalidRun):
+    """The run asks for a scheduler this operator was not started to serve."""
+
+    reason = reasons.SCHEDULER_NOT_SERVED
+
 
 def _no_events(body: Any, type_: str, reason: str, message: str) -> None:
     log.info("%s %s: %s", type_, reason, message)
@@ -124,7 +132,7 @@ class RunController:
             try:
                 plan = self._reconcile(body)
             except InvalidRun as error:
-                self._mark_invalid(body, str(error))
+                self._mark_invalid(body, error)
                 raise
             except Exception as error:
                 metrics.RECONCILE_ERRORS.inc()
@@ -159,10 +167,21 @@ class RunController:
             log.warning("could not record the error of %s/%s in status", namespace, name, exc_info=True)
             self._errors.pop(f"{namespace}/{name}", None)
 
+    def _reconciler(self, spec: RunSpec) -> Reconciler:
+        scheduler = self._scheduler(spec)
+        if scheduler not in self.reconcilers:
+            served = ", ".join(sorted(self.reconcilers))
+            raise SchedulerNotServed(
+                f"spec.scheduler.name: {scheduler} is not served by this operator (it serves {served}); "
+                f"local_cwd would run the stages as processes inside the operator's pod, with its "
+                f"credentials, so an operator serves it only when started with --scheduler local_cwd"
+            )
+        return self.reconcilers[scheduler]
+
     def _reconcile(self, body: dict[str, Any]) -> Plan:
         run = self._ref(body)
         context = self._context(body, run.spec)
-        reconciler = self.reconcilers[self._scheduler(run.spec)]
+        reconciler = self._reconciler(run.spec)
         plan = reconciler.reconcile(run, context)
         self._record_metrics(run.status, plan)
         new_status = plan.status.model_dump(mode="json", by_alias=True)
@@ -173,16 +192,17 @@ class RunController:
             self.post_event(body, event.type, event.reason, event.message)
         return plan
 
-    def _mark_invalid(self, body: dict[str, Any], message: str) -> None:
+    def _mark_invalid(self, body: dict[str, Any], error: InvalidRun) -> None:
         meta = body["metadata"]
+        message = str(error)
         status, _ = validate_tolerant(RunStatus, body.get("status") or {})
         conditions = set_condition(
-            status.conditions, reasons.FAILED, True, "InvalidSpec", message, utcnow(), meta.get("generation")
+            status.conditions, reasons.FAILED, True, error.reason, message, utcnow(), meta.get("generation")
         )
         patch = {"conditions": [c.model_dump(mode="json", by_alias=True) for c in conditions],
                  "stage": "Failed", "observedGeneration": meta.get("generation")}
         self.runs_api.patch_status(meta.get("namespace") or "default", meta["name"], patch)
-        self.post_event(body, "Warning", "InvalidSpec", message)
+        self.post_event(body, "Warning", error.reason, message)
 
     def _record_metrics(self, before: RunStatus, plan: Plan) -> None:
         for action in plan.actions:
@@ -222,6 +242,8 @@ class RunController:
             run = self._ref(body)
         except InvalidRun:
             return []
+        if self._scheduler(run.spec) not in self.reconcilers:
+            return []  # refused: it never had jobs
         context = self._context(body, run.spec)
         reconciler = self.reconcilers[self._scheduler(run.spec)]
         with self._locks[f"{run.namespace}/{run.name}"]:

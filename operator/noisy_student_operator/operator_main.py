@@ -19,7 +19,9 @@ def build_controller(scheduler_override: str | None = None):
     from .kube import RunsApi, load_kube_config
 
     load_kube_config()
-    names = [scheduler_override] if scheduler_override else ["kubernetes", "local_cwd"]
+    # Only `kubernetes` unless asked: `local_cwd` runs stages inside this process's pod, with its
+    # S3 keys and ServiceAccount token, so a run author must not be able to choose it.
+    names = [scheduler_override] if scheduler_override else ["kubernetes"]
     backends = {name: TorchXJobBackend(name) for name in names}
     return RunController(RunsApi(), backends, scheduler_override=scheduler_override)
 

@@ -374,6 +374,20 @@ def test_failed_stage_is_retried_with_backoff_then_the_run_fails(h, ns, s3_prefi
     assert len(h.jobs(ns, run)) == 4  # teacher + three label attempts, no fourth
 
 
+# ----------------------------------------------------------------------------- (e2) tenancy
+
+
+def test_local_cwd_run_is_refused_by_an_operator_in_the_cluster(h, ns, s3_prefix):
+    """The operator runs as in a cluster (no --scheduler): a run cannot make it fork its stages."""
+    run = "local"
+    h.create_run(ns, run, spec(s3_prefix, students=1, scheduler={"name": "local_cwd"}))
+    status = h.wait_run(ns, run, lambda s: is_true(s, "Failed"), STEP, "Failed")
+    failed = condition(status, "Failed")
+    assert failed["reason"] == "SchedulerNotServed"
+    assert "spec.scheduler.name: local_cwd is not served" in failed["message"]
+    assert not status.get("jobs") and h.jobs(ns, run) == []
+
+
 # ----------------------------------------------------------------------------- (f) server-side validation
 
 

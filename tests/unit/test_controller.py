@@ -7,7 +7,7 @@ import pytest
 
 from noisy_student_operator.api import RunSpec
 from noisy_student_operator.backend import InMemoryJobBackend
-from noisy_student_operator.controller import InvalidRun, RunController
+from noisy_student_operator.controller import InvalidRun, RunController, SchedulerNotServed
 from noisy_student_operator.core.keys import workload_identity
 from noisy_student_operator.core.layout import BALANCE, LABEL, STUDENT, TEACHER, RunLayout, Stage, job_name
 from noisy_student_operator.core.planner import JobState
@@ -144,6 +144,23 @@ def test_invalid_stored_spec_marks_failed(setup):
     status = api.objects[("ml", "demo")]["status"]
     failed = next(c for c in status["conditions"] if c["type"] == "Failed")
     assert failed["status"] == "True" and failed["reason"] == "InvalidSpec"
+
+
+def test_a_scheduler_the_operator_does_not_serve_is_refused_with_a_condition(setup):
+    """In a cluster, `local_cwd` would fork the stages inside the operator's pod (with its S3 keys and
+    token): an operator that serves only `kubernetes` refuses such a run instead of running it."""
+    api, backend, controller, events, store, layout = setup
+    api.objects[("ml", "demo")]["spec"]["scheduler"] = {"name": "local_cwd"}
+    with pytest.raises(SchedulerNotServed, match="spec.scheduler.name: local_cwd is not served"):
+        controller.reconcile("ml", "demo")
+    assert backend.submissions == []
+    body = api.objects[("ml", "demo")]
+    failed = next(c for c in body["status"]["conditions"] if c["type"] == "Failed")
+    assert failed["status"] == "True" and failed["reason"] == "SchedulerNotServed"
+    assert "--scheduler local_cwd" in failed["message"]
+    assert events[-1][:2] == ("Warning", "SchedulerNotServed")
+    assert controller.settled(body)  # the timer leaves it alone until the spec changes
+    assert controller.cancel_all(body) == []  # deleting it needs no backend
 
 
 def test_settled_runs_are_skipped_by_the_timer(setup):

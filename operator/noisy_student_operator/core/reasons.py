@@ -26,6 +26,8 @@ SUBMIT_FAILED = "SubmitFailed"
 ARTIFACT_STORE_ERROR = "ArtifactStoreError"
 #: A pass failed for another reason (the API server, a bug); the message quotes the error.
 RECONCILE_ERROR = "ReconcileError"
+INVALID_SPEC = "InvalidSpec"
+SCHEDULER_NOT_SERVED = "SchedulerNotServed"
 
 # Event reasons
 JOB_SUBMITTED = "JobSubmitted"
