@@ -12,12 +12,14 @@ from __future__ import annotations
 
 import copy
 import logging
+import re
+from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
-from typing import Any, Literal, TypeVar
+from typing import Annotated, Any, Literal, TypeVar
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 from pydantic.alias_generators import to_camel
 
 log = logging.getLogger(__name__)
@@ -307,12 +309,66 @@ class NodesSpec(ApiModel):
         return self
 
 
+#: Largest memory a replica may ask for (4 TiB): beyond any node, and a typo guard.
+MAX_MEMORY_MIB = 4 * 1024 * 1024
+#: Longest container image reference (registry, path, tag and digest).
+MAX_IMAGE = 512
+#: Longest URL or path a user may give (data shards, `prepare.path`).
+MAX_URL = 1024
+#: Names of Kubernetes objects a pod refers to (DNS subdomains).
+DNS_SUBDOMAIN = r"^[a-z0-9]([-a-z0-9.]*[a-z0-9])?$"
+
+
+def _cpu() -> Any:
+    return Field(default=None, ge=1, le=1024, description="CPUs per replica (requested and limited alike).")
+
+
+def _memory() -> Any:
+    return Field(
+        default=None,
+        ge=256,
+        le=MAX_MEMORY_MIB,
+        alias="memoryMiB",
+        description="Memory per replica in MiB (requested and limited alike: Guaranteed QoS).",
+    )
+
+
+def _gpu() -> Any:
+    return Field(default=None, ge=0, le=64, description="GPUs per replica (`nvidia.com/gpu`).")
+
+
+class TrainResourcesSpec(ApiModel):
+    """Resources of the teacher and student training jobs; unset fields come from `resources`."""
+
+    nodes: NodesSpec | None = Field(default=None, description="Training nodes.")
+    procs_per_node: int | None = Field(default=None, ge=1, le=64, description="Processes per node.")
+    cpu: int | None = _cpu()
+    memory_mi_b: int | None = _memory()
+    gpu: int | None = _gpu()
+
+
+class LabelResourcesSpec(ApiModel):
+    """Resources of each labeling replica; unset fields come from `resources`."""
+
+    cpu: int | None = _cpu()
+    memory_mi_b: int | None = _memory()
+    gpu: int | None = _gpu()
+
+
+class BalanceResourcesSpec(ApiModel):
+    """Resources of the balancing job (and of data preparation); it never asks for a GPU."""
+
+    cpu: int | None = _cpu()
+    memory_mi_b: int | None = _memory()
+
+
 class ResourcesSpec(ApiModel):
-    """What each job gets."""
+    """What each job gets: run-wide values, and per stage where `train`, `label` or `balance` say."""
 
     image: str = Field(
         default="ghcr.io/noisy-student-operator/workloads:0.2.0",
         min_length=1,
+        max_length=MAX_IMAGE,
         description="Container image with the workloads (torch + timm).",
     )
     nodes: NodesSpec = Field(default_factory=NodesSpec, description="Training nodes.")
@@ -322,10 +378,160 @@ class ResourcesSpec(ApiModel):
     )
     cpu: int = Field(default=2, ge=1, le=1024, description="CPUs per replica.")
     memory_mi_b: int = Field(
-        default=4096, ge=256, alias="memoryMiB", description="Memory per replica in MiB."
+        default=4096,
+        ge=256,
+        le=MAX_MEMORY_MIB,
+        alias="memoryMiB",
+        description="Memory per replica in MiB (requested and limited alike: Guaranteed QoS).",
     )
-    gpu: int = Field(default=0, ge=0, le=64, description="GPUs per replica.")
+    gpu: int = Field(
+        default=0, ge=0, le=64, description="GPUs per replica of training and labeling (never balancing)."
+    )
     workers: int = Field(default=2, ge=0, le=64, description="Data loader workers per process.")
+    train: TrainResourcesSpec | None = Field(default=None, description="Teacher and student jobs.")
+    label: LabelResourcesSpec | None = Field(default=None, description="Labeling replicas.")
+    balance: BalanceResourcesSpec | None = Field(
+        default=None, description="Balancing and data preparation (CPU only)."
+    )
+
+    def for_stage(self, kind: str) -> StageResources:
+        """The resources of a stage kind (`prepare`, `teacher`, `student`, `label` or `balance`)."""
+        own = {"teacher": self.train, "student": self.train, "label": self.label}.get(kind, self.balance)
+
+        def pick(name: str) -> Any:
+            value = getattr(own, name, None)
+            return getattr(self, name) if value is None else value
+
+        return StageResources(
+            nodes=pick("nodes"),
+            procs_per_node=pick("procs_per_node"),
+            cpu=pick("cpu"),
+            memory_mi_b=pick("memory_mi_b"),
+            gpu=0 if kind in ("balance", "prepare") else pick("gpu"),
+        )
+
+
+@dataclass(frozen=True)
+class StageResources:
+    """The resolved resources of one stage's replicas."""
+
+    nodes: NodesSpec
+    procs_per_node: int
+    cpu: int
+    memory_mi_b: int
+    gpu: int
+
+
+#: Strings of label maps, node selectors and annotations (bounded so that CEL rules stay cheap).
+LabelValue = Annotated[str, Field(max_length=63)]
+AnnotationValue = Annotated[str, Field(max_length=4096)]
+# A label key (`[prefix/]name`) and value as Kubernetes accepts them.
+LABEL_KEY = r"^([a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*/)?[A-Za-z0-9]([-A-Za-z0-9_.]{0,61}[A-Za-z0-9])?$"
+LABEL_VALUE = r"^(([A-Za-z0-9][-A-Za-z0-9_.]*)?[A-Za-z0-9])?$"
+
+
+class Toleration(ApiModel):
+    """A Kubernetes toleration."""
+
+    key: str | None = Field(default=None, max_length=316, description="Taint key; empty with Exists matches all.")
+    operator: Literal["Exists", "Equal"] | None = Field(default=None, description="Exists or Equal (default).")
+    value: str | None = Field(default=None, max_length=63, description="Taint value (Equal).")
+    effect: Literal["NoSchedule", "PreferNoSchedule", "NoExecute"] | None = Field(
+        default=None, description="Taint effect; empty matches all."
+    )
+    toleration_seconds: int | None = Field(
+        default=None, ge=0, description="How long a NoExecute taint is tolerated."
+    )
+
+
+class LocalObjectReference(ApiModel):
+    """The name of an object in the run's namespace."""
+
+    name: str = Field(min_length=1, max_length=253, pattern=DNS_SUBDOMAIN, description="Object name.")
+
+
+class PlacementFields(ApiModel):
+    """Where and how a stage's pods run, and what its Jobs and pods carry for admission and quota."""
+
+    labels: dict[str, LabelValue] | None = Field(
+        default=None,
+        max_length=64,
+        description="Labels of the Volcano Jobs and their pods (e.g. `kueue.x-k8s.io/queue-name`, "
+        "cost centres). The operator's own `noisystudent.dev/*` labels win over these.",
+        json_schema_extra={
+            "x-kubernetes-validations": [
+                cel(f"self.all(k, k.matches('{LABEL_KEY}') && size(k) <= 316)", "label keys must be valid label keys"),
+                cel(f"self.all(k, self[k].matches('{LABEL_VALUE}'))",
+                    "label values must be valid label values"),
+            ]
+        },
+    )
+    annotations: dict[str, AnnotationValue] | None = Field(
+        default=None,
+        max_length=64,
+        description="Annotations of the Volcano Jobs and their pods.",
+        json_schema_extra={
+            "x-kubernetes-validations": [
+                cel(f"self.all(k, k.matches('{LABEL_KEY}') && size(k) <= 316)", "annotation keys must be valid keys"),
+            ]
+        },
+    )
+    priority_class_name: str | None = Field(
+        default=None, max_length=253, pattern=DNS_SUBDOMAIN, description="PriorityClass of the pods."
+    )
+    service_account_name: str | None = Field(
+        default=None,
+        max_length=253,
+        pattern=DNS_SUBDOMAIN,
+        description="ServiceAccount of the pods; its token is mounted only when one is named.",
+    )
+    node_selector: dict[str, LabelValue] | None = Field(
+        default=None, max_length=64, description="Node labels the pods require."
+    )
+    tolerations: list[Toleration] | None = Field(default=None, max_length=64, description="Tolerations of the pods.")
+    affinity: dict[str, Any] | None = Field(
+        default=None,
+        description="Kubernetes `affinity` of the pods (nodeAffinity, podAffinity, podAntiAffinity).",
+        json_schema_extra={"x-kubernetes-preserve-unknown-fields": True},
+    )
+    image_pull_secrets: list[LocalObjectReference] | None = Field(
+        default=None, max_length=16, description="Secrets to pull the image with."
+    )
+
+
+    @field_validator("labels", "annotations", "node_selector")
+    @classmethod
+    def _label_keys(cls, value: dict[str, str] | None, info: ValidationInfo) -> dict[str, str] | None:
+        for key, item in (value or {}).items():
+            if not re.match(LABEL_KEY, key) or len(key) > 316:
+                raise ValueError(f"{key!r} is not a valid label key")
+            if info.field_name != "annotations" and not re.match(LABEL_VALUE, item):
+                raise ValueError(f"{key}: {item!r} is not a valid label value")
+        return value
+
+
+class PlacementSpec(PlacementFields):
+    """Placement of every job of the run, and per stage (`train`, `label`, `balance`) on top:
+    maps are merged (the stage's entries win), other fields are replaced."""
+
+    train: PlacementFields | None = Field(default=None, description="Teacher and student jobs.")
+    label: PlacementFields | None = Field(default=None, description="Labeling jobs.")
+    balance: PlacementFields | None = Field(default=None, description="Balancing and data preparation jobs.")
+
+    def for_stage(self, kind: str) -> PlacementFields:
+        """The placement of a stage kind, the run's fields with the stage's on top."""
+        own = {"teacher": self.train, "student": self.train, "label": self.label}.get(kind, self.balance)
+        merged = PlacementFields.model_validate(self.model_dump(exclude={"train", "label", "balance"}))
+        if own is None:
+            return merged
+        for name in PlacementFields.model_fields:
+            value = getattr(own, name)
+            if value is None:
+                continue
+            if isinstance(value, dict) and name != "affinity":
+                value = {**(getattr(merged, name) or {}), **value}
+            setattr(merged, name, value)
+        return merged
 
 
 class SchedulerSpec(ApiModel):
@@ -367,12 +573,19 @@ class RunSpec(ApiModel):
     )
     training: TrainingSpec = Field(default_factory=TrainingSpec, description="Optimisation.")
     resources: ResourcesSpec = Field(default_factory=ResourcesSpec, description="Job resources.")
+    placement: PlacementSpec | None = Field(
+        default=None, description="Pod placement, labels and annotations of the jobs, per run and per stage."
+    )
     scheduler: SchedulerSpec = Field(default_factory=SchedulerSpec, description="Job scheduler.")
     retry: RetrySpec = Field(default_factory=RetrySpec, description="Stage retries.")
     suspend: bool = Field(
         default=False,
         description="Stop launching stages and cancel running jobs; false resumes where it stopped.",
     )
+
+    def placement_for(self, kind: str) -> PlacementFields:
+        """The placement of a stage kind (see `PlacementSpec`)."""
+        return (self.placement or PlacementSpec()).for_stage(kind)
 
     def epochs_for(self, generation: int) -> int:
         """Epochs of the model trained in `generation` (0 = teacher)."""

@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
-from .api import API_VERSION, KIND
+from .api import API_VERSION, KIND, PlacementFields
 from .api import JobStatus as JobRecord
 from .core import reasons
 from .core.planner import JobObservation, JobState, JobSubmitError
@@ -112,16 +112,72 @@ def _state_of(app_state: Any) -> JobState:
     }.get(app_state, JobState.PENDING)
 
 
-def patch_volcano_job(resource: dict[str, Any], request: JobRequest, context: JobContext) -> None:
-    """Rename, label and own the Volcano Job; give its pods the Secret by reference."""
+def render_resources(args: dict[str, Any]) -> Any:
+    """Requests equal to limits, memory in MiB as asked (Guaranteed QoS).
+
+    TorchX writes `memMB` as `M` (10^6 bytes) and requests less than the
+    limit (it keeps a reserve for system daemons), so pods would be
+    Burstable and the first evicted; the run's `memoryMiB` is MiB.
+    """
     from kubernetes import client
 
+    amounts = {"cpu": str(args["cpu"]), "memory": f"{args['memMB']}Mi"}
+    if args.get("gpu"):
+        amounts["nvidia.com/gpu"] = str(args["gpu"])
+    return client.V1ResourceRequirements(limits=dict(amounts), requests=dict(amounts))
+
+
+def harden_pod(spec: Any, service_account: str | None) -> None:
+    """Pod Security `restricted`: the image's non-root user, RuntimeDefault seccomp, no
+    privilege escalation, no capabilities, and no API token unless the run names a ServiceAccount."""
+    from kubernetes import client
+
+    spec.security_context = client.V1PodSecurityContext(
+        run_as_non_root=True, seccomp_profile=client.V1SeccompProfile(type="RuntimeDefault")
+    )
+    for container in spec.containers:
+        container.security_context = client.V1SecurityContext(
+            allow_privilege_escalation=False,
+            capabilities=client.V1Capabilities(drop=["ALL"]),
+            run_as_non_root=True,
+            seccomp_profile=client.V1SeccompProfile(type="RuntimeDefault"),
+        )
+    spec.service_account_name = service_account
+    spec.automount_service_account_token = bool(service_account)
+
+
+def place_pod(spec: Any, placement: PlacementFields) -> None:
+    """The stage's scheduling fields on its pods."""
+    from kubernetes import client
+
+    if placement.priority_class_name:
+        spec.priority_class_name = placement.priority_class_name
+    if placement.node_selector:
+        spec.node_selector = {**(spec.node_selector or {}), **placement.node_selector}
+    if placement.tolerations:
+        spec.tolerations = [t.to_api() for t in placement.tolerations]
+    if placement.affinity:
+        spec.affinity = placement.affinity
+    if placement.image_pull_secrets:
+        spec.image_pull_secrets = [client.V1LocalObjectReference(name=s.name) for s in placement.image_pull_secrets]
+
+
+def patch_volcano_job(resource: dict[str, Any], request: JobRequest, context: JobContext) -> None:
+    """Rename, label and own the Volcano Job; harden, size and place its pods; give them the
+    Secret by reference. The operator's own labels win over the run's."""
+    from kubernetes import client
+
+    placement = request.placement
     metadata = resource.setdefault("metadata", {})
     metadata["name"] = request.name
     metadata["namespace"] = context.namespace
     metadata.pop("generateName", None)
-    labels = context.labels(request)
+    labels = {**(placement.labels or {}), **context.labels(request)}
     metadata.setdefault("labels", {}).update(labels)
+    if placement.annotations:
+        metadata["annotations"] = {**(metadata.get("annotations") or {}), **placement.annotations}
+    if placement.priority_class_name:
+        resource["spec"]["priorityClassName"] = placement.priority_class_name  # the PodGroup's priority
     if context.uid:
         metadata["ownerReferences"] = [
             {
@@ -137,8 +193,13 @@ def patch_volcano_job(resource: dict[str, Any], request: JobRequest, context: Jo
         pod = task["template"]
         pod.metadata = pod.metadata or client.V1ObjectMeta()
         pod.metadata.labels = {**(pod.metadata.labels or {}), **labels}
-        if context.secret_name:
-            for container in pod.spec.containers:
+        if placement.annotations:
+            pod.metadata.annotations = {**(pod.metadata.annotations or {}), **placement.annotations}
+        harden_pod(pod.spec, placement.service_account_name)
+        place_pod(pod.spec, placement)
+        for container in pod.spec.containers:
+            container.resources = render_resources(request.args)
+            if context.secret_name:
                 container.env_from = (container.env_from or []) + [
                     client.V1EnvFromSource(secret_ref=client.V1SecretEnvSource(name=context.secret_name))
                 ]

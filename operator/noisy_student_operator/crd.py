@@ -64,8 +64,8 @@ def _structural(schema: Any) -> Any:
     if schema.get("default", "missing") is None:
         del schema["default"]
     for key in list(schema):
-        if key in _DROPPED:
-            del schema[key]
+        if key in _DROPPED and not (key == "additionalProperties" and isinstance(schema[key], dict)):
+            del schema[key]  # a map's value schema stays (`dict[str, str]`); `false`/`true` go
     if "properties" in schema:
         schema["type"] = "object"
         schema["properties"] = {k: _structural(v) for k, v in schema["properties"].items()}
@@ -75,6 +75,8 @@ def _structural(schema: Any) -> Any:
         _default_nested_objects(schema)
     if "items" in schema:
         schema["items"] = _structural(schema["items"])
+    if "additionalProperties" in schema:
+        schema["additionalProperties"] = _structural(schema["additionalProperties"])
     return schema
 
 

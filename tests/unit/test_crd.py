@@ -20,6 +20,8 @@ def walk(schema, path="$"):
         yield from walk(prop, f"{path}.{name}")
     if "items" in schema:
         yield from walk(schema["items"], f"{path}[]")
+    if isinstance(schema.get("additionalProperties"), dict):
+        yield from walk(schema["additionalProperties"], f"{path}{{}}")
 
 
 def test_schema_is_structural_and_described():
@@ -28,9 +30,12 @@ def test_schema_is_structural_and_described():
     schema = version["schema"]["openAPIV3Schema"]
     for path, node in walk(schema["properties"]["spec"], "spec"):
         assert "type" in node or node.get("x-kubernetes-int-or-string"), path
-        for banned in ("$ref", "anyOf", "allOf", "oneOf", "title", "additionalProperties", "const"):
+        for banned in ("$ref", "anyOf", "allOf", "oneOf", "title", "const"):
             assert banned not in node, f"{path} has {banned}"
-        assert node.get("description"), f"{path} has no description (kubectl explain)"
+        # Only maps (`dict[str, str]`) keep additionalProperties: a value schema, never true/false.
+        assert isinstance(node.get("additionalProperties", {}), dict), f"{path} has additionalProperties"
+        assert "properties" not in node or "additionalProperties" not in node, path
+        assert node.get("description") or path.endswith("{}"), f"{path} has no description (kubectl explain)"
     assert version["subresources"] == {"status": {}}
     assert crd["spec"]["names"]["shortNames"] == ["nsr"]
     columns = [c["name"] for c in version["additionalPrinterColumns"]]

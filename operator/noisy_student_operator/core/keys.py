@@ -54,7 +54,10 @@ def key_material(request_args: Mapping[str, Any], config: Mapping[str, Any] | No
         if isinstance(cfg.get("teacher"), dict):
             # The teacher's parameter count is a function of the teacher's key, read after it ran.
             cfg["teacher"] = {k: v for k, v in cfg["teacher"].items() if k != "parameters"}
-    return {"args": args, "config": cfg, "accelerator": "cuda" if spec.resources.gpu else "cpu"}
+    # The stage's own GPUs decide its numerics; balancing and preparation have none and keep the
+    # run's, so that keys of runs without per-stage resources stay what they were.
+    gpu = request_args.get("gpu", spec.resources.gpu)
+    return {"args": args, "config": cfg, "accelerator": "cuda" if gpu else "cpu"}
 
 
 def stage_keys(

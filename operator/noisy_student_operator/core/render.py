@@ -12,7 +12,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from ..api import RunSpec
+from ..api import PlacementFields, RunSpec
 from .keys import stage_keys
 from .layout import BALANCE, LABEL, PREPARE, STUDENT, TEACHER, RunLayout, Stage, job_name, stage_root
 
@@ -30,6 +30,8 @@ class JobRequest:
     key: str = ""
     #: Where the stage writes its outputs (`<root>/stages/<kind>/<key>`).
     prefix: str = ""
+    #: Placement, labels and annotations of the stage's jobs and pods (not part of its key).
+    placement: PlacementFields = field(default_factory=PlacementFields)
 
 
 def render_train_config(
@@ -102,14 +104,16 @@ def render_balance_config(spec: RunSpec, layout: RunLayout, generation: int) -> 
     }
 
 
-def _replica_args(spec: RunSpec) -> dict[str, Any]:
-    resources = spec.resources
-    return {
-        "image": resources.image,
-        "cpu": resources.cpu,
-        "gpu": resources.gpu,
-        "memMB": resources.memory_mi_b,
-    }
+def _replica_args(spec: RunSpec, kind: str) -> dict[str, Any]:
+    resources = spec.resources.for_stage(kind)
+    args = {"image": spec.resources.image, "cpu": resources.cpu, "memMB": resources.memory_mi_b}
+    if kind in (TEACHER, STUDENT, LABEL):
+        args["gpu"] = resources.gpu
+    if kind in (TEACHER, STUDENT):
+        nodes = resources.nodes
+        args["nnodes"] = str(nodes.min) if nodes.min == nodes.max else f"{nodes.min}:{nodes.max}"
+        args["nproc_per_node"] = resources.procs_per_node
+    return args
 
 
 def run_layout(spec: RunSpec, namespace: str, name: str, workload: str) -> RunLayout:
@@ -133,7 +137,9 @@ def render_job(
     """The job request of one attempt of `stage`."""
     key = layout.key(stage)
     request = _render_job(spec, layout, job_name(stage, key, attempt), stage, attempt, teacher_parameters)
-    return dataclasses.replace(request, key=key, prefix=layout.stage_prefix(stage))
+    return dataclasses.replace(
+        request, key=key, prefix=layout.stage_prefix(stage), placement=spec.placement_for(stage.kind)
+    )
 
 
 def _render_job(
@@ -144,11 +150,10 @@ def _render_job(
     attempt: int,
     teacher_parameters: int | None,
 ) -> JobRequest:
-    args = _replica_args(spec)
+    args = _replica_args(spec, stage.kind)
     if stage.kind == PREPARE:
         prepare = spec.data.prepare
         assert prepare is not None  # plan_stages adds the stage only with prepare
-        args.pop("gpu")
         args.update(
             source=prepare.source,
             output=layout.stage_prefix(stage) + "/",
@@ -160,18 +165,11 @@ def _render_job(
         )
         return JobRequest(name, stage, attempt, "prepare", args, None)
     if stage.kind in (TEACHER, STUDENT):
-        resources = spec.resources
-        nodes = resources.nodes
-        args.update(
-            nnodes=str(nodes.min) if nodes.min == nodes.max else f"{nodes.min}:{nodes.max}",
-            nproc_per_node=resources.procs_per_node,
-        )
         config = render_train_config(spec, layout, stage.generation, teacher_parameters)
         return JobRequest(name, stage, attempt, "train", args, config)
     if stage.kind == LABEL:
         args["replicas"] = spec.resources.label_shards
         return JobRequest(name, stage, attempt, "label", args, render_label_config(spec, layout, stage.generation))
     if stage.kind == BALANCE:
-        args.pop("gpu")
         return JobRequest(name, stage, attempt, "balance", args, render_balance_config(spec, layout, stage.generation))
     raise ValueError(f"unknown stage kind {stage.kind!r}")
