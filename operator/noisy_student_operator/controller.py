@@ -29,7 +29,7 @@ from .backend import JobBackend, JobContext
 from .core import reasons
 from .core.conditions import is_true, set_condition
 from .core.keys import workload_identity
-from .core.planner import ACTIVE_STATES, Plan, RunRef, Submit
+from .core.planner import ACTIVE_STATES, CANCELLING, Plan, RunRef, Submit
 from .reconcile import ArtifactStoreError, Reconciler, utcnow
 
 log = logging.getLogger(__name__)
@@ -113,11 +113,12 @@ class RunController:
         )
 
     def settled(self, body: Any) -> bool:
-        """Finished (Succeeded or Failed) and no spec change since: nothing to do."""
+        """Finished (Succeeded or Failed), no spec change since, no cancel to confirm: nothing to do."""
         status = body.get("status") or {}
         conditions = {c.get("type"): c.get("status") for c in status.get("conditions") or []}
         finished = conditions.get(reasons.SUCCEEDED) == "True" or conditions.get(reasons.FAILED) == "True"
-        return finished and status.get("observedGeneration") == body["metadata"].get("generation")
+        cancelling = any(job.get("state") == CANCELLING for job in status.get("jobs") or [])
+        return finished and not cancelling and status.get("observedGeneration") == body["metadata"].get("generation")
 
     # -- passes ------------------------------------------------------------------
 

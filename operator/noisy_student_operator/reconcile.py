@@ -24,7 +24,7 @@ from .backend import JobBackend, JobContext
 from .core.layout import Stage, plan_stages
 from .core import reasons
 from .core.planner import (
-    ACTIVE_STATES,
+    LIVE_STATES,
     Cancel,
     Event,
     JobSubmitError,
@@ -85,12 +85,12 @@ class Reconciler:
         self.clock = clock
 
     def observe(self, run: RunRef, context: JobContext) -> Observation:
-        active = [j for j in run.status.jobs if j.state in ACTIVE_STATES]
+        live = [j for j in run.status.jobs if j.state in LIVE_STATES]
         try:
             markers = self.markers.read(run)
         except Exception as error:
             raise ArtifactStoreError(f"reading completion markers under {run.layout.root} failed: {error}") from error
-        return Observation(now=self.clock(), jobs=self.backend.observe(active, context), markers=markers)
+        return Observation(now=self.clock(), jobs=self.backend.observe(live, context), markers=markers)
 
     def reconcile(self, run: RunRef, context: JobContext) -> Plan:
         observation = self.observe(run, context)
@@ -128,15 +128,20 @@ class Reconciler:
                 log.warning("submitting %s failed (%s): %s", name, error.reason, error)
                 plan.events.append(Event("Warning", reasons.SUBMIT_ERROR, f"Submitting job {name} failed: {error}"))
             elif isinstance(action, Cancel):
-                self.backend.cancel(action.job, context)
-                log.info("cancelled %s", action.job.name)
+                try:
+                    self.backend.cancel(action.job, context)
+                except Exception as error:  # still Cancelling: asked again next pass
+                    log.warning("cancelling %s failed: %s", action.job.name, error)
+                    records[action.job.name].message = f"cancel requested; the backend answered: {error}"
+                else:
+                    log.info("asked to cancel %s", action.job.name)
         return errors
 
     def cancel_all(self, run: RunRef, context: JobContext) -> list[str]:
         """Cancel every job the run still has running (deletion, Ctrl-C)."""
         cancelled = []
-        active = [j for j in run.status.jobs if j.state in ACTIVE_STATES]
-        for job in active:
+        live = [j for j in run.status.jobs if j.state in LIVE_STATES]
+        for job in live:
             self.backend.cancel(job, context)
             cancelled.append(job.name)
         return cancelled

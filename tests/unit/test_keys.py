@@ -185,6 +185,8 @@ def test_removing_a_student_while_its_job_runs_cancels_that_job():
     plan = world.step()
     assert [a.job.name for a in plan.actions if isinstance(a, Cancel)] == [running]
     assert world.status.stage == "Succeeded"
+    assert [j.state for j in world.status.jobs if j.name == running] == ["Cancelling"]
+    world.step()  # the backend reports it cancelled: confirmed
     assert [j.state for j in world.status.jobs if j.name == running] == ["Cancelled"]
 
 

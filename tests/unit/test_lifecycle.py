@@ -194,3 +194,51 @@ def test_requeuer_fires_once_and_a_new_schedule_replaces_the_old():
     assert done.wait(10)
     assert fired == [("ml", "demo")]
     assert not requeuer._timers
+
+
+# ----------------------------------------------------------------------------- cancel confirmed
+
+
+class SlowCancelBackend(InMemoryJobBackend):
+    """Cancelling takes effect only when the test says so (Volcano's `Aborting`); a cancel may raise."""
+
+    def __init__(self):
+        super().__init__()
+        self.cancel_errors = []
+
+    def cancel(self, job, context):
+        self.cancelled.append(job.name)
+        if self.cancel_errors:
+            raise self.cancel_errors.pop(0)
+
+
+def set_suspend(api, value):
+    body = api.objects[("ml", "demo")]
+    body["spec"]["suspend"] = value
+    body["metadata"]["generation"] += 1
+
+
+def test_quick_suspend_resume_never_runs_two_attempts_at_once(setup):
+    api, _, _, _, _, layout = setup
+    backend = SlowCancelBackend()
+    backend.cancel_errors = [api_error(409, "Conflict", "the object has been modified")]
+    events, requeues = [], []
+    controller = make_controller(api, backend, Clock(), events, requeues)
+    controller.reconcile("ml", "demo")
+    first = name(layout, TEACHER_0)
+    set_suspend(api, True)
+    controller.reconcile("ml", "demo")  # asks to cancel; the API answers 409
+    job = api.objects[("ml", "demo")]["status"]["jobs"][0]
+    assert job["state"] == "Cancelling" and "409" in job["message"]
+    set_suspend(api, False)  # a GitOps toggle: resumed before the job stopped
+    for _ in range(3):
+        controller.reconcile("ml", "demo")  # still running (Aborting): the cancel is asked again
+    assert backend.submissions == [first]
+    assert backend.cancelled == [first] * 4
+    assert api.objects[("ml", "demo")]["status"]["jobs"][0]["state"] == "Cancelling"
+    del backend.jobs[first]  # gone
+    controller.reconcile("ml", "demo")
+    jobs = api.objects[("ml", "demo")]["status"]["jobs"]
+    assert [(j["attempt"], j["state"]) for j in jobs] == [(0, "Cancelled"), (1, "Pending")]
+    assert backend.submissions == [first, name(layout, TEACHER_0, 1)]
+    assert not controller.settled(api.get("ml", "demo"))

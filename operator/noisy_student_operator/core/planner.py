@@ -25,8 +25,12 @@ Rules it follows:
   the server's message; a transient one is retried with the same backoff.
 * Events are posted on transitions only (a job's failure once, not every pass
   while the retry waits).
+* A cancel counts as done when the backend confirms it: the job stays
+  `Cancelling` (observed every pass, the cancel asked again) until the backend
+  reports it gone or finished; no new attempt of its stage starts before.
 * `spec.suspend` cancels the running job and launches nothing; on resume the
-  interrupted stage is submitted again as a new attempt (not counted as a failure).
+  interrupted stage is submitted again as a new attempt (not counted as a
+  failure) once the cancelled one has stopped.
 * A Failed run stays Failed until its spec changes (`metadata.generation`);
   then the failed stage is tried again with a fresh retry budget.
 """
@@ -63,6 +67,10 @@ class JobState(str, enum.Enum):
 
 
 ACTIVE_STATES = ("Pending", "Running")
+#: Asked to stop; still counted as running until the backend confirms it is gone or finished.
+CANCELLING = "Cancelling"
+#: Jobs that may still have pods or processes: observed every pass.
+LIVE_STATES = (*ACTIVE_STATES, CANCELLING)
 #: A failed attempt that no longer counts against the retry limit (the spec changed since).
 SUPERSEDED = "Superseded"
 
@@ -221,6 +229,9 @@ class _Pass:
     def refresh_jobs(self) -> None:
         """Fold observed job states into the job records."""
         for job in self.jobs:
+            if job.state == CANCELLING:
+                self.confirm_cancel(job)
+                continue
             if job.state not in ACTIVE_STATES:
                 continue
             seen = self.observation.jobs.get(job.name)
@@ -239,6 +250,24 @@ class _Pass:
                 job.message = seen.message or "the job failed"
             if job.state == "Failed":
                 self.failed_now.add(job.name)
+
+    def confirm_cancel(self, job: JobStatus) -> None:
+        """A cancelled job is Cancelled once the backend no longer runs it; until then, ask again."""
+        seen = self.observation.jobs.get(job.name)
+        if seen is None:
+            return
+        if seen.state is JobState.MISSING or not seen.state.active:
+            job.state = "Cancelled"
+            job.finished_at = self.now
+            return
+        self.actions.append(Cancel(job.model_copy()))
+
+    def cancel(self, job: JobStatus, why: str) -> None:
+        """Ask the backend to stop `job`; it stays `Cancelling` until the backend confirms."""
+        self.actions.append(Cancel(job.model_copy()))
+        job.state = CANCELLING
+        job.message = f"cancelled because {why}"
+        self.event("Normal", reasons.JOB_CANCELLED, f"Cancelling job {job.name}: {why}.")
 
     def records(self, stage: Stage) -> list[JobStatus]:
         key = self.layout.key(stage)
@@ -264,12 +293,7 @@ class _Pass:
         current = {(stage.kind, key) for stage, key in self.layout.keys.items()}
         for job in self.jobs:
             if job.state in ACTIVE_STATES and (job.stage, job.key) not in current:
-                self.actions.append(Cancel(job.model_copy()))
-                job.state = "Cancelled"
-                job.finished_at = self.now
-                job.message = "cancelled because the spec no longer has this stage"
-                self.event("Normal", reasons.JOB_CANCELLED,
-                           f"Cancelled job {job.name}: the spec changed and no longer needs it.")
+                self.cancel(job, "the spec no longer has this stage")
 
     def teacher_parameters(self, generation: int) -> int | None:
         teacher = self.generations.get(generation - 1)
@@ -352,12 +376,10 @@ class _Pass:
         if self.spec.suspend:
             for job in records:
                 if job.state in ACTIVE_STATES:
-                    self.actions.append(Cancel(job.model_copy()))
-                    job.state = "Cancelled"
-                    job.finished_at = self.now
-                    job.message = "cancelled because the run was suspended"
-                    self.event("Normal", reasons.JOB_CANCELLED, f"Cancelled job {job.name}: run suspended.")
+                    self.cancel(job, "the run was suspended")
             return None
+        if any(job.state == CANCELLING for job in records):
+            return None  # the next attempt waits until the cancelled one has stopped
         if latest is None:
             self.submit(stage, 0)
             return None
@@ -482,8 +504,10 @@ def plan_run(run: RunRef, observation: Observation) -> Plan:
     work = _Pass(run, observation)
     if is_true(run.status.conditions, reasons.FAILED):
         if run.generation is None or run.status.observed_generation == run.generation:
-            # A failed run stays failed until its spec changes.
-            return Plan(status=run.status.model_copy(update={"observed_generation": run.generation}))
+            # A failed run stays failed until its spec changes (its cancels are still confirmed).
+            work.refresh_jobs()
+            update = {"observed_generation": run.generation, "jobs": work.jobs[-50:]}
+            return Plan(status=run.status.model_copy(update=update), actions=work.actions)
         work.retry_after_spec_change()
     work.refresh_jobs()
     work.report_spec_change()
