@@ -322,10 +322,12 @@ def main(argv: list[str] | None = None) -> int:
                         str(prep["seed"]), "--shard-size", str(prep["shardSize"]), "--output", all_data.as_uri()],
                        out / "logs" / "supervised-data.log", env)
         batch, epochs = student_budget(spec, student_metrics[1]["pseudo_images"])
-        largest = max(student_metrics[1:], key=lambda m: m["parameters"])["model"]  # the bound of the largest student
+        biggest = max(student_metrics[1:], key=lambda m: m["parameters"])  # the bound of the largest student
+        largest = biggest["model"]
         for noisy in (True, False):
             name = "supervised, noise" if noisy else "supervised, no noise"
-            config = {**teacher_config, "model": largest, "labeled": all_data.as_uri() + "/labeled-*.tar",
+            config = {**teacher_config, "model": largest, "model_args": biggest.get("model_args", {}),
+                      "labeled": all_data.as_uri() + "/labeled-*.tar",
                       "batch_size": batch, "epochs": epochs, "warmup_epochs": 0}
             if not noisy:
                 config["noise"] = plain["noise"]

@@ -175,14 +175,50 @@ class ArtifactsSpec(ApiModel):
 
 
 MODEL_NAME = r"^[a-z0-9_.]+$"
+#: `timm.create_model` arguments the workloads set themselves (from other fields, or fixed).
+RESERVED_MODEL_ARGS = (
+    "model_name", "pretrained", "pretrained_cfg", "pretrained_cfg_overlay", "checkpoint_path",
+    "num_classes", "in_chans", "drop_rate", "drop_path_rate",
+)
+ModelArg = bool | int | float | str | list[bool | int | float | str] | None
 
 
 class ModelSpec(ApiModel):
-    """A model to train: its timm name and budget."""
+    """A model to train: its timm name, constructor arguments and budget."""
 
     model: str = Field(
         min_length=1, max_length=128, pattern=MODEL_NAME, description="timm model name."
     )
+    model_args: dict[str, ModelArg] = Field(
+        default_factory=dict,
+        description="Keyword arguments of `timm.create_model` (the model's constructor), e.g. "
+        "`{stem_stride: 1}` for a small-image variant; values are scalars or lists. The workload "
+        "sets num_classes, in_chans, drop_rate and drop_path_rate itself; an argument the model "
+        "does not take fails its training stage, naming `model_args`.",
+        json_schema_extra={
+            "x-kubernetes-preserve-unknown-fields": True,
+            "maxProperties": 32,
+            "x-kubernetes-validations": [
+                cel(
+                    "self.all(k, k.matches('^[A-Za-z_][A-Za-z0-9_]*$'))",
+                    "modelArgs keys must be keyword argument names (Python identifiers)",
+                ),
+                cel(
+                    "self.all(k, !(k in " + str(list(RESERVED_MODEL_ARGS)) + "))",
+                    "modelArgs must not set " + ", ".join(RESERVED_MODEL_ARGS) + " (the workload sets them)",
+                ),
+            ],
+        },
+    )
+
+    @model_validator(mode="after")
+    def _model_arg_names(self) -> ModelSpec:
+        for name in self.model_args:
+            if not name.isidentifier():
+                raise ValueError(f"modelArgs: {name!r} is not a keyword argument name")
+            if name in RESERVED_MODEL_ARGS:
+                raise ValueError(f"modelArgs: {name!r} is set by the workload, not by modelArgs")
+        return self
     epochs: int | None = Field(
         default=None, ge=1, le=10000, description="Epochs; defaults to `training.epochs`."
     )
@@ -201,8 +237,46 @@ class TeacherSpec(ModelSpec):
 class RandAugmentSpec(ApiModel):
     """timm RandAugment: N random operations of magnitude M."""
 
-    ops: int = Field(default=2, ge=0, le=10, description="Operations per image (N).")
-    magnitude: int = Field(default=9, ge=0, le=30, description="Magnitude (M), 0..30.")
+    ops: int = Field(
+        default=2, ge=1, le=10, description="Operations per image (N); omit `randAugment` for none."
+    )
+    magnitude: int = Field(
+        default=9, ge=0, le=30, description="Magnitude (M), 0..30; 10 is timm's full strength."
+    )
+    magnitude_max: int = Field(
+        default=30,
+        ge=1,
+        le=30,
+        description="Each image's magnitude is drawn around M (std 0.5) and clipped to "
+        "[0, magnitudeMax]. The official code does not clip (30 is this scale's top); timm's "
+        "default of 10 silently weakens any M above 10. Must be at least `magnitude`.",
+    )
+    fill: Literal["mean", "black", "grey", "white"] = Field(
+        default="mean",
+        description="Colour of the borders rotations, shears and translations leave: `mean` "
+        "(the labeled images' mean pixel; on ImageNet the official code's grey 128), `black` "
+        "(e.g. Fashion-MNIST's background), `grey` (128) or `white`.",
+    )
+
+    model_config = ConfigDict(
+        json_schema_extra={
+            "x-kubernetes-validations": [
+                cel(
+                    "self.magnitude <= self.magnitudeMax",
+                    "magnitude must not exceed magnitudeMax (it would be clipped)",
+                    ".magnitude",
+                )
+            ]
+        }
+    )
+
+    @model_validator(mode="after")
+    def _magnitude_in_range(self) -> RandAugmentSpec:
+        if self.magnitude > self.magnitude_max:
+            raise ValueError(
+                f"magnitude {self.magnitude} exceeds magnitudeMax {self.magnitude_max} (it would be clipped)"
+            )
+        return self
 
 
 class NoiseSpec(ApiModel):
@@ -282,6 +356,26 @@ class TrainingSpec(ApiModel):
     )
     weight_decay: float = Field(default=5e-5, ge=0.0, le=1.0, description="Weight decay.")
     warmup_epochs: int = Field(default=0, ge=0, le=1000, description="Linear warm-up epochs.")
+    label_smoothing: float = Field(
+        default=0.1,
+        ge=0.0,
+        lt=1.0,
+        description="Label smoothing of labeled and hard pseudo-labeled targets (official: 0.1); "
+        "soft pseudo labels are used as the teacher gives them.",
+    )
+    ema_decay: float = Field(
+        default=0.9999,
+        ge=0.0,
+        lt=1.0,
+        description="Decay of an exponential moving average of the weights and BatchNorm statistics "
+        "(official: 0.9999), warmed up as min(decay, (1+n)/(10+n)) at update n. The average is "
+        "evaluated, labels the next generation and is stored as the checkpoint's `ema`; 0 disables it.",
+    )
+    unlabeled_loss_weight: Literal["ratio", "equal"] = Field(
+        default="ratio",
+        description="`ratio` (official): loss = (labeled·B + pseudo·rB)/B, each pseudo-labeled image "
+        "weighs as much as a labeled one; `equal`: the two mean losses added.",
+    )
     seed: int = Field(default=0, ge=0, description="Seed of every stage.")
     allow_smaller_student: bool = Field(
         default=False,
@@ -589,12 +683,15 @@ class RunSpec(ApiModel):
 
     def epochs_for(self, generation: int) -> int:
         """Epochs of the model trained in `generation` (0 = teacher)."""
-        model = self.teacher if generation == 0 else self.students[generation - 1]
-        return model.epochs or self.training.epochs
+        return self.model_spec_for(generation).epochs or self.training.epochs
+
+    def model_spec_for(self, generation: int) -> ModelSpec:
+        """The teacher (0) or student entry of `generation`."""
+        return self.teacher if generation == 0 else self.students[generation - 1]
 
     def model_for(self, generation: int) -> str:
         """timm model name trained in `generation` (0 = teacher)."""
-        return self.teacher.model if generation == 0 else self.students[generation - 1].model
+        return self.model_spec_for(generation).model
 
     def noise_for(self, generation: int) -> NoiseSpec | None:
         """The noise the model of `generation` trains with; None for a teacher without noise."""

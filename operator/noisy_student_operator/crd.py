@@ -64,8 +64,11 @@ def _structural(schema: Any) -> Any:
     if schema.get("default", "missing") is None:
         del schema["default"]
     for key in list(schema):
-        if key in _DROPPED and not (key == "additionalProperties" and isinstance(schema[key], dict)):
-            del schema[key]  # a map's value schema stays (`dict[str, str]`); `false`/`true` go
+        keep_map = isinstance(schema[key], dict) and not schema.get("x-kubernetes-preserve-unknown-fields")
+        if key in _DROPPED and not (key == "additionalProperties" and keep_map):
+            # a map's value schema stays (`dict[str, str]`); `false`/`true` go, and so does the value
+            # schema of a free-form map (modelArgs: its values are checked by the models, not the CRD)
+            del schema[key]
     if "properties" in schema:
         schema["type"] = "object"
         schema["properties"] = {k: _structural(v) for k, v in schema["properties"].items()}
@@ -97,7 +100,7 @@ def _filled_default(schema: dict[str, Any]) -> dict[str, Any]:
     the rules against the default as written (`{}` has no `min` for `self.min <= self.max`)."""
     if "x-kubernetes-validations" not in schema:
         return {}
-    return {name: prop["default"] for name, prop in schema["properties"].items() if "default" in prop}
+    return {name: prop["default"] for name, prop in schema.get("properties", {}).items() if "default" in prop}
 
 
 def _schema_of(model: type[api.ApiModel]) -> dict[str, Any]:

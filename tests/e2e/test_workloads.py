@@ -65,6 +65,9 @@ def test_teacher_label_balance_student(digits, tmp_path, monkeypatch):
     metrics = read_json(run / "gen-0/teacher/metrics.json")
     assert metrics["epochs"] == 1 and [h["epoch"] for h in metrics["history"]] == [1]
     assert metrics["images_per_second"] > 0
+    # the weight EMA is what was scored and what labels (google-research/noisystudent evaluates its EMA)
+    assert metrics["weights"] == "ema" and 0.0 <= metrics["top1_raw"] <= 1.0
+    assert "ema" in torch.load(run / "gen-0/teacher/checkpoint.pt", weights_only=True)
 
     labels = run / "gen-1/labels"
     label_cfg = json.dumps({"checkpoint": uri(run / "gen-0/teacher/checkpoint.pt"), "unlabeled": digits["unlabeled"],

@@ -32,6 +32,11 @@ def test_defaults_fill_in():
     run = parse_run(minimal())
     assert run.spec.pseudo_labels.confidence_threshold == 0.3
     assert run.spec.noise.rand_augment.ops == 2
+    # the official recipe (google-research/noisystudent main.py) unless a run file says otherwise
+    assert run.spec.noise.rand_augment.magnitude_max == 30 and run.spec.noise.rand_augment.fill == "mean"
+    training = run.spec.training
+    assert (training.label_smoothing, training.ema_decay, training.unlabeled_loss_weight) == (0.1, 0.9999, "ratio")
+    assert run.spec.teacher.model_args == {}
     assert run.spec.resources.nodes.min == 1
     assert run.metadata.namespace == "default"
 
@@ -48,6 +53,17 @@ def test_defaults_fill_in():
         ({"artifacts": {"uri": "http://x"}}, "spec.artifacts.uri"),
         ({"data": {"numClasses": 10}}, "spec.data"),
         ({"trainig": {}}, "spec.trainig"),
+        # RandAugment values the workloads cannot honour
+        ({"noise": {"randAugment": {"ops": 0}}}, "spec.noise.randAugment.ops"),
+        ({"noise": {"randAugment": {"magnitude": 15, "magnitudeMax": 10}}}, "spec.noise.randAugment"),
+        ({"noise": {"randAugment": {"fill": "purple"}}}, "spec.noise.randAugment.fill"),
+        ({"training": {"emaDecay": 1.0}}, "spec.training.emaDecay"),
+        ({"training": {"labelSmoothing": -0.1}}, "spec.training.labelSmoothing"),
+        ({"training": {"unlabeledLossWeight": "half"}}, "spec.training.unlabeledLossWeight"),
+        # modelArgs: keyword names, not set by the workload, JSON scalars or lists
+        ({"teacher": {"model": "resnet18", "modelArgs": {"output-stride": 8}}}, "spec.teacher"),
+        ({"teacher": {"model": "resnet18", "modelArgs": {"num_classes": 3}}}, "spec.teacher"),
+        ({"students": [{"model": "resnet18", "modelArgs": {"x": {"nested": 1}}}]}, "spec.students[0].modelArgs.x"),
     ],
 )
 def test_invalid_specs_name_the_field(overrides, field):

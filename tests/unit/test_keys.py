@@ -49,8 +49,13 @@ ALL_OF_GEN_2 = [(2, LABEL), (2, BALANCE), (2, STUDENT)]
         # The teacher: everything downstream of it.
         ("teacher.epochs", 3, [(0, TEACHER), (1, LABEL), (1, BALANCE), (1, STUDENT), *ALL_OF_GEN_2]),
         ("teacher.model", "resnet34", [(0, TEACHER), (1, LABEL), (1, BALANCE), (1, STUDENT), *ALL_OF_GEN_2]),
+        ("teacher.modelArgs", {"output_stride": 8},
+         [(0, TEACHER), (1, LABEL), (1, BALANCE), (1, STUDENT), *ALL_OF_GEN_2]),
+        ("training.emaDecay", 0.999, [(0, TEACHER), (1, LABEL), (1, BALANCE), (1, STUDENT), *ALL_OF_GEN_2]),
+        ("training.labelSmoothing", 0.0, [(0, TEACHER), (1, LABEL), (1, BALANCE), (1, STUDENT), *ALL_OF_GEN_2]),
         # The last student only.
         ("students.1.epochs", 3, [(2, STUDENT)]),
+        ("students.1.modelArgs", {"output_stride": 16}, [(2, STUDENT)]),
         ("students.1.noise", {"dropout": 0.1}, [(2, STUDENT)]),
         # Pseudo labels: balancing and the students, never the teacher or the labels.
         ("pseudoLabels.confidenceThreshold", 0.5, [(1, BALANCE), (1, STUDENT), *ALL_OF_GEN_2]),

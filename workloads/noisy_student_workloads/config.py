@@ -31,10 +31,25 @@ class _Strict(BaseModel):
 
 
 class RandAugmentConfig(_Strict):
-    """timm RandAugment: ``ops`` operations per image at magnitude ``magnitude`` (0-10 scale)."""
+    """timm RandAugment: ``ops`` operations per image at magnitude ``magnitude`` (10 = timm's full strength).
+
+    Each image's magnitude is drawn around ``magnitude`` (std 0.5) and clipped to
+    ``[0, magnitude_max]``; ``fill`` colours the borders rotations, shears and
+    translations leave: the data's mean pixel, or black, grey (128, the official
+    code's) or white.
+    """
 
     ops: int = Field(2, ge=1, le=10)
     magnitude: float = Field(9, ge=0, le=30)
+    magnitude_max: int = Field(30, ge=1, le=30)
+    fill: Literal["mean", "black", "grey", "white"] = "mean"
+
+    @model_validator(mode="after")
+    def _check_range(self) -> RandAugmentConfig:
+        if self.magnitude > self.magnitude_max:
+            raise ValueError(f"magnitude: {self.magnitude:g} is above magnitude_max ({self.magnitude_max:g}); "
+                             "it would be clipped")
+        return self
 
 
 class NoiseConfig(_Strict):
@@ -55,6 +70,15 @@ class PseudoConfig(_Strict):
     ratio: int = Field(3, ge=1)
 
 
+#: timm.create_model arguments the workload sets itself, and from what.
+RESERVED_MODEL_ARGS = {
+    "model_name": "model", "pretrained": "no weights can be downloaded", "pretrained_cfg": "no weights",
+    "pretrained_cfg_overlay": "no weights", "checkpoint_path": "no weights", "num_classes": "num_classes",
+    "in_chans": "RGB input", "drop_rate": "noise.dropout", "drop_path_rate": "noise.stochastic_depth",
+}
+ModelArg = bool | int | float | str | list[bool | int | float | str] | None
+
+
 class TeacherRef(_Strict):
     """The teacher a student learns from (used to refuse a smaller student)."""
 
@@ -67,6 +91,7 @@ class TrainConfig(_Strict):
 
     role: Literal["teacher", "student"]
     model: str = Field(min_length=1)
+    model_args: dict[str, ModelArg] = Field(default_factory=dict, description="keyword arguments of timm.create_model")
     num_classes: int = Field(ge=2)
     image_size: int = Field(32, ge=8, le=1024)
     labeled: str = Field(min_length=1)
@@ -79,6 +104,10 @@ class TrainConfig(_Strict):
     weight_decay: float = Field(5e-5, ge=0)
     optimizer: str = Field("sgd", min_length=1)
     warmup_epochs: int = Field(0, ge=0)
+    label_smoothing: float = Field(0.1, ge=0, lt=1, description="smoothing of labeled and hard pseudo-label targets")
+    ema_decay: float = Field(0.9999, ge=0, lt=1, description="weight EMA decay (0: none); evaluated, labels")
+    unlabeled_loss_weight: Literal["ratio", "equal"] = Field(
+        "ratio", description="ratio: (labeled·B + pseudo·rB)/B, the official weighting; equal: the two means added")
     seed: int = 0
     teacher: TeacherRef | None = None
     allow_smaller_student: bool = False
@@ -95,6 +124,11 @@ class TrainConfig(_Strict):
             raise ValueError("pseudo: a student needs pseudo-labeled data (role is 'student')")
         if self.role == "teacher" and self.pseudo is not None:
             raise ValueError("pseudo: a teacher trains on labeled data only; set pseudo to null")
+        for name in self.model_args:
+            if not name.isidentifier():
+                raise ValueError(f"model_args: {name!r} is not a keyword argument name")
+            if name in RESERVED_MODEL_ARGS:
+                raise ValueError(f"model_args: {name!r} is set by the workload ({RESERVED_MODEL_ARGS[name]})")
         if self.warmup_epochs >= self.epochs and self.warmup_epochs > 0:
             raise ValueError(f"warmup_epochs: {self.warmup_epochs} must be less than epochs ({self.epochs})")
         return self

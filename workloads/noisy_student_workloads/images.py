@@ -11,9 +11,9 @@ Transforms, chosen for small images:
 * train: a random crop with ``image_size // 8`` zero padding (translation,
   the classic small-image augmentation), no horizontal flip (it changes the
   meaning of digits and letters);
-* student input noise: timm ``RandAugment`` (``rand-m{M}-n{N}-mstd0.5``),
-  applied before the crop, with the data set's mean pixel as fill colour so
-  rotated or sheared borders look like background.
+* student input noise: timm ``RandAugment`` (``rand-m{M}-n{N}-mstd0.5-mmax{X}``),
+  applied before the crop, with a fill colour for rotated or sheared borders
+  (the data set's mean pixel, or black for a black background).
 
 Example::
 
@@ -57,12 +57,19 @@ def random_crop(x: torch.Tensor, padding: int, generator: torch.Generator | None
     return padded[batch, chans, rows, cols]
 
 
-def rand_augment(ops: int, magnitude: float, image_size: int, fill: Sequence[int]) -> Callable[[Image.Image], Image.Image]:
-    """timm's RandAugment for RGB PIL images of ``image_size`` pixels, borders filled with ``fill``."""
+def rand_augment(ops: int, magnitude: float, image_size: int, fill: Sequence[int],
+                 magnitude_max: int = 30) -> Callable[[Image.Image], Image.Image]:
+    """timm's RandAugment for RGB PIL images of ``image_size`` pixels, borders filled with ``fill``.
+
+    Each image's magnitude is drawn around ``magnitude`` (std 0.5) and clipped to ``[0, magnitude_max]``
+    (timm's ``mmax``; without it timm clips at 10, silently weakening any magnitude above 10).
+    """
     from timm.data import rand_augment_transform
 
+    if magnitude > magnitude_max:
+        raise ValueError(f"magnitude {magnitude:g} is above magnitude_max {magnitude_max:g}")
     hparams = {"translate_const": int(image_size * 0.45), "img_mean": tuple(int(v) for v in fill)}
-    transform = rand_augment_transform(f"rand-m{magnitude:g}-n{ops}-mstd0.5", hparams)
+    transform = rand_augment_transform(f"rand-m{magnitude:g}-n{ops}-mstd0.5-mmax{int(magnitude_max)}", hparams)
     for op in transform.ops:
         if op.name == "Posterize":
             # timm maps levels below 2.5 to 0 bits, which Pillow >= 10 rejects; any magnitude

@@ -109,7 +109,7 @@ def run(cfg: LabelConfig, replica_id: int, num_replicas: int) -> dict[str, Any] 
     _, workers = cores.plan(1) if device.type == "cpu" else (0, 1)
     loader = torch.utils.data.DataLoader(batches, batch_size=None, num_workers=workers if len(mine) > 1 else 0,
                                          pin_memory=device.type == "cuda")
-    event("data", replica=replica_id, shards=len(mine), workers=loader.num_workers)
+    event("data", replica=replica_id, shards=len(mine), workers=loader.num_workers, weights=meta["weights"])
 
     # predict, writing parts as they fill, then this replica's marker, then (maybe) the stage marker
     num_classes = int(meta["num_classes"])

@@ -1,8 +1,13 @@
 """timm models by name, and the final checkpoint format shared by train and label.
 
 A final checkpoint (``checkpoint.pt``) holds only plain data — the model's
-state dict, its timm name, ``num_classes``, ``image_size`` and the
-normalisation ``mean``/``std`` — so it loads with ``weights_only=True``.
+state dict, its timm name and constructor arguments (``model_args``),
+``num_classes``, ``image_size`` and the normalisation ``mean``/``std`` — so it
+loads with ``weights_only=True``. When training kept an exponential moving
+average of the weights, ``ema`` holds its state dict (parameters and
+BatchNorm statistics): those are the weights that were evaluated, that label
+the next generation, and that an export should use; ``state_dict`` stays the
+raw trained weights.
 
 Example::
 
@@ -13,6 +18,7 @@ from __future__ import annotations
 
 import difflib
 import io
+from collections.abc import Mapping
 from typing import Any
 
 import torch
@@ -21,10 +27,13 @@ from .config import ConfigError
 from .store import open_store
 
 
-def create_model(name: str, num_classes: int, dropout: float = 0.0, stochastic_depth: float = 0.0) -> torch.nn.Module:
-    """``timm.create_model`` with dropout before the classifier and stochastic depth.
+def create_model(name: str, num_classes: int, dropout: float = 0.0, stochastic_depth: float = 0.0,
+                 model_args: Mapping[str, Any] | None = None) -> torch.nn.Module:
+    """``timm.create_model`` with dropout before the classifier, stochastic depth and the model's own
+    keyword arguments (``model_args``, e.g. ``{"stem_stride": 1}``).
 
-    Raises :class:`ConfigError` naming ``model`` (with close matches) for an unknown name.
+    Raises :class:`ConfigError` naming ``model`` (with close matches) for an unknown name, and
+    ``model_args`` for an argument the model's constructor does not take.
     """
     import timm
 
@@ -35,9 +44,13 @@ def create_model(name: str, num_classes: int, dropout: float = 0.0, stochastic_d
             close = timm.list_models(f"*{name[:6]}*")[:5]
         hint = f"; close matches: {', '.join(close)}" if close else ""
         raise ConfigError(f"model: unknown timm model {name!r}{hint}")
-    return timm.create_model(
-        name, pretrained=False, num_classes=num_classes, in_chans=3, drop_rate=dropout, drop_path_rate=stochastic_depth
-    )
+    try:
+        return timm.create_model(name, pretrained=False, num_classes=num_classes, in_chans=3, drop_rate=dropout,
+                                 drop_path_rate=stochastic_depth, **dict(model_args or {}))
+    except (TypeError, ValueError, AssertionError) as exc:  # the constructor's own message names the argument
+        if not model_args:
+            raise
+        raise ConfigError(f"model_args: {name!r} does not take {dict(model_args or {})}: {exc}") from None
 
 
 def count_parameters(model: torch.nn.Module) -> int:
@@ -60,19 +73,22 @@ def check_finite(state: dict[str, torch.Tensor], what: str) -> None:
         raise ConfigError(f"checkpoint: {what} has non-finite weights ({len(bad)} tensors, e.g. {bad[0]!r})")
 
 
-def save_final(uri: str, model: torch.nn.Module, name: str, num_classes: int, image_size: int) -> bytes:
+def save_final(uri: str, model: torch.nn.Module, name: str, num_classes: int, image_size: int,
+               model_args: Mapping[str, Any] | None = None, ema: torch.nn.Module | None = None) -> bytes:
     """Write the final checkpoint to ``uri``; returns the bytes written (for the digest)."""
     mean, std = normalization(model)
-    state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
-    check_finite(state, f"the model to be written to {uri}")
-    payload = {
+    payload: dict[str, Any] = {
         "model": name,
+        "model_args": dict(model_args or {}),
         "num_classes": num_classes,
         "image_size": image_size,
         "mean": mean,
         "std": std,
-        "state_dict": state,
     }
+    for key, module in (("state_dict", model), ("ema", ema)):
+        if module is not None:
+            payload[key] = {k: v.detach().cpu() for k, v in module.state_dict().items()}
+            check_finite(payload[key], f"the model to be written to {uri}")
     buf = io.BytesIO()
     torch.save(payload, buf)
     data = buf.getvalue()
@@ -81,7 +97,8 @@ def save_final(uri: str, model: torch.nn.Module, name: str, num_classes: int, im
 
 
 def load_final(uri: str) -> tuple[torch.nn.Module, dict[str, Any]]:
-    """Load a final checkpoint: the model (eval mode, no dropout or drop path) and its metadata."""
+    """Load a final checkpoint: the model (eval mode, no dropout or drop path; the ``ema`` weights when
+    there are some) and its metadata (``weights``: ``ema`` or ``state_dict``)."""
     try:
         data = open_store(uri).get_bytes(uri)
     except FileNotFoundError as exc:
@@ -90,11 +107,13 @@ def load_final(uri: str) -> tuple[torch.nn.Module, dict[str, Any]]:
     missing = {"model", "num_classes", "image_size", "state_dict"} - set(payload)
     if missing:
         raise ConfigError(f"checkpoint: {uri} is not a final checkpoint (missing {sorted(missing)})")
-    check_finite(payload["state_dict"], uri)
-    model = create_model(payload["model"], payload["num_classes"])
-    model.load_state_dict(payload["state_dict"])
+    weights = "ema" if "ema" in payload else "state_dict"
+    check_finite(payload[weights], uri)
+    model = create_model(payload["model"], payload["num_classes"], model_args=payload.get("model_args"))
+    model.load_state_dict(payload[weights])
     model.eval()
-    meta = {k: v for k, v in payload.items() if k != "state_dict"}
+    meta = {k: v for k, v in payload.items() if k not in ("state_dict", "ema")}
+    meta["weights"] = weights
     meta.setdefault("mean", normalization(model)[0])
     meta.setdefault("std", normalization(model)[1])
     return model, meta

@@ -19,18 +19,28 @@ Recipe:
   An epoch is as many steps as it takes to see the larger of the two sets
   once; the smaller one cycles. ``batch_size`` is global: with W processes
   each takes its 1/W share of the step's batch.
-* **Loss.** Cross-entropy on the labeled batch plus soft cross-entropy on the
-  pseudo-labeled batch (each a mean, so ``ratio`` changes how many pseudo
-  labels a step sees, not how much labeled data weighs). Soft targets are the
-  teacher's distribution re-tempered as ``p^(1/T)`` normalised (the same as
-  ``softmax(logits / T)``); hard targets are its argmax.
+* **Loss.** As the official code (``google-research/noisystudent``
+  ``main.py``): cross-entropy on the labeled batch (B images) and soft
+  cross-entropy on the pseudo-labeled batch (rB images), combined as
+  ``(labeled·B + pseudo·rB) / B`` — the pseudo-labeled term weighs ``r``
+  times a labeled one, as many images as it has (``unlabeled_loss_weight:
+  equal`` adds the two means instead). Labeled and hard pseudo-labeled
+  targets are smoothed (``label_smoothing``, official 0.1); soft targets are
+  the teacher's distribution re-tempered as ``p^(1/T)`` normalised (the same
+  as ``softmax(logits / T)``), unsmoothed; hard targets are its argmax.
+* **Weight EMA.** With ``ema_decay`` > 0 an exponential moving average of
+  the weights and BatchNorm statistics follows every update, with the
+  official (TensorFlow) warm-up ``decay_n = min(ema_decay, (1 + n) / (10 + n))``
+  at update n. The average is what is evaluated, what the final checkpoint
+  offers for labeling and export (its ``ema`` entry), and what epoch
+  checkpoints resume.
 * **Noise.** Input: timm RandAugment when ``noise.rand_augment`` is set, plus
   a small random crop for every training image. Model: dropout before the
   classifier (``drop_rate``) and stochastic depth (``drop_path_rate``).
 * **Schedule.** timm optimizer factory (``sgd`` is SGD with Nesterov
   momentum 0.9) and a per-step cosine schedule with linear warm-up.
-* **Metrics.** ``top1``/``top5`` (fractions) of the final model on the whole
-  validation set; earlier epochs in ``history`` are scored on the first
+* **Metrics.** ``top1``/``top5`` (fractions) of the final model (the EMA
+  when kept; ``top1_raw`` is then the raw weights') on the whole validation set; earlier epochs in ``history`` are scored on the first
   ``eval_images`` validation images (a fixed budget), for progress only.
 * **Failures.** A non-finite loss stops training before the epoch's
   checkpoint is written (no NaN weights are saved or promoted); unusable
@@ -152,11 +162,16 @@ def open_set(pattern: str, field: str, cfg: TrainConfig, shuffle: bool, copies: 
     return stream
 
 
-class LabeledTargets:
-    """One-hot targets of labeled samples; an unlabeled sample or a class out of range names shard and key."""
+def smoothed(one_hot: torch.Tensor | np.ndarray, smoothing: float) -> Any:
+    """Label smoothing as TensorFlow's ``softmax_cross_entropy``: ``y·(1 − ε) + ε / K``."""
+    return one_hot * (1.0 - smoothing) + smoothing / one_hot.shape[1] if smoothing else one_hot
 
-    def __init__(self, num_classes: int, field: str) -> None:
-        self.num_classes, self.field = num_classes, field
+
+class LabeledTargets:
+    """Smoothed one-hot targets of labeled samples; an unlabeled sample or a class out of range names shard and key."""
+
+    def __init__(self, num_classes: int, field: str, smoothing: float = 0.0) -> None:
+        self.num_classes, self.field, self.smoothing = num_classes, field, smoothing
 
     def labels(self, samples: Sequence[dict[str, Any]]) -> torch.Tensor:
         for s in samples:
@@ -168,7 +183,7 @@ class LabeledTargets:
         return torch.tensor([s["label"] for s in samples], dtype=torch.int64)
 
     def __call__(self, samples: Sequence[dict[str, Any]]) -> torch.Tensor:
-        return F.one_hot(self.labels(samples), self.num_classes).float()
+        return smoothed(F.one_hot(self.labels(samples), self.num_classes).float(), self.smoothing)
 
 
 def tempered(probs: np.ndarray, temperature: float) -> np.ndarray:
@@ -180,11 +195,11 @@ def tempered(probs: np.ndarray, temperature: float) -> np.ndarray:
 
 
 def manifest_targets(manifest: dict[str, np.ndarray], rows: np.ndarray, num_classes: int, kind: str,
-                     temperature: float) -> np.ndarray:
-    """Targets (len(rows)×K float) of manifest rows: one-hot for ``hard``, re-tempered for ``soft``."""
+                     temperature: float, smoothing: float = 0.0) -> np.ndarray:
+    """Targets (len(rows)×K float) of manifest rows: smoothed one-hot for ``hard``, re-tempered for ``soft``."""
     classes = manifest["classes"][rows].astype(np.int64)
     if kind == "hard":
-        return np.eye(num_classes, dtype=np.float32)[classes]
+        return smoothed(np.eye(num_classes, dtype=np.float32)[classes], smoothing).astype(np.float32)
     if "probs" in manifest:
         probs = manifest["probs"][rows].astype(np.float32)
     else:  # top-k only (many classes): the rest of the mass is unknown, renormalise over the top k
@@ -197,12 +212,15 @@ def manifest_targets(manifest: dict[str, np.ndarray], rows: np.ndarray, num_clas
 class PseudoTargets:
     """Targets of pseudo-labeled samples, from their manifest rows."""
 
-    def __init__(self, manifest: dict[str, np.ndarray], num_classes: int, kind: str, temperature: float) -> None:
-        self.manifest, self.num_classes, self.kind, self.temperature = manifest, num_classes, kind, temperature
+    def __init__(self, manifest: dict[str, np.ndarray], num_classes: int, kind: str, temperature: float,
+                 smoothing: float = 0.0) -> None:
+        self.manifest, self.num_classes, self.kind = manifest, num_classes, kind
+        self.temperature, self.smoothing = temperature, smoothing
 
     def __call__(self, samples: Sequence[dict[str, Any]]) -> torch.Tensor:
         rows = np.fromiter((s["row"] for s in samples), dtype=np.int64, count=len(samples))
-        return torch.from_numpy(manifest_targets(self.manifest, rows, self.num_classes, self.kind, self.temperature))
+        return torch.from_numpy(manifest_targets(self.manifest, rows, self.num_classes, self.kind, self.temperature,
+                                                 self.smoothing))
 
 
 def load_manifest(pseudo: PseudoConfig, cfg: TrainConfig) -> tuple[dict[str, np.ndarray], Copies]:
@@ -258,8 +276,14 @@ def locate_keys(manifest: dict[str, np.ndarray], keys: np.ndarray, uris: Sequenc
     manifest["shard_names"] = np.asarray([u.rsplit("/", 1)[-1] for u in uris])
 
 
-def fill_colour(stream: Stream, image_size: int) -> list[int]:
-    """RandAugment's fill: the mean pixel of the first labeled images (the same in every process)."""
+FILLS = {"black": [0, 0, 0], "grey": [128, 128, 128], "white": [255, 255, 255]}
+
+
+def fill_colour(fill: str, stream: Stream, image_size: int) -> list[int]:
+    """RandAugment's fill: a named colour, or (``mean``) the mean pixel of the first labeled images
+    (the same in every process)."""
+    if fill in FILLS:
+        return FILLS[fill]
     images = []
     for s in stream.items(0, min(stream.total, FILL_SAMPLE_IMAGES), None, 0, 0):
         images.append(decode(s, image_size))
@@ -272,7 +296,7 @@ def fill_colour(stream: Stream, image_size: int) -> list[int]:
 
 def build_model(cfg: TrainConfig) -> tuple[torch.nn.Module, int]:
     """The timm model with the config's model noise; refuses a student smaller than its teacher."""
-    model = create_model(cfg.model, cfg.num_classes, cfg.noise.dropout, cfg.noise.stochastic_depth)
+    model = create_model(cfg.model, cfg.num_classes, cfg.noise.dropout, cfg.noise.stochastic_depth, cfg.model_args)
     parameters = count_parameters(model)
     teacher = cfg.teacher
     if teacher is not None and parameters < teacher.parameters and not cfg.allow_smaller_student:
@@ -290,6 +314,19 @@ def check_optimizer(name: str) -> None:
 
     if name.lower() not in list_optimizers():
         raise ConfigError(f"optimizer: unknown timm optimizer {name!r} (e.g. sgd, momentum, adamw, lamb)")
+
+
+def weight_ema(model: torch.nn.Module, decay: float) -> Any:
+    """timm's ``ModelEmaV3`` (every float entry of the state dict: parameters and BatchNorm statistics)
+    with the official warm-up, TensorFlow's ``ExponentialMovingAverage(decay, num_updates)``:
+    ``min(decay, (1 + n) / (10 + n))`` at update ``n``."""
+    from timm.utils import ModelEmaV3
+
+    class WeightEma(ModelEmaV3):
+        def get_decay(self, step: int | None = None) -> float:
+            return self.decay if step is None else min(self.decay, (1.0 + step) / (10.0 + step))
+
+    return WeightEma(model, decay=decay)
 
 
 # ---------------------------------------------------------------------------
@@ -335,10 +372,11 @@ def gather_rng(d: Dist) -> list[dict[str, Any]]:
     return states
 
 
-def save_checkpoint(uri: str, model: torch.nn.Module, optimizer: Any, scheduler: Any, epoch: int, history: list,
-                    rng: list[dict[str, Any]]) -> None:
+def save_checkpoint(uri: str, model: torch.nn.Module, ema: Any, optimizer: Any, scheduler: Any, epoch: int,
+                    history: list, rng: list[dict[str, Any]]) -> None:
     state = {
         "model": model.state_dict(),
+        "ema": ema.module.state_dict() if ema is not None else None,
         "optimizer": optimizer.state_dict(),
         "scheduler": scheduler.state_dict(),
         "epoch": epoch,
@@ -357,11 +395,18 @@ def prune_checkpoints(output: str, keep: int) -> None:
         open_store(uri).delete(uri)
 
 
-def load_checkpoint(uri: str, model: torch.nn.Module, optimizer: Any, scheduler: Any, d: Dist) -> tuple[int, list]:
-    """Restore training state and this rank's own RNG state; returns (epochs completed, history)."""
+def load_checkpoint(uri: str, model: torch.nn.Module, ema: Any, optimizer: Any, scheduler: Any,
+                    d: Dist) -> tuple[int, list]:
+    """Restore training state and this rank's own RNG state; returns (epochs completed, history).
+    An epoch checkpoint without an average (from before EMA) starts the average at its weights."""
     # Our own checkpoint under the run's prefix: it holds RNG state objects, hence weights_only=False.
     state = torch.load(io.BytesIO(open_store(uri).get_bytes(uri)), map_location="cpu", weights_only=False)
     model.load_state_dict(state["model"])
+    if ema is not None:
+        if state.get("ema") is not None:
+            ema.module.load_state_dict(state["ema"])
+        else:
+            ema.set(model)
     optimizer.load_state_dict(state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
     rng = state["rng"]
@@ -384,6 +429,17 @@ def load_checkpoint(uri: str, model: torch.nn.Module, optimizer: Any, scheduler:
 def soft_cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     """Mean over the batch of ``-sum(targets * log_softmax(logits))``."""
     return -(targets * F.log_softmax(logits.float(), dim=1)).sum(dim=1).mean()
+
+
+def data_loss(logits: torch.Tensor, targets: torch.Tensor, n_labeled: int, weighting: str = "ratio") -> torch.Tensor:
+    """The step's loss: labeled rows first, then pseudo-labeled rows. ``ratio`` (official):
+    ``(labeled·B + pseudo·U) / B`` for B labeled and U pseudo-labeled rows; ``equal``: ``labeled + pseudo``."""
+    loss = soft_cross_entropy(logits[:n_labeled], targets[:n_labeled])
+    n_pseudo = len(targets) - n_labeled
+    if n_pseudo:
+        weight = n_pseudo / n_labeled if weighting == "ratio" else 1.0
+        loss = loss + weight * soft_cross_entropy(logits[n_labeled:], targets[n_labeled:])
+    return loss
 
 
 def to_input(x: torch.Tensor, mean: list[float], std: list[float], d: Dist) -> torch.Tensor:
@@ -420,7 +476,8 @@ def _rank_range(total: int, world: int, rank: int) -> tuple[int, int]:
 
 def train_epoch(
     model: torch.nn.Module, batches: Any, optimizer: Any, scheduler: Any, first_update: int,
-    mean: list[float], std: list[float], d: Dist, epoch: int,
+    mean: list[float], std: list[float], d: Dist, epoch: int, weighting: str = "ratio",
+    ema: Any = None, raw: torch.nn.Module | None = None,
 ) -> tuple[float, int]:
     """One epoch; returns (mean loss, images this rank trained on). Raises :class:`NonFiniteLoss`."""
     model.train()
@@ -431,13 +488,13 @@ def train_epoch(
         y = y.to(d.device, non_blocking=True)
         with torch.autocast(d.device.type, dtype=torch.bfloat16, enabled=d.device.type == "cuda"):
             logits = model(x)
-        loss = soft_cross_entropy(logits[:n_labeled], y[:n_labeled])
-        if len(y) > n_labeled:
-            loss = loss + soft_cross_entropy(logits[n_labeled:], y[n_labeled:])
+        loss = data_loss(logits, y, n_labeled, weighting)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
         update += 1
+        if ema is not None:
+            ema.update(raw, step=update)
         scheduler.step_update(num_updates=update)
         total_loss += loss.detach()
         images += len(y)
@@ -479,23 +536,27 @@ def run(cfg: TrainConfig) -> dict[str, Any]:
     labeled = open_set(cfg.labeled, "labeled", cfg, shuffle=True)
     validation = open_set(cfg.validation, "validation", cfg, shuffle=False)
     streams, batches = [labeled], [cfg.batch_size]
-    targets: list[Any] = [LabeledTargets(cfg.num_classes, "labeled")]
+    targets: list[Any] = [LabeledTargets(cfg.num_classes, "labeled", cfg.label_smoothing)]
     if cfg.pseudo is not None:
         manifest, copies = load_manifest(cfg.pseudo, cfg)
         streams.append(open_set(cfg.pseudo.unlabeled, "pseudo.unlabeled", cfg, shuffle=True, copies=copies))
         batches.append(cfg.pseudo.ratio * cfg.batch_size)
-        targets.append(PseudoTargets(manifest, cfg.num_classes, cfg.pseudo.type, cfg.pseudo.temperature))
+        targets.append(PseudoTargets(manifest, cfg.num_classes, cfg.pseudo.type, cfg.pseudo.temperature,
+                                     cfg.label_smoothing))
     steps = max(math.ceil(s.total / b) for s, b in zip(streams, batches))
     augment = None
     if cfg.noise.rand_augment is not None:
         ra = cfg.noise.rand_augment
-        augment = imgs.rand_augment(ra.ops, ra.magnitude, cfg.image_size, fill_colour(labeled, cfg.image_size))
+        augment = imgs.rand_augment(ra.ops, ra.magnitude, cfg.image_size,
+                                    fill_colour(ra.fill, labeled, cfg.image_size), ra.magnitude_max)
     event("data", labeled=labeled.total, pseudo=streams[1].total if len(streams) > 1 else 0,
           validation=validation.total, steps_per_epoch=steps, threads=torch.get_num_threads(), workers=workers)
 
     # model
     model.to(d.device, memory_format=torch.channels_last)
     mean, std = normalization(model)
+    ema = weight_ema(model, cfg.ema_decay) if cfg.ema_decay > 0 else None
+    scored = ema.module if ema is not None else model  # the weights evaluated, saved for labeling, resumed
     ddp_model = torch.nn.parallel.DistributedDataParallel(model) if d.world > 1 else model
     step_model = torch.compile(ddp_model) if cfg.compile else ddp_model
 
@@ -508,7 +569,7 @@ def run(cfg: TrainConfig) -> dict[str, Any]:
     start, history = 0, []
     resume_uri = latest_checkpoint(out)
     if resume_uri is not None:
-        start, history = load_checkpoint(resume_uri, model, optimizer, scheduler, d)
+        start, history = load_checkpoint(resume_uri, model, ema, optimizer, scheduler, d)
         event("resume", epoch=start, epochs=cfg.epochs, checkpoint=resume_uri)
 
     # loop
@@ -522,19 +583,23 @@ def run(cfg: TrainConfig) -> dict[str, Any]:
     for epoch in range(start, cfg.epochs):
         tic = time.perf_counter()
         try:
-            loss, seen = train_epoch(step_model, loader, optimizer, scheduler, epoch * steps, mean, std, d, epoch)
+            loss, seen = train_epoch(step_model, loader, optimizer, scheduler, epoch * steps, mean, std, d, epoch,
+                                     cfg.unlabeled_loss_weight, ema, model)
         except DataError as exc:
             raise unwrap(exc) from None
         seconds = time.perf_counter() - tic
         scheduler.step(epoch + 1)
         last = epoch + 1 == cfg.epochs
-        scores = evaluate(model, validation, validation.total if last else cfg.eval_images, cfg.image_size,
+        scores = evaluate(scored, validation, validation.total if last else cfg.eval_images, cfg.image_size,
                           label_targets, mean, std, d)
+        if last and ema is not None:
+            scores["top1_raw"] = evaluate(model, validation, validation.total, cfg.image_size, label_targets,
+                                          mean, std, d)["top1"]
         history.append({"epoch": epoch + 1, "loss": loss, **scores, "images": seen * d.world, "seconds": seconds})
         rng = gather_rng(d)
         if d.main:
-            save_checkpoint(join_uri(out, "checkpoints", f"epoch-{epoch + 1:03d}.pt"), model, optimizer, scheduler,
-                            epoch + 1, history, rng)
+            save_checkpoint(join_uri(out, "checkpoints", f"epoch-{epoch + 1:03d}.pt"), model, ema, optimizer,
+                            scheduler, epoch + 1, history, rng)
             prune_checkpoints(out, cfg.keep_checkpoints)
             put_json(join_uri(out, "progress.json"), {"epoch": epoch + 1, "epochs": cfg.epochs, "top1": scores["top1"]})
         event("epoch", epoch=epoch + 1, epochs=cfg.epochs, loss=round(loss, 4), top1=round(scores["top1"], 4),
@@ -542,14 +607,17 @@ def run(cfg: TrainConfig) -> dict[str, Any]:
         barrier(d)
 
     # metrics
-    final = history[-1] if history else evaluate(model, validation, validation.total, cfg.image_size,
+    final = history[-1] if history else evaluate(scored, validation, validation.total, cfg.image_size,
                                                  label_targets, mean, std, d)
     train_seconds = sum(h["seconds"] for h in history)
     metrics = {
         "role": cfg.role,
         "model": cfg.model,
+        "model_args": cfg.model_args,
         "top1": final["top1"],
         "top5": final["top5"],
+        "top1_raw": final.get("top1_raw", final["top1"]),
+        "weights": "ema" if ema is not None else "state_dict",
         "parameters": parameters,
         "images_per_second": sum(h["images"] for h in history) / train_seconds if train_seconds else 0.0,
         "epochs": cfg.epochs,
@@ -561,7 +629,8 @@ def run(cfg: TrainConfig) -> dict[str, Any]:
     }
     if d.main:
         checkpoint_uri = join_uri(out, "checkpoint.pt")
-        digests[checkpoint_uri] = sha256(save_final(checkpoint_uri, model, cfg.model, cfg.num_classes, cfg.image_size))
+        digests[checkpoint_uri] = sha256(save_final(checkpoint_uri, model, cfg.model, cfg.num_classes, cfg.image_size,
+                                                    cfg.model_args, ema.module if ema is not None else None))
         put_json(join_uri(out, "metrics.json"), metrics, digests)
         write_done(out, cfg.role, {k: v for k, v in metrics.items() if k != "history"}, digests)
     barrier(d)

@@ -55,6 +55,7 @@ def render_train_config(
     return {
         "role": STUDENT if student else TEACHER,
         "model": spec.model_for(generation),
+        "model_args": spec.model_spec_for(generation).model_args,
         "num_classes": spec.data.num_classes,
         "image_size": spec.data.image_size,
         "labeled": urls["labeled"],
@@ -62,7 +63,9 @@ def render_train_config(
         "pseudo": pseudo,
         "noise": {
             "rand_augment": (
-                {"ops": rand_augment.ops, "magnitude": rand_augment.magnitude} if rand_augment else None
+                {"ops": rand_augment.ops, "magnitude": rand_augment.magnitude,
+                 "magnitude_max": rand_augment.magnitude_max, "fill": rand_augment.fill}
+                if rand_augment else None
             ),
             "dropout": noise.dropout if noise else 0.0,
             "stochastic_depth": noise.stochastic_depth if noise else 0.0,
@@ -73,6 +76,9 @@ def render_train_config(
         "weight_decay": spec.training.weight_decay,
         "optimizer": spec.training.optimizer,
         "warmup_epochs": spec.training.warmup_epochs,
+        "label_smoothing": spec.training.label_smoothing,
+        "ema_decay": spec.training.ema_decay,
+        "unlabeled_loss_weight": spec.training.unlabeled_loss_weight,
         "seed": spec.training.seed + generation,
         "teacher": teacher,
         "allow_smaller_student": spec.training.allow_smaller_student,
