@@ -130,6 +130,21 @@ def the(docs: list[dict[str, Any]], kind: str) -> dict[str, Any]:
     return found[0]
 
 
+def operator_roles(docs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The ClusterRoles and Roles bound to the operator's ServiceAccount (not the users' aggregated ones)."""
+    account = the(docs, "ServiceAccount")["metadata"]["name"]
+    bound = {(b["roleRef"]["kind"], b["roleRef"]["name"], b["metadata"].get("namespace"))
+             for b in find(docs, "ClusterRoleBinding") + find(docs, "RoleBinding")
+             if {"kind": "ServiceAccount", "name": account, "namespace": NAMESPACE} in b["subjects"]}
+    return [doc for doc in find(docs, "ClusterRole") + find(docs, "Role")
+            if (doc["kind"], doc["metadata"]["name"], doc["metadata"].get("namespace")) in bound]
+
+
+def operator_cluster_role(docs: list[dict[str, Any]]) -> dict[str, Any]:
+    (role,) = [doc for doc in operator_roles(docs) if doc["kind"] == "ClusterRole"]
+    return role
+
+
 @pytest.mark.parametrize("value_set", list(VALUE_SETS))
 def test_lint_strict(helm: Path, values_files: dict[str, Path], value_set: str) -> None:
     result = helm_run(helm, "lint", "--strict", str(CHART), "-f", str(values_files[value_set]))
@@ -206,7 +221,7 @@ def test_default_watches_all_namespaces_with_a_clusterrole(helm: Path, values_fi
     assert "--all-namespaces" in container["args"]
     assert not [arg for arg in container["args"] if arg.startswith("--namespace")]
     assert find(docs, "Role") == [] and find(docs, "RoleBinding") == []
-    resources = {r for rule in the(docs, "ClusterRole")["rules"] for r in rule["resources"]}
+    resources = {r for rule in operator_cluster_role(docs)["rules"] for r in rule["resources"]}
     assert {"noisystudentruns", "noisystudentruns/status", "jobs", "events"} <= resources
     binding = the(docs, "ClusterRoleBinding")
     assert binding["subjects"] == [{"kind": "ServiceAccount", "name": the(docs, "ServiceAccount")["metadata"]["name"],
@@ -224,11 +239,11 @@ def test_watch_namespaces_get_roles_and_flags(helm: Path, values_files: dict[str
     for binding in find(docs, "RoleBinding"):
         assert binding["subjects"][0]["namespace"] == NAMESPACE
     # Namespaced permissions never leak into the cluster-wide role.
-    cluster_resources = {r for rule in the(docs, "ClusterRole")["rules"] for r in rule["resources"]}
+    cluster_resources = {r for rule in operator_cluster_role(docs)["rules"] for r in rule["resources"]}
     assert cluster_resources == {"customresourcedefinitions"}
-    default_rules = the(render(helm, values_files["default"]), "ClusterRole")["rules"]
+    default_rules = operator_cluster_role(render(helm, values_files["default"]))["rules"]
     role_rules = find(docs, "Role")[0]["rules"]
-    assert role_rules + the(docs, "ClusterRole")["rules"] == default_rules
+    assert role_rules + operator_cluster_role(docs)["rules"] == default_rules
 
 
 def test_crd_equals_the_generated_one_and_is_kept(helm: Path, values_files: dict[str, Path]) -> None:
@@ -354,10 +369,10 @@ def test_rendered_args_parse_with_the_cli(helm: Path, values_files: dict[str, Pa
     assert args.metrics_port == (metrics_ports[0] if metrics_ports else 0)
 
 
-def granted_permissions(docs: list[dict[str, Any]]) -> set[tuple[str, str, str]]:
-    """(apiGroup, resource, verb) triples granted by the rendered ClusterRoles and Roles."""
+def granted_permissions(roles: list[dict[str, Any]]) -> set[tuple[str, str, str]]:
+    """(apiGroup, resource, verb) triples granted by the rules of `roles`."""
     granted = set()
-    for doc in find(docs, "ClusterRole") + find(docs, "Role"):
+    for doc in roles:
         for rule in doc.get("rules") or []:
             for group in rule.get("apiGroups", []):
                 for resource in rule.get("resources", []):
@@ -366,17 +381,74 @@ def granted_permissions(docs: list[dict[str, Any]]) -> set[tuple[str, str, str]]
     return granted
 
 
+#: Permissions that admission checks without the operator ever making the request, so the audit
+#: log (tests/fixtures/operator_permissions.json) cannot show them. Each says which check needs it.
+ADMISSION_CHECKED = {
+    # OwnerReferencesPermissionEnforcement: a Job whose ownerReference to its run sets
+    # blockOwnerDeletion may only be created by who may update the run's finalizers
+    # (tests/integration/test_rbac_admission.py shows the Forbidden create without it).
+    ("noisystudent.dev", "noisystudentruns/finalizers", "update"),
+}
+
+
 @pytest.mark.parametrize("value_set", ["default", "watch-namespaces"])
 def test_rbac_grants_exactly_what_the_operator_uses(
     helm: Path, values_files: dict[str, Path], value_set: str
 ) -> None:
     """Least privilege, derived from behaviour: tests/fixtures/operator_permissions.json is the set of
     requests the operator made to a real API server in tests/integration/test_operator.py (read from
-    the server's audit log, and that test fails when the operator makes a request missing from it)."""
+    the server's audit log, and that test fails when the operator makes a request missing from it),
+    plus the permissions admission checks (ADMISSION_CHECKED)."""
     from operator_harness import load_permissions
 
     used = load_permissions()
     assert used, "tests/fixtures/operator_permissions.json is empty"
-    granted = granted_permissions(render(helm, values_files[value_set]))
-    assert not (used - granted), f"missing from the chart's RBAC: {sorted(used - granted)}"
-    assert not (granted - used), f"granted but never used by the operator: {sorted(granted - used)}"
+    assert not (used & ADMISSION_CHECKED), "an admission-checked permission was requested: move it out"
+    needed = used | ADMISSION_CHECKED
+    granted = granted_permissions(operator_roles(render(helm, values_files[value_set])))
+    assert not (needed - granted), f"missing from the chart's RBAC: {sorted(needed - granted)}"
+    assert not (granted - needed), f"granted but never used by the operator: {sorted(granted - needed)}"
+
+
+def test_users_of_runs_get_them_through_the_aggregated_default_roles(
+    helm: Path, values_files: dict[str, Path]
+) -> None:
+    docs = render(helm, values_files["default"])
+    aggregated = {doc["metadata"]["name"]: doc for doc in find(docs, "ClusterRole") if doc not in operator_roles(docs)}
+    to = {name: {k.rsplit("-", 1)[1] for k, v in doc["metadata"]["labels"].items()
+                 if k.startswith("rbac.authorization.k8s.io/aggregate-to-") and v == "true"}
+          for name, doc in aggregated.items()}
+    assert to == {f"{RELEASE}-noisy-student-operator-view": {"view", "edit", "admin"},
+                  f"{RELEASE}-noisy-student-operator-edit": {"edit", "admin"}}, to
+    view = granted_permissions([aggregated[f"{RELEASE}-noisy-student-operator-view"]])
+    edit = granted_permissions([aggregated[f"{RELEASE}-noisy-student-operator-edit"]])
+    runs = ("noisystudent.dev", "noisystudentruns")
+    assert view == {(*runs, v) for v in ("get", "list", "watch")} | {
+        ("noisystudent.dev", "noisystudentruns/status", v) for v in ("get", "list", "watch")}
+    assert edit == {(*runs, v) for v in ("create", "update", "patch", "delete", "deletecollection")}
+    off = render(helm, values_files["default"], "--set", "rbac.aggregateToDefaultRoles=false")
+    assert [doc["metadata"]["name"] for doc in find(off, "ClusterRole")] == [operator_cluster_role(off)["metadata"]["name"]]
+
+
+def readme_permissions() -> dict[str, set[tuple[str, str, str]]]:
+    """The chart README's table of granted permissions: `| who | apiGroup | resources | verbs |`."""
+    text = (CHART / "README.md").read_text()
+    table = text.split("<!-- rbac-table -->")[1]
+    rows: dict[str, set[tuple[str, str, str]]] = {}
+    for line in table.strip().splitlines()[2:]:
+        if not line.startswith("|"):
+            break
+        who, group, resources, verbs = (cell.strip().strip("`") for cell in line.strip("|").split("|"))
+        for resource in resources.replace("`", "").split(", "):
+            for verb in verbs.split(", "):
+                rows.setdefault(who, set()).add(("" if group == "core" else group, resource, verb))
+    return rows
+
+
+def test_readme_states_what_the_chart_grants(helm: Path, values_files: dict[str, Path]) -> None:
+    docs = render(helm, values_files["default"])
+    stated = readme_permissions()
+    assert stated.get("operator") == granted_permissions(operator_roles(docs))
+    others = [doc for doc in find(docs, "ClusterRole") if doc not in operator_roles(docs)]
+    assert stated.get("view") == granted_permissions([d for d in others if d["metadata"]["name"].endswith("-view")])
+    assert stated.get("edit") == granted_permissions([d for d in others if d["metadata"]["name"].endswith("-edit")])

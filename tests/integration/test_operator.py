@@ -388,6 +388,34 @@ def test_local_cwd_run_is_refused_by_an_operator_in_the_cluster(h, ns, s3_prefix
     assert not status.get("jobs") and h.jobs(ns, run) == []
 
 
+def test_job_pods_are_admitted_in_a_namespace_enforcing_pod_security_restricted(h, cluster, s3_prefix):
+    """Without a securityContext Volcano's pod creates were Forbidden there: a job that never starts."""
+    from kubernetes import client as k8s
+
+    ns = f"t-{uuid.uuid4().hex[:8]}"
+    ensure_namespace(cluster.client, ns, {"pod-security.kubernetes.io/enforce": "restricted",
+                                          "pod-security.kubernetes.io/enforce-version": "latest"})
+    try:
+        run = "restricted"
+        h.create_run(ns, run, spec(s3_prefix, students=1, resources={"labelShards": 2, "memoryMiB": 1024}))
+        name = h.next_job(ns, run, set(), STEP)["metadata"]["name"]
+
+        def failed_creates() -> list[str]:
+            return [f"{e.reason}: {e.message}" for e in h.core.list_namespaced_event(ns).items
+                    if e.reason == "FailedCreate" or "forbidden" in (e.message or "").lower()]
+
+        pods = wait_for(lambda: h.pods(ns, name), STEP, f"the pods of {name}", detail=lambda: str(failed_creates()))
+        assert failed_creates() == []
+        for pod in pods:
+            assert pod["spec"]["automountServiceAccountToken"] is False
+            for container in pod["spec"]["containers"]:
+                assert container["resources"]["requests"] == container["resources"]["limits"]
+                assert container["resources"]["requests"]["memory"] == "1024Mi"
+            assert pod["status"]["qosClass"] == "Guaranteed"
+    finally:
+        k8s.CoreV1Api(cluster.client).delete_namespace(ns)
+
+
 # ----------------------------------------------------------------------------- (f) server-side validation
 
 

@@ -15,6 +15,13 @@ namespace.
 - apiGroups: [noisystudent.dev]
   resources: [noisystudentruns/status]
   verbs: [patch]
+# Checked by admission, never requested: each Job's ownerReference to its run
+# sets blockOwnerDeletion, and OwnerReferencesPermissionEnforcement (OpenShift,
+# hardened clusters) then requires update on the owner's finalizers, or every
+# Job create is Forbidden.
+- apiGroups: [noisystudent.dev]
+  resources: [noisystudentruns/finalizers]
+  verbs: [update]
 # Child jobs: TorchX's kubernetes scheduler creates Volcano Jobs; the
 # operator re-attaches to them by name and watches them for phase changes.
 # Running jobs of a deleted run are also garbage-collected through their
@@ -48,4 +55,23 @@ them it warns and only rescans on restart).
 - apiGroups: [apiextensions.k8s.io]
   resources: [customresourcedefinitions]
   verbs: [list, watch]
+{{- end }}
+
+
+{{/*
+"noisy-student-operator.rbac.viewRules" and "...editRules": what users of runs
+get through the built-in `view`, `edit` and `admin` ClusterRoles (aggregated).
+Creating a run amounts to running its image in the namespace with the
+namespace's quota, so `edit` gets it as it gets Jobs and Pods.
+*/}}
+{{- define "noisy-student-operator.rbac.viewRules" -}}
+- apiGroups: [noisystudent.dev]
+  resources: [noisystudentruns, noisystudentruns/status]
+  verbs: [get, list, watch]
+{{- end }}
+
+{{- define "noisy-student-operator.rbac.editRules" -}}
+- apiGroups: [noisystudent.dev]
+  resources: [noisystudentruns]
+  verbs: [create, update, patch, delete, deletecollection]
 {{- end }}
