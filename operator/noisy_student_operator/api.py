@@ -63,6 +63,17 @@ class ApiModel(BaseModel):
 
 # --------------------------------------------------------------------------- spec
 
+#: Largest memory a replica may ask for (4 TiB): beyond any node, and a typo guard.
+MAX_MEMORY_MIB = 4 * 1024 * 1024
+#: Longest container image reference (registry, path, tag and digest).
+MAX_IMAGE = 512
+#: Longest URL or path a user may give (data shards, `prepare.path`).
+MAX_URL = 1024
+#: Names of Kubernetes objects a pod refers to (DNS subdomains).
+DNS_SUBDOMAIN = r"^[a-z0-9]([-a-z0-9.]*[a-z0-9])?$"
+#: Largest seed (an unsigned 32-bit integer: numpy and torch take it).
+MAX_SEED = 2**32 - 1
+
 
 class PrepareSpec(ApiModel):
     """Pack a built-in or local data set into shards before the teacher trains."""
@@ -74,17 +85,19 @@ class PrepareSpec(ApiModel):
     )
     path: str | None = Field(
         default=None,
+        max_length=MAX_URL,
         description="Directory with the source files: required for `folder`; for `fashion-mnist` "
         "it defaults to `/usr/share/datasets/fashion-mnist` (Debian package `dataset-fashion-mnist`).",
     )
     labels_per_class: int = Field(
-        ge=1, description="Labeled images kept per class; the rest become unlabeled."
+        ge=1, le=10_000_000, description="Labeled images kept per class; the rest become unlabeled."
     )
-    seed: int = Field(default=0, ge=0, description="Seed of the stratified split.")
-    shard_size: int = Field(default=1000, ge=1, description="Images per tar shard.")
+    seed: int = Field(default=0, ge=0, le=MAX_SEED, description="Seed of the stratified split.")
+    shard_size: int = Field(default=1000, ge=1, le=1_000_000, description="Images per tar shard.")
     validation_size: int | None = Field(
         default=None,
         ge=1,
+        le=10_000_000,
         description="Images held out for validation (sources without a test split).",
     )
 
@@ -106,14 +119,19 @@ class DataSpec(ApiModel):
 
     labeled: str | None = Field(
         default=None,
+        min_length=1,
+        max_length=MAX_URL,
         description="Brace-expandable URL of the labeled shards, e.g. "
         "`s3://datasets/fmnist/labeled-{000000..000003}.tar`.",
     )
     unlabeled: str | None = Field(
-        default=None, description="Brace-expandable URL of the unlabeled shards (no `.cls`)."
+        default=None, min_length=1, max_length=MAX_URL, description="Brace-expandable URL of the unlabeled shards (no `.cls`)."
     )
     validation: str | None = Field(
-        default=None, description="Brace-expandable URL of the labeled validation shards."
+        default=None,
+        min_length=1,
+        max_length=MAX_URL,
+        description="Brace-expandable URL of the labeled validation shards.",
     )
     num_classes: int = Field(ge=2, le=100000, description="Number of classes.")
     image_size: int = Field(
@@ -164,6 +182,7 @@ class ArtifactsSpec(ApiModel):
     """Where checkpoints, labels and metrics go."""
 
     uri: str = Field(
+        max_length=MAX_URL,
         pattern=r"^(s3://[^/]+(/.*)?|file:///.*)$",
         description="Prefix URI (`s3://bucket/prefix/` or `file:///path/`); a run writes "
         "under `<uri>/<namespace>/<name>/`.",
@@ -376,7 +395,7 @@ class TrainingSpec(ApiModel):
         description="`ratio` (official): loss = (labeled·B + pseudo·rB)/B, each pseudo-labeled image "
         "weighs as much as a labeled one; `equal`: the two mean losses added.",
     )
-    seed: int = Field(default=0, ge=0, description="Seed of every stage.")
+    seed: int = Field(default=0, ge=0, le=MAX_SEED, description="Seed of every stage.")
     allow_smaller_student: bool = Field(
         default=False,
         description="Allow a student with fewer parameters than its teacher (the method "
@@ -402,15 +421,6 @@ class NodesSpec(ApiModel):
             raise ValueError("min must not exceed max")
         return self
 
-
-#: Largest memory a replica may ask for (4 TiB): beyond any node, and a typo guard.
-MAX_MEMORY_MIB = 4 * 1024 * 1024
-#: Longest container image reference (registry, path, tag and digest).
-MAX_IMAGE = 512
-#: Longest URL or path a user may give (data shards, `prepare.path`).
-MAX_URL = 1024
-#: Names of Kubernetes objects a pod refers to (DNS subdomains).
-DNS_SUBDOMAIN = r"^[a-z0-9]([-a-z0-9.]*[a-z0-9])?$"
 
 
 def _cpu() -> Any:
@@ -534,7 +544,7 @@ class Toleration(ApiModel):
         default=None, description="Taint effect; empty matches all."
     )
     toleration_seconds: int | None = Field(
-        default=None, ge=0, description="How long a NoExecute taint is tolerated."
+        default=None, ge=0, le=31_536_000, description="How long a NoExecute taint is tolerated."
     )
 
 
@@ -635,7 +645,13 @@ class SchedulerSpec(ApiModel):
         default="kubernetes",
         description="`kubernetes` (Volcano jobs) or `local_cwd` (processes on the operator's host).",
     )
-    queue: str = Field(default="default", min_length=1, description="Volcano queue.")
+    queue: str = Field(
+        default="default",
+        min_length=1,
+        max_length=253,
+        pattern=DNS_SUBDOMAIN,
+        description="Volcano queue (for a Kueue queue, see `placement.labels`).",
+    )
 
 
 class RetrySpec(ApiModel):
@@ -675,6 +691,18 @@ class RunSpec(ApiModel):
     suspend: bool = Field(
         default=False,
         description="Stop launching stages and cancel running jobs; false resumes where it stopped.",
+    )
+
+    model_config = ConfigDict(
+        json_schema_extra={
+            "x-kubernetes-validations": [
+                cel(
+                    "self.scheduler.name != 'kubernetes' || !self.artifacts.uri.startsWith('file://')",
+                    "file:// artifacts are on no job pod's disk: the kubernetes scheduler needs s3:// artifacts",
+                    ".artifacts.uri",
+                )
+            ]
+        }
     )
 
     def placement_for(self, kind: str) -> PlacementFields:

@@ -64,6 +64,14 @@ def test_defaults_fill_in():
         ({"teacher": {"model": "resnet18", "modelArgs": {"output-stride": 8}}}, "spec.teacher"),
         ({"teacher": {"model": "resnet18", "modelArgs": {"num_classes": 3}}}, "spec.teacher"),
         ({"students": [{"model": "resnet18", "modelArgs": {"x": {"nested": 1}}}]}, "spec.students[0].modelArgs.x"),
+        ({"resources": {"image": "x" * 513}}, "spec.resources.image"),
+        ({"resources": {"memoryMiB": 2**23}}, "spec.resources.memoryMiB"),
+        ({"resources": {"balance": {"gpu": 1}}}, "spec.resources.balance.gpu"),
+        ({"resources": {"train": {"nodes": {"min": 2, "max": 1}}}}, "spec.resources.train.nodes"),
+        ({"scheduler": {"queue": "q" * 254}}, "spec.scheduler.queue"),
+        ({"placement": {"labels": {"bad key": "x"}}}, "spec.placement.labels"),
+        ({"placement": {"label": {"nodeSelector": {"pool": "not valid!"}}}}, "spec.placement.label.nodeSelector"),
+        ({"placement": {"tolerations": [{"effect": "Sometimes"}]}}, "spec.placement.tolerations[0].effect"),
     ],
 )
 def test_invalid_specs_name_the_field(overrides, field):
