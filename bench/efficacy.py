@@ -25,9 +25,19 @@ student's model and the budget of the longest student generation: the same
 number of steps of ``(1 + ratio) × B`` images. The upper bound is the better
 of the two.
 
+Every trained model is also scored on corrupted copies of evaluation images
+(Gaussian noise, blur, contrast, brightness, pixelation at three severities;
+``noisy_student_workloads.corruptions``), the paper's robustness claim; the
+table and the plot show that accuracy per generation next to the clean one.
+
+``--seeds N`` runs everything at training seeds 0..N-1 (the prepared data is
+shared) and shows each cell as mean ± standard deviation. An ablation counts
+as helping or hurting only when its difference from the default's first
+student exceeds the seeds' spread (the larger standard deviation of the two).
+
 The results end with the benchmark's checks: every student generation at or
-above the previous one, the no-noise ablation below the noisy default, and a
-gap closed of at least 50 %.
+above the previous one, the no-noise ablation below the noisy default by more
+than the spread, and a gap closed of at least 50 %.
 
 Output in ``--out`` (default ``bench/out/efficacy``): ``results.json``,
 ``results.md`` (a Markdown table: validation top-1 per generation for every
@@ -42,7 +52,7 @@ smoke test: its students are too short to beat the teacher). On a GPU use
 the README's "Does it learn?" section.
 
     python bench/efficacy.py --quick
-    python bench/efficacy.py --out /tmp/efficacy
+    python bench/efficacy.py --out /tmp/efficacy --seeds 3
 """
 
 from __future__ import annotations
@@ -54,6 +64,7 @@ import math
 import os
 import platform
 import shutil
+import statistics
 import subprocess
 import sys
 import time
@@ -205,34 +216,74 @@ def student_budget(spec: dict[str, Any], pseudo_images: int) -> tuple[int, int]:
 GAP_GOAL = 0.5
 
 
+def spread(results: dict[str, Any], a: str, b: str, generation: int = 1) -> float:
+    """The seeds' spread of two cells: the larger standard deviation of the two (0 with one seed)."""
+    sds = [results["variants"][v].get("top1_sd", [])[generation:generation + 1] for v in (a, b)]
+    return max([sd[0] for sd in sds if sd and sd[0] is not None], default=0.0)
+
+
 def checks(results: dict[str, Any]) -> dict[str, bool | None]:
     """What the default run must show: each generation at or above the previous one, noise worth
-    having (the no-noise ablation's student below the default's first), and the gap-closed goal.
-    ``None`` where the variant needed was not run."""
+    having (the no-noise ablation's student below the default's first by more than the seeds' spread),
+    and the gap-closed goal. ``None`` where the variant needed was not run."""
     default = results["variants"]["default"]["top1"]
     no_noise = results["variants"].get("no-noise", {}).get("top1", [])
     gap = results["gap_closed"]["noisy_teacher"]
+    noise_helps = None
+    if len(no_noise) > 1 and len(default) > 1:
+        noise_helps = default[1] - no_noise[1] > spread(results, "default", "no-noise")
     return {
         "generations_monotone": all(b >= a for a, b in zip(default, default[1:])),
-        "noise_helps": no_noise[1] < default[1] if len(no_noise) > 1 and len(default) > 1 else None,
+        "noise_helps": noise_helps,
         "gap_closed_goal": gap >= GAP_GOAL if gap is not None else None,
     }
 
 
-def pct(x: float | None) -> str:
-    return "–" if x is None else f"{100 * x:.1f}"
+def ablation_effects(results: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """Each ablation's first student against the default's: the difference, the seeds' spread, and whether
+    the change hurts or helps — only when the difference exceeds the spread (one seed: no spread to judge)."""
+    default = results["variants"]["default"]["top1"]
+    effects = {}
+    for name, v in results["variants"].items():
+        if name == "default" or len(v["top1"]) < 2 or len(default) < 2:
+            continue
+        diff, sd = v["top1"][1] - default[1], spread(results, "default", name)
+        verdict = ("one seed" if len(results.get("seeds", [0])) < 2 else
+                   "hurts" if diff < -sd else "helps" if diff > sd else "within the spread")
+        effects[name] = {"difference": diff, "spread": sd, "verdict": verdict}
+    return effects
+
+
+def pct(x: float | None, sd: float | None = None) -> str:
+    if x is None:
+        return "–"
+    return f"{100 * x:.1f}" if sd is None else f"{100 * x:.1f} ± {100 * sd:.1f}"
 
 
 def render_table(results: dict[str, Any]) -> str:
     gens = max(len(v["top1"]) for v in results["variants"].values())
     head = ["variant", "change", "teacher"] + [f"student {k}" for k in range(1, gens)]
-    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    seeds = results.get("seeds", [0])
+    lines = [f"Top-1 % ({len(seeds)} seed{'s' if len(seeds) > 1 else ''}"
+             f"{': mean ± standard deviation' if len(seeds) > 1 else ''}):", "",
+             "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+
+    def cells(v: dict[str, Any], key: str) -> list[str]:
+        sds = v.get(f"{key}_sd") or [None] * len(v[key])
+        return [pct(t, sd) for t, sd in zip(v[key], sds)] + [""] * (gens - len(v[key]))
+
     for name, v in results["variants"].items():
-        cells = [pct(t) for t in v["top1"]] + [""] * (gens - len(v["top1"]))
-        lines.append(f"| {name} | {v['change']} | " + " | ".join(cells) + " |")
+        lines.append(f"| {name} | {v['change']} | " + " | ".join(cells(v, "top1")) + " |")
+    if any(t is not None for v in results["variants"].values() for t in v.get("corruption_top1", [])):
+        lines += ["", "Robustness: top-1 % on corrupted copies of the evaluation images (noise, blur, contrast, "
+                  "brightness, pixelation; three severities each; mean over all):", "",
+                  "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+        for name, v in results["variants"].items():
+            lines.append(f"| {name} | {v['change']} | " + " | ".join(cells(v, "corruption_top1")) + " |")
     ref = results["references"]
-    lines += ["", "| reference | top-1 |", "|---|---|"]
-    lines += [f"| {name} | {pct(r['top1'])} |" for name, r in ref.items()]
+    lines += ["", "| reference | top-1 | corrupted top-1 |", "|---|---|---|"]
+    lines += [f"| {name} | {pct(r['top1'], r.get('top1_sd'))} | {pct(r.get('corruption_top1'), r.get('corruption_top1_sd'))} |"
+              for name, r in ref.items()]
     g = results["gap_closed"]
     lines += [
         "",
@@ -240,12 +291,18 @@ def render_table(results: dict[str, Any]) -> str:
         f"noisy teacher, {pct(g['plain_teacher'])} % against the teacher without noise "
         f"(supervised upper bound {pct(results['supervised_top1'])}).",
     ]
+    effects = results.get("ablations") or {}
+    if effects:
+        lines += ["", "Ablations against the default's first student (a change counts only beyond the seeds' "
+                  "spread, the larger standard deviation of the two cells): " + "; ".join(
+                      f"{name} {100 * e['difference']:+.1f} (spread {100 * e['spread']:.1f}): {e['verdict']}"
+                      for name, e in effects.items()) + "."]
     verdict = {True: "yes", False: "**no**", None: "not run"}
     c = results["checks"]
     lines += [
         "",
         f"Checks: every generation at or above the previous one: {verdict[c['generations_monotone']]}; "
-        f"no-noise student below the noisy one: {verdict[c['noise_helps']]}; "
+        f"no-noise student below the noisy one by more than the spread: {verdict[c['noise_helps']]}; "
         f"gap closed ≥ {GAP_GOAL:.0%}: {verdict[c['gap_closed_goal']]}.",
     ]
     return "\n".join(lines) + "\n"
@@ -257,49 +314,39 @@ def plot(results: dict[str, Any], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    for name, v in results["variants"].items():
-        ax.plot(range(len(v["top1"])), [100 * t for t in v["top1"]], marker="o", label=name)
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
     styles = {"supervised": ":", "teacher without noise": "--"}
-    for name, r in results["references"].items():
-        if r["top1"] is not None:
-            ax.axhline(100 * r["top1"], linestyle=styles.get(name.split(",")[0], "-."), color="grey", linewidth=1)
-            ax.annotate(name, (0, 100 * r["top1"]), fontsize=7, color="grey", va="bottom")
-    ax.set_xticks(range(max(len(v["top1"]) for v in results["variants"].values())))
-    ax.set_xlabel("generation (0 = teacher)")
-    ax.set_ylabel("validation top-1 (%)")
-    ax.set_title(f"Noisy Student on Fashion-MNIST, {results['labels_per_class']} labels/class")
-    ax.legend(fontsize=8)
-    ax.grid(alpha=0.3)
+    for ax, key, label in zip(axes, ("top1", "corruption_top1"), ("clean top-1 (%)", "corrupted top-1 (%)")):
+        for name, v in results["variants"].items():
+            points = [(g, 100 * t) for g, t in enumerate(v.get(key, [])) if t is not None]
+            sds = v.get(f"{key}_sd") or [None] * len(v.get(key, []))
+            if points:
+                ax.errorbar([g for g, _ in points], [t for _, t in points], marker="o", label=name, capsize=3,
+                            yerr=[100 * (sds[g] or 0.0) for g, _ in points])
+        for name, r in results["references"].items():
+            if r.get(key) is not None:
+                ax.axhline(100 * r[key], linestyle=styles.get(name.split(",")[0], "-."), color="grey", linewidth=1)
+                ax.annotate(name, (0, 100 * r[key]), fontsize=7, color="grey", va="bottom")
+        ax.set_xticks(range(max(len(v["top1"]) for v in results["variants"].values())))
+        ax.set_xlabel("generation (0 = teacher)")
+        ax.set_ylabel(label)
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=8)
+    fig.suptitle(f"Noisy Student on Fashion-MNIST, {results['labels_per_class']} labels/class, "
+                 f"{len(results.get('seeds', [0]))} seed(s)")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--quick", action="store_true",
-                        help="a smoke test (10-15 min on two CPU cores): short budgets, 1,000 pseudo labels per class")
-    parser.add_argument("--out", type=Path, default=ROOT / "bench" / "out" / "efficacy", help="output directory")
-    parser.add_argument("--labels-per-class", type=int, default=100)
-    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
-    parser.add_argument("--scale-epochs", type=float, default=1.0, help="multiply every epoch count (GPU budgets)")
-    parser.add_argument("--data", help="directory of the Fashion-MNIST IDX files")
-    parser.add_argument("--only", nargs="*", help="what to run besides the default run: references and/or ablation names (default: all)")
-    args = parser.parse_args(argv)
-
-    idx = locate_idx(args.data)
-    if args.device == "cuda":
-        import torch
-
-        if not torch.cuda.is_available():
-            raise SystemExit("--device cuda: torch sees no CUDA device")
-    out = args.out.resolve()
-    out.mkdir(parents=True, exist_ok=True)
-    env = child_env(args.device)
-    selected = set(args.only or ["default", "references", *ABLATIONS])
-    started = time.perf_counter()
+def run_seed(args: argparse.Namespace, idx: Path, out: Path, env: dict[str, str], seed: int,
+             selected: set[str]) -> dict[str, Any]:
+    """Every selected variant and reference at ``training.seed = seed``; all seeds share one artifact root
+    (the prepared data is one stage for all of them) and ``-s<seed>`` names (none for seed 0)."""
+    suffix = f"-s{seed}" if seed else ""
     base = default_run(args, idx)
     spec = base["spec"]
+    spec["training"]["seed"] = seed
+    base["metadata"]["name"] += suffix
     default_prefix = prefix_dir(out, base)
     seconds: dict[str, float] = {}
 
@@ -312,8 +359,9 @@ def main(argv: list[str] | None = None) -> int:
     references: dict[str, Any] = {}
     if "references" in selected:
         plain = {**teacher_config, "noise": {"rand_augment": None, "dropout": 0.0, "stochastic_depth": 0.0}}
-        m, seconds["teacher-plain"] = run_direct("teacher-plain", plain, out, env)
-        references["teacher without noise"] = {"top1": m["top1"], "epochs": m["epochs"]}
+        m, seconds["teacher-plain"] = run_direct("teacher-plain" + suffix, plain, out, env)
+        references["teacher without noise"] = {"top1": m["top1"], "corruption_top1": m.get("corruption_top1"),
+                                               "epochs": m["epochs"]}
         all_data = out / "supervised-data"
         if not (all_data / "_DONE.json").exists():
             prep = spec["data"]["prepare"]
@@ -331,22 +379,53 @@ def main(argv: list[str] | None = None) -> int:
                       "batch_size": batch, "epochs": epochs, "warmup_epochs": 0}
             if not noisy:
                 config["noise"] = plain["noise"]
-            m, seconds[name] = run_direct(name.replace(", ", "-").replace(" ", "-"), config, out, env)
-            references[name] = {"top1": m["top1"], "model": largest, "epochs": epochs, "batch_size": batch,
-                                "labeled_images": m["labeled_images"]}
+            m, seconds[name] = run_direct(name.replace(", ", "-").replace(" ", "-") + suffix, config, out, env)
+            references[name] = {"top1": m["top1"], "corruption_top1": m.get("corruption_top1"), "model": largest,
+                                "epochs": epochs, "batch_size": batch, "labeled_images": m["labeled_images"]}
 
-    variants = {"default": {"change": "—", "top1": [g["top1"] for g in generation_metrics(default_prefix)],
-                            "pseudo_images": [g.get("pseudo_images", 0) for g in student_metrics]}}
+    def variant(change: str, found: list[dict[str, Any]]) -> dict[str, Any]:
+        return {"change": change, "top1": [g["top1"] for g in found],
+                "corruption_top1": [g.get("corruption_top1") for g in found],
+                "pseudo_images": [g.get("pseudo_images", 0) for g in found]}
+
+    variants = {"default": variant("—", student_metrics)}
     for name, (change, _) in ABLATIONS.items():
         if name not in selected:
             continue
         run = variant_run(base, name)
+        run["metadata"]["name"] = f"fashion-mnist-{name}{suffix}"
         seconds[name] = run_pipeline(run, out, env)
-        found = generation_metrics(prefix_dir(out, run))
-        variants[name] = {"change": change, "top1": [g["top1"] for g in found],
-                          "pseudo_images": [g.get("pseudo_images", 0) for g in found],
+        variants[name] = {**variant(change, generation_metrics(prefix_dir(out, run))),
                           "shared": reused_stages(prefix_dir(out, run))}
+    return {"seed": seed, "run_file": base, "variants": variants, "references": references,
+            "job_seconds": {k: round(v, 1) for k, v in seconds.items()}}
 
+
+def mean_sd(values: list[float | None]) -> tuple[float | None, float | None]:
+    """Mean and sample standard deviation (None from one value) of the values that exist."""
+    found = [v for v in values if v is not None]
+    if not found:
+        return None, None
+    return statistics.fmean(found), statistics.stdev(found) if len(found) > 1 else None
+
+
+def summarise(per_seed: list[dict[str, Any]]) -> dict[str, Any]:
+    """Per cell (variant × generation, reference): the mean over seeds, with ``*_sd`` beside it."""
+    first = per_seed[0]
+    variants: dict[str, Any] = {}
+    for name, v in first["variants"].items():
+        runs = [r["variants"][name] for r in per_seed]
+        cell = {"change": v["change"]}
+        for key in ("top1", "corruption_top1"):
+            stats = [mean_sd([r[key][g] if g < len(r[key]) else None for r in runs]) for g in range(len(v["top1"]))]
+            cell[key], cell[f"{key}_sd"] = [m for m, _ in stats], [sd for _, sd in stats]
+        variants[name] = cell
+    references: dict[str, Any] = {}
+    for name, ref in first["references"].items():
+        cell = {k: v for k, v in ref.items() if k not in ("top1", "corruption_top1")}
+        for key in ("top1", "corruption_top1"):
+            cell[key], cell[f"{key}_sd"] = mean_sd([r["references"][name].get(key) for r in per_seed])
+        references[name] = cell
     teacher = variants["default"]["top1"][0]
     best = max(variants["default"]["top1"][1:])
     supervised = max((r["top1"] for k, r in references.items() if k.startswith("supervised")), default=None)
@@ -355,6 +434,39 @@ def main(argv: list[str] | None = None) -> int:
     def gap(t: float | None) -> float | None:
         return None if supervised is None or t is None or supervised <= t else (best - t) / (supervised - t)
 
+    return {"seeds": [r["seed"] for r in per_seed], "variants": variants, "references": references,
+            "supervised_top1": supervised,
+            "gap_closed": {"noisy_teacher": gap(teacher), "plain_teacher": gap(plain_teacher)}}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true",
+                        help="a smoke test (10-15 min on two CPU cores): short budgets, 1,000 pseudo labels per class")
+    parser.add_argument("--out", type=Path, default=ROOT / "bench" / "out" / "efficacy", help="output directory")
+    parser.add_argument("--labels-per-class", type=int, default=100)
+    parser.add_argument("--seeds", type=int, default=1,
+                        help="training seeds 0..N-1; cells show mean ± standard deviation over them")
+    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    parser.add_argument("--scale-epochs", type=float, default=1.0, help="multiply every epoch count (GPU budgets)")
+    parser.add_argument("--data", help="directory of the Fashion-MNIST IDX files")
+    parser.add_argument("--only", nargs="*", help="what to run besides the default run: references and/or ablation names (default: all)")
+    args = parser.parse_args(argv)
+    if args.seeds < 1:
+        parser.error("--seeds must be at least 1")
+
+    idx = locate_idx(args.data)
+    if args.device == "cuda":
+        import torch
+
+        if not torch.cuda.is_available():
+            raise SystemExit("--device cuda: torch sees no CUDA device")
+    out = args.out.resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    env = child_env(args.device)
+    selected = set(args.only or ["default", "references", *ABLATIONS])
+    started = time.perf_counter()
+    per_seed = [run_seed(args, idx, out, env, seed, selected) for seed in range(args.seeds)]
     results = {
         "dataset": "fashion-mnist",
         "labels_per_class": args.labels_per_class,
@@ -362,14 +474,12 @@ def main(argv: list[str] | None = None) -> int:
         "device": args.device,
         "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, {platform.node()}",
         "wall_seconds": round(time.perf_counter() - started, 1),
-        "job_seconds": {k: round(v, 1) for k, v in seconds.items()},
-        "run_file": base,
-        "variants": variants,
-        "references": references,
-        "supervised_top1": supervised,
-        "gap_closed": {"noisy_teacher": gap(teacher), "plain_teacher": gap(plain_teacher)},
+        "run_file": per_seed[0]["run_file"],
+        **summarise(per_seed),
+        "per_seed": per_seed,
     }
     results["checks"] = checks(results)
+    results["ablations"] = ablation_effects(results)
     (out / "results.json").write_text(json.dumps(results, indent=1))
     table = render_table(results)
     (out / "results.md").write_text(table)

@@ -68,6 +68,9 @@ def test_teacher_label_balance_student(digits, tmp_path, monkeypatch):
     # the weight EMA is what was scored and what labels (google-research/noisystudent evaluates its EMA)
     assert metrics["weights"] == "ema" and 0.0 <= metrics["top1_raw"] <= 1.0
     assert "ema" in torch.load(run / "gen-0/teacher/checkpoint.pt", weights_only=True)
+    # robustness: the final model scored on corrupted copies of validation images, three severities each
+    assert sorted(metrics["corruption"]) == ["brightness", "contrast", "gaussian_blur", "gaussian_noise", "pixelate"]
+    assert all(len(v) == 3 for v in metrics["corruption"].values()) and 0.0 <= metrics["corruption_top1"] <= 1.0
 
     labels = run / "gen-1/labels"
     label_cfg = json.dumps({"checkpoint": uri(run / "gen-0/teacher/checkpoint.pt"), "unlabeled": digits["unlabeled"],

@@ -66,5 +66,40 @@ def test_table_shows_every_generation_and_the_verdicts(efficacy):
     assert "| default | — | 83.7 | 85.2 | 85.2 | 85.9 |" in table
     assert "| no-noise | no noise | 83.7 | 84.4 |  |  |" in table
     assert "**29.3 %**" in table
-    assert "no-noise student below the noisy one: yes" in table
+    assert "no-noise student below the noisy one by more than the spread: yes" in table
     assert "gap closed ≥ 50%: **no**" in table
+
+
+def seed_results(seed, default, no_noise, hard, corruption=0.5):
+    def variant(change, top1):
+        return {"change": change, "top1": top1, "corruption_top1": [corruption] * len(top1)}
+
+    return {"seed": seed, "variants": {"default": variant("—", default), "no-noise": variant("no noise", no_noise),
+                                       "hard": variant("hard labels", hard)},
+            "references": {"supervised, no noise": {"top1": 0.90 + seed / 1000, "corruption_top1": None}}}
+
+
+def test_seeds_give_mean_and_sd_per_cell_and_an_ablation_counts_only_beyond_the_spread(efficacy):
+    per_seed = [seed_results(0, [0.83, 0.85], [0.83, 0.840], [0.83, 0.848]),
+                seed_results(1, [0.84, 0.86], [0.84, 0.845], [0.84, 0.856]),
+                seed_results(2, [0.82, 0.87], [0.82, 0.835], [0.82, 0.860])]
+    r = {**efficacy.summarise(per_seed), "labels_per_class": 100}
+    assert r["variants"]["default"]["top1"] == pytest.approx([0.83, 0.86])
+    assert r["variants"]["default"]["top1_sd"] == pytest.approx([0.01, 0.01])
+    assert r["references"]["supervised, no noise"]["top1"] == pytest.approx(0.901)
+    assert r["references"]["supervised, no noise"]["corruption_top1"] is None
+    r["checks"], r["ablations"] = efficacy.checks(r), efficacy.ablation_effects(r)
+    # no-noise: 0.840 vs 0.860, 2.0 points below with a spread of 1.0: noise helps
+    assert r["checks"]["noise_helps"] is True and r["ablations"]["no-noise"]["verdict"] == "hurts"
+    # hard: 0.8547 vs 0.860, 0.5 points below, within the spread (hard's sd 0.6, default's 1.0)
+    assert r["ablations"]["hard"]["verdict"] == "within the spread"
+    table = efficacy.render_table(r)
+    assert "| default | — | 83.0 ± 1.0 | 86.0 ± 1.0 |" in table
+    assert "Robustness" in table and "| default | — | 50.0 ± 0.0 | 50.0 ± 0.0 |" in table
+    assert "hard -0.5 (spread 1.0): within the spread" in table
+
+
+def test_one_seed_judges_no_ablation(efficacy):
+    r = efficacy.summarise([seed_results(0, [0.83, 0.85], [0.83, 0.80], [0.83, 0.86])])
+    assert r["variants"]["default"]["top1_sd"] == [None, None]
+    assert {e["verdict"] for e in efficacy.ablation_effects(r).values()} == {"one seed"}

@@ -113,6 +113,8 @@ class TrainConfig(_Strict):
     allow_smaller_student: bool = False
     workers: int = Field(2, ge=0, description="most data-loader worker processes (fewer when cores are short)")
     eval_images: int = Field(500, ge=1, description="validation images scored after each epoch but the last")
+    corruption_images: int = Field(2000, ge=0, description="validation images whose corrupted copies the final "
+                                   "model is scored on (0: none)")
     keep_checkpoints: int = Field(2, ge=1, description="epoch checkpoints kept (the latest ones)")
     shuffle_buffer: int = Field(1000, ge=1, description="samples in the training shuffle buffer")
     compile: bool = Field(False, description="torch.compile the model (pays on a GPU for long runs)")

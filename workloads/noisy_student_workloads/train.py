@@ -42,6 +42,11 @@ Recipe:
 * **Metrics.** ``top1``/``top5`` (fractions) of the final model (the EMA
   when kept; ``top1_raw`` is then the raw weights') on the whole validation set; earlier epochs in ``history`` are scored on the first
   ``eval_images`` validation images (a fixed budget), for progress only.
+* **Robustness.** The final model is also scored on corrupted copies of the
+  first ``corruption_images`` validation images (:mod:`.corruptions`: noise,
+  blur, contrast, brightness, pixelation at three severities):
+  ``corruption_top1`` (their mean) and ``corruption`` (per corruption and
+  severity).
 * **Failures.** A non-finite loss stops training before the epoch's
   checkpoint is written (no NaN weights are saved or promoted); unusable
   data names its shard and key. Both exit 2 with the message.
@@ -83,6 +88,7 @@ import torch.nn.functional as F
 
 from . import images as imgs
 from .config import ConfigError, PseudoConfig, TrainConfig
+from .corruptions import CORRUPTIONS, SEVERITIES, corrupt
 from .models import count_parameters, create_model, normalization, save_final
 from .pipeline import (
     Copies, DataError, ImageBatches, ShardCatalog, Stream, TrainBatches, count_shards, decode, stream_samples, unwrap,
@@ -450,13 +456,19 @@ def to_input(x: torch.Tensor, mean: list[float], std: list[float], d: Dist) -> t
 
 @torch.inference_mode()
 def evaluate(model: torch.nn.Module, validation: Stream, images: int, image_size: int, targets: LabeledTargets,
-             mean: list[float], std: list[float], d: Dist) -> dict[str, float]:
-    """Top-1/top-5 (fractions) on the first ``images`` validation images; each rank scores its 1/W of them."""
+             mean: list[float], std: list[float], d: Dist,
+             corruption: tuple[str, int] | None = None) -> dict[str, float]:
+    """Top-1/top-5 (fractions) on the first ``images`` validation images; each rank scores its 1/W of them.
+    ``corruption`` (name, severity) scores corrupted copies of them instead (:mod:`.corruptions`)."""
     was_training = model.training
     model.eval()
     lo, hi = _rank_range(min(images, validation.total), d.world, d.rank)
     counts = torch.zeros(3, dtype=torch.float64, device=d.device)
+    position = lo
     for samples, x in ImageBatches(validation, EVAL_BATCH, image_size, positions=(lo, hi)):
+        if corruption is not None:
+            x = corrupt(x, *corruption, position)
+        position += len(samples)
         y = targets.labels(samples).to(d.device)
         with torch.autocast(d.device.type, dtype=torch.bfloat16, enabled=d.device.type == "cuda"):
             logits = model(to_input(x, mean, std, d))
@@ -468,6 +480,16 @@ def evaluate(model: torch.nn.Module, validation: Stream, images: int, image_size
     model.train(was_training)
     n = max(1.0, float(counts[2]))
     return {"top1": float(counts[0]) / n, "top5": float(counts[1]) / n, "validation_images": int(counts[2])}
+
+
+def corruption_scores(model: torch.nn.Module, validation: Stream, images: int, image_size: int,
+                      targets: LabeledTargets, mean: list[float], std: list[float], d: Dist) -> dict[str, Any]:
+    """Top-1 on corrupted copies of the first ``images`` validation images: per corruption, one value per
+    severity, and their mean over everything (``corruption_top1``)."""
+    per = {name: [evaluate(model, validation, images, image_size, targets, mean, std, d, (name, severity))["top1"]
+                  for severity in range(1, SEVERITIES + 1)] for name in CORRUPTIONS}
+    return {"corruption_top1": float(np.mean([v for values in per.values() for v in values])),
+            "corruption": per, "corruption_images": min(images, validation.total)}
 
 
 def _rank_range(total: int, world: int, rank: int) -> tuple[int, int]:
@@ -609,6 +631,8 @@ def run(cfg: TrainConfig) -> dict[str, Any]:
     # metrics
     final = history[-1] if history else evaluate(scored, validation, validation.total, cfg.image_size,
                                                  label_targets, mean, std, d)
+    robustness = (corruption_scores(scored, validation, cfg.corruption_images, cfg.image_size, label_targets,
+                                    mean, std, d) if cfg.corruption_images else {})
     train_seconds = sum(h["seconds"] for h in history)
     metrics = {
         "role": cfg.role,
@@ -625,6 +649,7 @@ def run(cfg: TrainConfig) -> dict[str, Any]:
         "pseudo_images": streams[1].total if len(streams) > 1 else 0,
         "world_size": d.world,
         "validation_images": final["validation_images"],
+        **robustness,
         "history": [{k: h[k] for k in ("epoch", "loss", "top1", "top5", "validation_images")} for h in history],
     }
     if d.main:
