@@ -20,14 +20,20 @@ from typing import Any
 import kopf
 
 from .api import GROUP, PLURAL, VERSION
+from .backend import LABEL_RUN, MANAGED_BY
 from .controller import InvalidRun, RunController
 
 log = logging.getLogger(__name__)
 
 FINALIZER = f"{GROUP}/finalizer"
+VOLCANO_JOBS = ("batch.volcano.sh", "v1alpha1", "jobs")
+JOB_SELECTOR = f"app.kubernetes.io/managed-by={MANAGED_BY}"
+#: Seconds a Volcano Job change waits, so a burst of changes (pods starting, one per shard) is one pass.
+HINT_DELAY = 0.5
 ANNOTATION_PREFIX = GROUP
 
 _controller: RunController | None = None
+_hints: Requeuer
 
 
 def controller() -> RunController:
@@ -59,6 +65,17 @@ class Requeuer:
             self._timers[key] = timer
         timer.start()
 
+    def hint(self, namespace: str, name: str, seconds: float) -> None:
+        """Like `schedule`, but a pass already pending for the run is kept: hints never postpone."""
+        key = (namespace, name)
+        with self._lock:
+            if key in self._timers:
+                return
+            timer = threading.Timer(max(seconds, 0.0), self._fire, args=key)
+            timer.daemon = True
+            self._timers[key] = timer
+        timer.start()
+
     def _fire(self, namespace: str, name: str) -> None:
         with self._lock:
             self._timers.pop((namespace, name), None)
@@ -84,15 +101,22 @@ def on_startup(settings: kopf.OperatorSettings, **_: Any) -> None:
     settings.posting.level = logging.WARNING  # Events come from the controller, not from logs
     settings.watching.server_timeout = 300
     settings.execution.max_workers = 20
+    # The Volcano Job watch is cluster-wide: filter it on the server, or every team's Jobs stream
+    # in (a handler's `labels=` only filters after they arrived).
+    settings.watching.label_selectors[VOLCANO_JOBS] = JOB_SELECTOR
 
 
 def on_run_changed(namespace: str, name: str, **_: Any) -> None:
     reconcile(namespace, name)
 
 
-def on_timer(namespace: str, name: str, body: Any, **_: Any) -> None:
-    if controller().settled(body):
-        return  # finished and unchanged: nothing to observe
+def unsettled(body: Any, **_: Any) -> bool:
+    """Resume and timer filter: a finished, unchanged run costs nothing (no timer, no pass, no
+    marker read, no request) at operator start or after; a spec change wakes it (update handler)."""
+    return not controller().settled(body)
+
+
+def on_timer(namespace: str, name: str, **_: Any) -> None:
     reconcile(namespace, name)
 
 
@@ -103,13 +127,19 @@ def on_run_deleted(namespace: str, name: str, body: Any, **_: Any) -> None:
 
 
 def on_job_event(namespace: str, labels: dict[str, str], type: str | None, **_: Any) -> None:
-    """A Volcano Job of a run changed: look at its run now instead of at the next tick."""
-    run = labels.get(f"{GROUP}/run")
+    """A Volcano Job of a run changed: look at its run soon instead of at the next tick.
+
+    Debounced per run: changes arriving while a hint is pending join it."""
+    run = labels.get(LABEL_RUN)
     if run and type in ("MODIFIED", "DELETED"):
-        try:
-            controller().reconcile(namespace, run)
-        except Exception:  # the timer retries; a hint must not fail
-            log.debug("hint reconcile of %s/%s failed", namespace, run, exc_info=True)
+        _hints.hint(namespace, run, HINT_DELAY)
+
+
+def _hinted_pass(namespace: str, name: str) -> None:
+    try:
+        controller().reconcile(namespace, name)
+    except Exception:  # the timer retries; a hint must not fail
+        log.debug("hint reconcile of %s/%s failed", namespace, name, exc_info=True)
 
 
 def register(run_controller: RunController, interval: float = 10.0, watch_jobs: bool = True) -> None:
@@ -118,16 +148,18 @@ def register(run_controller: RunController, interval: float = 10.0, watch_jobs: 
     _controller = run_controller
     run_controller.post_event = _event
     run_controller.requeue = Requeuer(reconcile).schedule
+    global _hints
+    _hints = Requeuer(_hinted_pass)
     resource = dict(group=GROUP, version=VERSION, plural=PLURAL)
     kopf.on.startup()(on_startup)
-    kopf.on.resume(**resource)(on_run_changed)
+    kopf.on.resume(**resource, when=unsettled)(on_run_changed)
     kopf.on.create(**resource)(on_run_changed)
     kopf.on.update(**resource, field="spec")(on_run_changed)
-    kopf.timer(**resource, interval=interval, initial_delay=interval)(on_timer)
+    kopf.timer(**resource, interval=interval, initial_delay=interval, when=unsettled)(on_timer)
     kopf.on.delete(**resource)(on_run_deleted)
     if watch_jobs:
         kopf.on.event(
             "batch.volcano.sh", "v1alpha1", "jobs",
-            labels={"app.kubernetes.io/managed-by": "noisy-student-operator"},
+            labels={"app.kubernetes.io/managed-by": MANAGED_BY},
         )(on_job_event)
 

@@ -8,8 +8,28 @@ from __future__ import annotations
 
 import argparse
 import logging
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from .reconcile import MarkerReader
 
 log = logging.getLogger(__name__)
+
+#: The operator reads only small markers: its S3 calls fail fast (botocore's defaults retry for
+#: minutes), and a pass stops reading after PASS_DEADLINE seconds, so that one slow store holds
+#: its runs' passes for seconds and never stalls the other runs; the next pass tries again.
+OPERATOR_S3 = {"max_attempts": 2, "connect_timeout": 2.0, "read_timeout": 5.0}
+PASS_DEADLINE = 10.0
+
+
+def marker_reader() -> MarkerReader:
+    """The operator's MarkerReader: S3 with short timeouts, a per-pass deadline, a bounded cache."""
+    from noisy_student_workloads.store import S3Store, open_store
+
+    from .reconcile import MarkerReader
+
+    s3 = S3Store(**OPERATOR_S3)
+    return MarkerReader(lambda uri: s3 if uri.startswith("s3://") else open_store(uri), deadline=PASS_DEADLINE)
 
 
 def build_controller(scheduler_override: str | None = None):
@@ -17,13 +37,19 @@ def build_controller(scheduler_override: str | None = None):
     from .backend import TorchXJobBackend
     from .controller import RunController
     from .kube import RunsApi, load_kube_config
+    from .reconcile import Reconciler
 
     load_kube_config()
     # Only `kubernetes` unless asked: `local_cwd` runs stages inside this process's pod, with its
     # S3 keys and ServiceAccount token, so a run author must not be able to choose it.
     names = [scheduler_override] if scheduler_override else ["kubernetes"]
     backends = {name: TorchXJobBackend(name) for name in names}
-    return RunController(RunsApi(), backends, scheduler_override=scheduler_override)
+    return RunController(
+        RunsApi(),
+        backends,
+        reconciler_for=lambda backend: Reconciler(backend, marker_reader()),
+        scheduler_override=scheduler_override,
+    )
 
 
 def run_operator(args: argparse.Namespace) -> int:

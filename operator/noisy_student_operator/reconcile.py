@@ -14,6 +14,9 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import threading
+import time
+from collections import OrderedDict
 from collections.abc import Callable, Mapping
 from datetime import datetime, timezone
 from typing import Any
@@ -47,28 +50,76 @@ class ArtifactStoreError(RuntimeError):
     """The artifact store could not be read (no credentials, 403 without s3:ListBucket, unreachable)."""
 
 
-class MarkerReader:
-    """Reads completion markers; a marker never changes once written, so it is cached."""
+#: Markers kept in memory (a few hundred bytes each): the stages of thousands of runs.
+MAX_CACHED_MARKERS = 20_000
 
-    def __init__(self, store_for: Callable[[str], ArtifactStore] = open_store) -> None:
+
+class MarkerReader:
+    """Reads completion markers; a marker never changes once written, so it is cached.
+
+    The cache is bounded (least recently used markers go first) and `forget`
+    drops a deleted run's markers. With a `deadline`, a read that has taken
+    longer gives up (`ArtifactStoreError`), so that one slow store holds a
+    pass for seconds, not for botocore's minutes of retries.
+    """
+
+    def __init__(
+        self,
+        store_for: Callable[[str], ArtifactStore] = open_store,
+        max_entries: int = MAX_CACHED_MARKERS,
+        deadline: float | None = None,
+    ) -> None:
         self.store_for = store_for
-        self._cache: dict[str, dict[str, Any]] = {}
+        self.max_entries = max_entries
+        self.deadline = deadline
+        self._cache: OrderedDict[str, Mapping[str, Any]] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def _cached(self, uri: str) -> Mapping[str, Any] | None:
+        with self._lock:
+            marker = self._cache.get(uri)
+            if marker is not None:
+                self._cache.move_to_end(uri)
+            return marker
+
+    def _remember(self, uri: str, marker: Mapping[str, Any]) -> None:
+        with self._lock:
+            self._cache[uri] = marker
+            self._cache.move_to_end(uri)
+            while len(self._cache) > self.max_entries:
+                self._cache.popitem(last=False)
+
+    @property
+    def cached(self) -> int:
+        """Markers held in memory."""
+        return len(self._cache)
 
     def read(self, run: RunRef) -> dict[Stage, Mapping[str, Any]]:
         """Markers of the completed prefix of the run's stages (each under its stage key)."""
         layout = run.layout
         store = self.store_for(layout.root)
         markers: dict[Stage, Mapping[str, Any]] = {}
+        started = time.monotonic()
         for stage in plan_stages(run.spec):
             uri = layout.marker_uri(stage)
-            marker = self._cache.get(uri)
+            marker = self._cached(uri)
             if marker is None:
+                if self.deadline is not None and time.monotonic() - started > self.deadline:
+                    raise ArtifactStoreError(
+                        f"the artifact store took more than {self.deadline:g} s for this pass; tried again later"
+                    )
                 if not store.exists(uri):
                     break
                 marker = store.get_json(uri)
-                self._cache[uri] = marker
+                self._remember(uri, marker)
             markers[stage] = marker
         return markers
+
+    def forget(self, run: RunRef) -> None:
+        """Drop the run's markers (it was deleted; another run using a stage reads it again)."""
+        with self._lock:
+            for stage in plan_stages(run.spec):
+                self._cache.pop(run.layout.marker_uri(stage), None)
 
 
 class Reconciler:
@@ -81,7 +132,7 @@ class Reconciler:
         clock: Callable[[], datetime] = utcnow,
     ) -> None:
         self.backend = backend
-        self.markers = markers or MarkerReader()
+        self.markers = markers if markers is not None else MarkerReader()
         self.clock = clock
 
     def observe(self, run: RunRef, context: JobContext) -> Observation:
@@ -138,7 +189,8 @@ class Reconciler:
         return errors
 
     def cancel_all(self, run: RunRef, context: JobContext) -> list[str]:
-        """Cancel every job the run still has running (deletion, Ctrl-C)."""
+        """Cancel every job the run still has running (deletion, Ctrl-C); forget its markers."""
+        self.markers.forget(run)
         cancelled = []
         live = [j for j in run.status.jobs if j.state in LIVE_STATES]
         for job in live:

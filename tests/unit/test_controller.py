@@ -1,6 +1,7 @@
 """The operator's reconcile (without kopf): fresh reads, status writes, events, restarts."""
 
 import copy
+import time
 from pathlib import Path
 
 import pytest
@@ -222,3 +223,50 @@ def test_run_files_stay_strict(tmp_path):
     path.write_text(text.replace("  students:", "  futureFeature: 1\n  students:"))
     with pytest.raises(RunFileError, match="futureFeature"):
         load_run_file(path)
+
+
+# ----------------------------------------------------------------------------- marker cache and slow stores
+
+
+def test_marker_cache_is_bounded_and_a_deleted_runs_markers_are_forgotten(setup):
+    api, backend, controller, events, store, layout = setup
+    markers = controller.reconcilers["kubernetes"].markers
+    markers.max_entries = 2
+    for stage in (TEACHER_0, Stage(1, LABEL), Stage(1, BALANCE)):
+        write_marker(store, layout, stage, {"top1": 0.6, "parameters": 10})
+    controller.reconcile("ml", "demo")
+    assert markers.cached == 2  # the least recently used went first
+    controller.cancel_all(api.get("ml", "demo"))
+    assert markers.cached == 0
+
+
+class SlowStore:
+    """A store whose every request takes `delay` seconds (an overloaded S3 endpoint)."""
+
+    def __init__(self, store, delay):
+        self.store, self.delay, self.calls = store, delay, 0
+
+    def exists(self, uri):
+        self.calls += 1
+        time.sleep(self.delay)
+        return self.store.exists(uri)
+
+    def get_json(self, uri):
+        self.calls += 1
+        time.sleep(self.delay)
+        return self.store.get_json(uri)
+
+
+def test_a_slow_store_ends_the_pass_at_its_deadline(setup):
+    api, backend, _, events, store, layout = setup
+    for stage in (TEACHER_0, Stage(1, LABEL), Stage(1, BALANCE)):
+        write_marker(store, layout, stage, {"top1": 0.6, "parameters": 10})
+    slow = SlowStore(store, 0.05)
+    controller = RunController(api, {"kubernetes": backend},
+                               reconciler_for=lambda b: Reconciler(b, MarkerReader(lambda uri: slow, deadline=0.12)),
+                               post_event=lambda body, t, r, m: events.append((t, r, m)))
+    assert controller.reconcile("ml", "demo") is None  # the pass gave up
+    assert slow.calls < 6  # three markers would take six requests
+    ready = next(c for c in api.objects[("ml", "demo")]["status"]["conditions"] if c["type"] == "Ready")
+    assert ready["status"] == "False" and "took more than 0.12 s" in ready["message"]
+    assert backend.submissions == []

@@ -264,16 +264,21 @@ class S3Store(ArtifactStore):
 
     MULTIPART_THRESHOLD = 64 * 1024 * 1024
 
-    def __init__(self, max_attempts: int | None = None) -> None:
+    def __init__(
+        self, max_attempts: int | None = None, connect_timeout: float = 10.0, read_timeout: float = 60.0
+    ) -> None:
         self.max_attempts = max_attempts or int(os.environ.get("AWS_MAX_ATTEMPTS", "8"))
+        self.connect_timeout = connect_timeout
+        self.read_timeout = read_timeout
         self._client: Any = None
         self._lock = threading.Lock()
 
     def __getstate__(self) -> dict[str, Any]:
-        return {"max_attempts": self.max_attempts}
+        return {"max_attempts": self.max_attempts, "connect_timeout": self.connect_timeout,
+                "read_timeout": self.read_timeout}
 
     def __setstate__(self, state: dict[str, Any]) -> None:
-        self.__init__(state["max_attempts"])  # type: ignore[misc]
+        self.__init__(**state)  # type: ignore[misc]
 
     @property
     def endpoint_url(self) -> str | None:
@@ -298,8 +303,8 @@ class S3Store(ArtifactStore):
             # total_max_attempts counts the first try, like AWS_MAX_ATTEMPTS
             # (botocore's max_attempts key counts retries only).
             retries={"mode": "standard", "total_max_attempts": self.max_attempts},
-            connect_timeout=10,
-            read_timeout=60,
+            connect_timeout=self.connect_timeout,
+            read_timeout=self.read_timeout,
             # Self-hosted S3 servers rarely resolve bucket.host names.
             s3={"addressing_style": "path"} if endpoint else None,
         )
