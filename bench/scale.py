@@ -4,9 +4,11 @@ For each size (default 100 k and 1 M) it packs a synthetic unlabeled set of
 small images (MNIST digits, each shifted and noised so that every image is
 distinct) into 1,000-image shards on a real S3 server on loopback
 (SeaweedFS, as the tests start it), then runs the real stages as their own
-processes: ``label`` (one replica), ``balance``, and one epoch of the noisy
+processes: ``label`` (one replica), ``balance`` (keeping every image, so
+that the student's epoch streams the whole set), and one epoch of the noisy
 student (RandAugment, dropout, stochastic depth; labeled + pseudo-labeled
-batches). It samples the memory of each stage's whole process tree (PSS,
+batches); ``--train-up-to`` skips the student at larger sizes, when time is
+short. It samples the memory of each stage's whole process tree (PSS,
 data-loader workers included) and prints the peak at both sizes — their
 ratio is the figure: streaming keeps it flat — and the stages' images/s
 against bare streaming loops over the same S3 shards (``webdataset`` with a
@@ -90,6 +92,9 @@ def tree_rss(pid: int) -> int:
     return total
 
 
+LOADS: list[float] = []  # the host's 1-minute load average, sampled while stages run (other users included)
+
+
 def run_stage(module: str, config: dict, log: Path, extra: list[str] = ()) -> tuple[float, int]:
     """Run a stage as its own process; returns (seconds, peak RSS of its process tree in bytes)."""
     cmd = [sys.executable, "-m", f"noisy_student_workloads.{module}", "--config", json.dumps(config), *extra]
@@ -99,6 +104,7 @@ def run_stage(module: str, config: dict, log: Path, extra: list[str] = ()) -> tu
         peak = 0
         while proc.poll() is None:
             peak = max(peak, tree_rss(proc.pid))
+            LOADS.append(os.getloadavg()[0])
             time.sleep(0.2)
         seconds = time.perf_counter() - tic
     if proc.returncode != 0:
@@ -159,7 +165,9 @@ for x in loader:
         break
 print(json.dumps({{"images_per_second": n / (time.perf_counter() - tic)}}))
 """
+    LOADS.append(os.getloadavg()[0])
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    LOADS.append(os.getloadavg()[0])
     return json.loads(out.stdout.strip().splitlines()[-1])["images_per_second"]
 
 
@@ -171,6 +179,7 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--ratio", type=int, default=3)
     parser.add_argument("--bare-images", type=int, default=30_000, help="images timed in each bare loop")
+    parser.add_argument("--train-up-to", type=int, help="run the student stage only at sizes up to this")
     parser.add_argument("--json", help="also write the figures to this file")
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
@@ -201,19 +210,23 @@ def main() -> None:
                                                      "output": out + "labels/"}, log)
             part = open_store(out).get_json(out + "labels/part-00000.done.json")
             balance_s, balance_rss = run_stage("balance", {"labels": out + "labels/", "num_classes": 10,
-                                                           "confidence_threshold": 0.0, "output": out + "balance/"},
-                                               log)
+                                                           "confidence_threshold": 0.0, "balance": False,
+                                                           "output": out + "balance/"}, log)
             student = {"role": "student", "epochs": 1, "output": out + "student/",
                        "noise": {"rand_augment": {"ops": 2, "magnitude": 9}, "dropout": 0.5, "stochastic_depth": 0.2},
                        "pseudo": {"manifest": out + "balance/manifest.npz", "unlabeled": pattern,
                                   "ratio": args.ratio}, **base}
-            train_s, train_rss = run_stage("train", student, log)
-            metrics = open_store(out).get_json(out + "student/metrics.json")
+            if args.train_up_to is None or n <= args.train_up_to:
+                train_s, train_rss = run_stage("train", student, log)
+                metrics = open_store(out).get_json(out + "student/metrics.json")
+            else:
+                train_s, train_rss, metrics = float("nan"), 0, {"images_per_second": float("nan"), "pseudo_images": 0}
             bare_label = bare("label", pattern, args.model, args.image_size, args.batch_size, args.ratio,
                               args.bare_images)
-            bare_train = bare("train", pattern, args.model, args.image_size, args.batch_size, args.ratio,
-                              args.bare_images)
-            rows.append({"images": n, "pack_s": pack_s, "label_s": label_s, "label_rss": label_rss,
+            bare_train = (bare("train", pattern, args.model, args.image_size, args.batch_size, args.ratio,
+                               args.bare_images) if train_s == train_s else float("nan"))  # nan: student not run
+            loads, LOADS[:] = list(LOADS), []
+            rows.append({"images": n, "load_mean": float(np.mean(loads)), "load_max": float(np.max(loads)), "pack_s": pack_s, "label_s": label_s, "label_rss": label_rss,
                          "label_ips": part["images_per_second"], "bare_label_ips": bare_label,
                          "balance_s": balance_s, "balance_rss": balance_rss, "train_s": train_s,
                          "train_rss": train_rss, "train_ips": metrics["images_per_second"],
@@ -230,10 +243,14 @@ def main() -> None:
         print(f"{r['images']:>9} {r['label_s']:8.0f} {r['label_rss'] / mib:10.0f} {r['train_s']:8.0f} "
               f"{r['train_rss'] / mib:10.0f} {r['balance_rss'] / mib:12.0f} "
               f"{r['label_ips'] / r['bare_label_ips']:11.2f} {r['train_ips'] / r['bare_train_ips']:11.2f}")
+    for r in rows:
+        print(f"{r['images']:>9}: host load average (1 min) while it ran: mean {r['load_mean']:.1f}, "
+              f"max {r['load_max']:.1f}")
     if len(rows) > 1:
         a, b = rows[0], rows[-1]
+        train = f"{b['train_rss'] / a['train_rss']:.2f}x" if b["train_rss"] and a["train_rss"] else "not run"
         print(f"peak RSS at {b['images']} / at {a['images']}: label {b['label_rss'] / a['label_rss']:.2f}x, "
-              f"train {b['train_rss'] / a['train_rss']:.2f}x, balance {b['balance_rss'] / a['balance_rss']:.2f}x")
+              f"train {train}, balance {b['balance_rss'] / a['balance_rss']:.2f}x")
     if args.json:
         Path(args.json).write_text(json.dumps(rows, indent=2))
 

@@ -168,6 +168,9 @@ def main() -> None:
                     pseudo={"manifest": out + "balance/manifest.npz", "unlabeled": patterns["unlabeled"],
                             "ratio": args.ratio}, **base)
                 metrics = train.run(student)
+                resolved = Path(root, f"run-{round_}/student/config.json").read_text()
+                if TrainConfig.model_validate_json(resolved).noise != noise:  # what the student really ran with
+                    raise RuntimeError("the student did not train with the benchmark's noise")
                 results["train"].append(metrics["images_per_second"])
                 steps = -(-metrics["pseudo_images"] // (args.ratio * args.batch_size))
             else:
@@ -186,8 +189,9 @@ def main() -> None:
         ("label (end to end)", med["label_wall"], med["bare_label"]),
     ]
     lines = [
-        f"model {args.model} @ {args.image_size}px, {args.source}: noise RandAugment 2/9, dropout 0.5, "
-        f"stochastic depth 0.2; batch {args.batch_size} + {args.ratio}x pseudo; {args.rounds} rounds; {device}",
+        f"model {args.model} @ {args.image_size}px, {args.source}: noise (both sides) RandAugment "
+        f"{noise.rand_augment.ops}/{noise.rand_augment.magnitude}, dropout {noise.dropout}, stochastic depth "
+        f"{noise.stochastic_depth}; batch {args.batch_size} + {args.ratio}x pseudo; {args.rounds} rounds; {device}",
         f"{'':24} {'workload img/s':>15} {'bare img/s':>11} {'ratio':>6}",
     ]
     lines += [f"{name:24} {w:15.1f} {b:11.1f} {w / b:6.2f}" for name, w, b in rows]
