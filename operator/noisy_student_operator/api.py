@@ -75,6 +75,10 @@ DNS_SUBDOMAIN = r"^[a-z0-9]([-a-z0-9.]*[a-z0-9])?$"
 MAX_SEED = 2**32 - 1
 
 
+#: Prepare sources with their own test split (it becomes `test` unless `testSplit` is false).
+SOURCES_WITH_TEST = ("fashion-mnist",)
+
+
 class PrepareSpec(ApiModel):
     """Pack a built-in or local data set into shards before the teacher trains."""
 
@@ -98,7 +102,14 @@ class PrepareSpec(ApiModel):
         default=None,
         ge=1,
         le=10_000_000,
-        description="Images held out for validation (sources without a test split).",
+        description="Training images held out for validation (default: 20 %; 10 % for a source with "
+        "its own test split).",
+    )
+    test_split: bool = Field(
+        default=True,
+        description="A source's own test split (`fashion-mnist`) becomes the `test` split, scored once "
+        "per trained model, and validation is carved from the training images: tune on validation, "
+        "report test. False: validation is the test split (no test split).",
     )
 
     model_config = ConfigDict(
@@ -132,6 +143,13 @@ class DataSpec(ApiModel):
         min_length=1,
         max_length=MAX_URL,
         description="Brace-expandable URL of the labeled validation shards.",
+    )
+    test: str | None = Field(
+        default=None,
+        min_length=1,
+        max_length=MAX_URL,
+        description="Brace-expandable URL of labeled test shards: every trained model is scored on "
+        "them once at the end (clean and corrupted top-1); nothing is chosen by them.",
     )
     num_classes: int = Field(ge=2, le=100000, description="Number of classes.")
     image_size: int = Field(

@@ -18,12 +18,12 @@ class PreflightError(ValueError):
     """One or more problems, each naming the field."""
 
 
-def _parameters(model: str, num_classes: int) -> int:
+def _parameters(model: str, num_classes: int, model_args: dict) -> int:
     import timm
     import torch
 
     with torch.device("meta"):
-        net = timm.create_model(model, pretrained=False, num_classes=num_classes)
+        net = timm.create_model(model, pretrained=False, num_classes=num_classes, **model_args)
     return sum(p.numel() for p in net.parameters())
 
 
@@ -37,6 +37,7 @@ def check_models(run: NoisyStudentRun) -> list[str]:
     fields = [("spec.teacher.model", spec.teacher.model)] + [
         (f"spec.students[{i}].model", s.model) for i, s in enumerate(spec.students)
     ]
+    entries = [spec.teacher, *spec.students]
     for field, name in fields:
         if not timm.is_model(name):
             close = difflib.get_close_matches(name, timm.list_models(), n=3, cutoff=0.6)
@@ -44,7 +45,17 @@ def check_models(run: NoisyStudentRun) -> list[str]:
             problems.append(f"{field}: unknown timm model {name!r}{hint}")
     if problems or spec.training.allow_smaller_student:
         return problems
-    counts = [_parameters(name, spec.data.num_classes) for _, name in fields]
+    counts = []
+    for (field, name), entry in zip(fields, entries):
+        try:
+            counts.append(_parameters(name, spec.data.num_classes, entry.model_args))
+        except (TypeError, ValueError, AssertionError) as error:  # the constructor names the argument
+            if not entry.model_args:
+                raise
+            problems.append(f"{field.removesuffix('.model')}.modelArgs: {name!r} does not take "
+                            f"{entry.model_args}: {error}")
+    if problems:
+        return problems
     for i in range(1, len(fields)):
         if counts[i] < counts[i - 1]:
             problems.append(

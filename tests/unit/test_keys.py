@@ -94,6 +94,8 @@ def test_prepared_data_is_an_input_of_the_teacher():
     after = keys(edit(spec, **{"data.prepare.labelsPerClass": 6}))
     assert Stage(0, PREPARE) in before
     assert changed(before, after) == sorted((s.generation, s.kind) for s in plan_stages(spec))
+    # the split protocol changes what prepare writes: a new key for every stage
+    assert changed(before, keys(edit(spec, **{"data.prepare.testSplit": False}))) == changed(before, after)
 
 
 def run_to_the_end(world):

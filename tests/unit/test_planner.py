@@ -2,6 +2,8 @@
 
 from datetime import datetime, timedelta, timezone
 
+import pytest
+
 from noisy_student_operator.api import RunStatus, parse_run
 from noisy_student_operator.core import reasons
 from noisy_student_operator.core.conditions import get_condition, is_true
@@ -165,6 +167,24 @@ def test_prepare_stage_comes_first_when_requested():
     world.finish(world.name(Stage(0, PREPARE)), Stage(0, PREPARE))
     plan = world.step()
     assert plan.actions[0].request.config["labeled"] == world.uri(Stage(0, PREPARE), "labeled-*.tar")
+
+
+@pytest.mark.parametrize(
+    ("prepare", "test"),
+    [
+        ({"source": "fashion-mnist", "labelsPerClass": 5}, "test-*.tar"),  # its own test split, kept apart
+        ({"source": "fashion-mnist", "labelsPerClass": 5, "testSplit": False}, None),
+        ({"source": "digits", "labelsPerClass": 5}, None),  # no test split to keep
+    ],
+)
+def test_a_prepared_test_split_is_scored_by_every_model_and_chosen_by_none(prepare, test):
+    world = World(make_run(data={"numClasses": 10, "prepare": prepare}))
+    request = world.step().actions[0].request
+    assert request.args["test_split"] is prepare.get("testSplit", True)
+    world.finish(world.name(Stage(0, PREPARE)), Stage(0, PREPARE))
+    config = world.step().actions[0].request.config
+    assert config["validation"] == world.uri(Stage(0, PREPARE), "validation-*.tar")
+    assert config["test"] == (world.uri(Stage(0, PREPARE), test) if test else None)
 
 
 def test_failure_retries_with_exponential_backoff_then_fails():

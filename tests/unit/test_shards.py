@@ -237,14 +237,21 @@ def test_fashion_mnist_from_idx_files_gzipped_or_not(tmp_path: Path) -> None:
     assert np.array_equal(read_idx(str(tmp_path / "train-images-idx3-ubyte.gz")), train_x)
     source = load_fashion_mnist(str(tmp_path))
     assert source.class_names[0] == "T-shirt/top" and len(source.labels) == 40
+    # tune on validation (10 % of the training images), report on the test split, never chosen by
     info = pack_dataset("fashion-mnist", str(tmp_path / "out"), 1, 0, 100, path=str(tmp_path))
-    assert info["counts"] == {"labeled": 10, "unlabeled": 30, "validation": 20}
-    keys, images, labels = load_shards(info["shards"]["validation"])
+    assert info["counts"] == {"labeled": 10, "unlabeled": 26, "validation": 4, "test": 20}
+    keys, images, labels = load_shards(info["shards"]["test"])
     assert all(k.startswith("fashion-mnist-test-") for k in keys)
     index = np.array([int(k.rsplit("-", 1)[1]) for k in keys])
     assert np.array_equal(images[..., 0], test_x[index]) and np.array_equal(labels, test_y[index])
-    small = pack_dataset("fashion-mnist", str(tmp_path / "small"), 1, 0, 100, path=str(tmp_path), validation_size=10)
-    assert small["per_class"]["validation"] == [1] * 10
+    validation = load_shards(info["shards"]["validation"])[0]
+    assert not any("test" in k for k in validation)  # carved from the training images
+    assert info["patterns"]["test"].endswith("test-000000.tar")
+    # without a test split: validation is (a stratified subset of) the test split, as before
+    small = pack_dataset("fashion-mnist", str(tmp_path / "small"), 1, 0, 100, path=str(tmp_path), validation_size=10,
+                         test_split=False)
+    assert small["per_class"]["validation"] == [1] * 10 and "test" not in small["counts"]
+    assert all(k.startswith("fashion-mnist-test-") for k in load_shards(small["shards"]["validation"])[0])
 
 
 def test_fashion_mnist_missing_or_corrupt_idx_file(tmp_path: Path) -> None:

@@ -211,6 +211,7 @@ def prepare(
     shard_size: int = 1000,
     path: str | None = None,
     validation_size: int | None = None,
+    test_split: bool = True,
     cpu: int = 1,
     memMB: int = 4096,
     env: dict[str, str] | None = None,
@@ -227,6 +228,7 @@ def prepare(
         shard_size: images per shard
         path: source directory (fashion-mnist IDX files, image folder)
         validation_size: images held out for validation
+        test_split: a source's own test split becomes `test` (validation then comes from its training images)
         cpu: CPUs
         memMB: memory in MB
         env: extra environment variables
@@ -251,4 +253,6 @@ def prepare(
         args += ["--path", path]
     if validation_size is not None:
         args += ["--validation-size", str(validation_size)]
+    if not test_split:
+        args.append("--no-test-split")
     return _python_app(name, "prepare", args, image, cpu, memMB, env)

@@ -96,6 +96,7 @@ class TrainConfig(_Strict):
     image_size: int = Field(32, ge=8, le=1024)
     labeled: str = Field(min_length=1)
     validation: str = Field(min_length=1)
+    test: str | None = Field(None, min_length=1, description="test shards, scored once by the final model")
     pseudo: PseudoConfig | None = None
     noise: NoiseConfig = NoiseConfig()
     epochs: int = Field(ge=1)

@@ -41,8 +41,11 @@ def build_parser(prog: str = "python -m noisy_student_workloads.data") -> argpar
     pack.add_argument(
         "--validation-size",
         type=int,
-        help="validation images (default: 20%% of the images, or the whole test split when the source has one)",
+        help="validation images (default: 20%% of the images; 10%% of the training images for a source with a "
+        "test split, which becomes the test split)",
     )
+    pack.add_argument("--no-test-split", dest="test_split", action="store_false",
+                      help="a source's own test split is the validation split (no test split)")
     pack.add_argument("--output", required=True, help="output prefix URI (file://..., s3://... or a path)")
 
     inspect = sub.add_parser("inspect", help="count the samples of shards")
@@ -75,6 +78,7 @@ def main(argv: Sequence[str] | None = None, prog: str | None = None) -> int:
                 shard_size=args.shard_size,
                 path=args.path,
                 validation_size=args.validation_size,
+                test_split=args.test_split,
             )
             summary = {k: info[k] for k in ("source", "num_classes", "counts", "patterns")}
             print(json.dumps(summary, indent=2))

@@ -6,16 +6,20 @@ Sources (all offline):
 - ``digits``: scikit-learn's ``load_digits`` (1,797 8×8 images, 0..16 scaled to 0..255).
 - ``fashion-mnist``: the four IDX files (gzipped or not) in a directory, by
   default the Debian package ``dataset-fashion-mnist``'s
-  ``/usr/share/datasets/fashion-mnist/``; validation is the 10,000 test images.
+  ``/usr/share/datasets/fashion-mnist/``; its 10,000 test images become the
+  ``test`` split, and validation is carved from the training images (with
+  ``test_split`` false: validation is the test split, as before 0.2.x).
 - ``folder``: an image-folder tree ``<class>/<file>.png|jpg``; classes are
   the sub-directory names, sorted.
 
-Packing is deterministic for a given seed: per class, a seeded permutation
-gives first the validation images (sources without a test split; the
-validation size is spread over classes in proportion to their size), then
+Tune on ``validation``, report ``test``: nothing should be chosen by looking
+at the test images. Packing is deterministic for a given seed: per class, a
+seeded permutation gives first the validation images (the validation size
+is spread over classes in proportion to their size), then
 ``labels_per_class`` labeled images, and the rest become unlabeled (their
 labels are dropped). The output prefix receives ``labeled-%06d.tar``,
-``unlabeled-%06d.tar``, ``validation-%06d.tar``, ``dataset.json`` and, last,
+``unlabeled-%06d.tar``, ``validation-%06d.tar``, ``test-%06d.tar`` (sources
+with a test split), ``dataset.json`` and, last,
 the completion marker ``_DONE.json`` (the same information plus the sha256
 of every shard).
 
@@ -49,7 +53,9 @@ FASHION_MNIST_CLASSES = [
 FOLDER_EXTENSIONS = (".png", ".jpg", ".jpeg")
 SPLITS = ("labeled", "unlabeled", "validation")
 DEFAULT_VALIDATION_FRACTION = 0.2
-FORMAT_VERSION = 1
+#: Validation carved from the training images of a source that has its own test split.
+DEFAULT_VALIDATION_FRACTION_WITH_TEST = 0.1
+FORMAT_VERSION = 2  # 2: a source's test split is `test`, validation comes from its training images
 
 
 @dataclass
@@ -311,9 +317,12 @@ def _write_split(
 
 
 def _resolved_params(
-    source: str, path: str | None, labels_per_class: int, seed: int, shard_size: int, validation_size: int
+    source: str, path: str | None, labels_per_class: int, seed: int, shard_size: int, validation_size: int,
+    test_split: bool | None,
 ) -> dict[str, object]:
+    """What a completed pack must match; ``test_split`` only for sources with a test split (None: none)."""
     return {
+        **({"test_split": test_split} if test_split is not None else {}),
         "source": source,
         "path": os.path.abspath(path) if path else None,
         "labels_per_class": labels_per_class,
@@ -331,8 +340,9 @@ def pack_dataset(
     shard_size: int,
     path: str | None = None,
     validation_size: int | None = None,
+    test_split: bool = True,
 ) -> dict[str, object]:
-    """Pack a source into labeled / unlabeled / validation shards under ``output_uri``.
+    """Pack a source into labeled / unlabeled / validation (/ test) shards under ``output_uri``.
 
     Returns the completion marker's content (also written to
     ``<output_uri>/_DONE.json``): source, class names, counts per split and
@@ -340,8 +350,11 @@ def pack_dataset(
     already holds a completed pack with the same parameters it is returned
     unchanged; a completed pack with other parameters is refused.
     ``validation_size`` defaults to 20 % of the images for sources without a
-    test split (1,000 for ``mnist``) and to the whole test split otherwise,
-    where a smaller number picks a stratified subset of it.
+    test split (1,000 for ``mnist``) and to 10 % of the training images for
+    sources with one (6,000 for ``fashion-mnist``), whose test split becomes
+    ``test``. With ``test_split`` false such a source's validation is its
+    test split instead (the whole of it, or a stratified ``validation_size``
+    subset) and there is no ``test``.
     """
     if source not in SOURCES:
         raise ValueError(f"source {source!r} is not one of {', '.join(SOURCES)}")
@@ -352,10 +365,14 @@ def pack_dataset(
 
     data = load_source(source, path)
     has_test = data.validation_labels is not None
-    n_val_pool = len(data.validation_labels) if has_test else len(data.labels)
+    test_split = test_split and has_test
+    n_val_pool = len(data.validation_labels) if has_test and not test_split else len(data.labels)
     if validation_size is None:
-        validation_size = n_val_pool if has_test else round(DEFAULT_VALIDATION_FRACTION * len(data.labels))
-    params = _resolved_params(source, path, labels_per_class, seed, shard_size, validation_size)
+        validation_size = (n_val_pool if has_test and not test_split else
+                           round((DEFAULT_VALIDATION_FRACTION_WITH_TEST if test_split else
+                                  DEFAULT_VALIDATION_FRACTION) * len(data.labels)))
+    params = _resolved_params(source, path, labels_per_class, seed, shard_size, validation_size,
+                              test_split if has_test else None)
 
     if store.exists(marker_uri):
         done = store.get_json(marker_uri)
@@ -367,7 +384,7 @@ def pack_dataset(
             f"{output_uri} already holds a different packed dataset ({previous}); choose another --output"
         )
 
-    if data.validation_labels is not None and data.validation_images is not None:
+    if has_test and not test_split and data.validation_labels is not None and data.validation_images is not None:
         if not 1 <= validation_size <= n_val_pool:
             raise ValueError(f"validation_size must be in 1..{n_val_pool} for {source}, got {validation_size}")
         split = split_stratified(data.labels, data.num_classes, labels_per_class, seed, 0, data.class_names)
@@ -412,6 +429,13 @@ def pack_dataset(
         "unlabeled": data.labels[split.unlabeled],
         "validation": val_labels[val_idx],
     }
+    splits = SPLITS
+    if test_split and data.validation_labels is not None and data.validation_images is not None:
+        splits = (*SPLITS, "test")
+        test_idx = np.arange(len(data.validation_labels))
+        writers["test"] = _write_split(store, output_uri, "test", keys_of(test_idx, "test-"),
+                                       data.validation_images, data.validation_labels, shard_size)
+        true_labels["test"] = data.validation_labels
     info: dict[str, object] = {
         "format_version": FORMAT_VERSION,
         **params,
@@ -419,20 +443,20 @@ def pack_dataset(
         "class_names": data.class_names,
         # H×W×C like load_shards returns; None when image sizes differ.
         "image_shape": _image_shape(data.images),
-        "counts": {s: int(true_labels[s].size) for s in SPLITS},
+        "counts": {s: int(true_labels[s].size) for s in splits},
         # Unlabeled shards carry no labels; their true class counts are kept for analysis.
         "per_class": {
-            s: np.bincount(true_labels[s], minlength=data.num_classes).tolist() for s in SPLITS
+            s: np.bincount(true_labels[s], minlength=data.num_classes).tolist() for s in splits
         },
-        "shards": {s: writers[s].uris for s in SPLITS},
-        "patterns": {s: _brace_pattern(writers[s].uris) for s in SPLITS},
+        "shards": {s: writers[s].uris for s in splits},
+        "patterns": {s: _brace_pattern(writers[s].uris) for s in splits},
         # Readers plan their split of the data from these without reading the shards.
-        "shard_samples": {u: n for s in SPLITS for u, n in zip(writers[s].uris, writers[s].counts, strict=True)},
+        "shard_samples": {u: n for s in splits for u, n in zip(writers[s].uris, writers[s].counts, strict=True)},
     }
     store.put_json(join_uri(output_uri, "dataset.json"), info)
     done = {
         **info,
-        "sha256": {u: d for s in SPLITS for u, d in zip(writers[s].uris, writers[s].sha256, strict=True)},
+        "sha256": {u: d for s in splits for u, d in zip(writers[s].uris, writers[s].sha256, strict=True)},
     }
     if os.environ.get("NSO_RUN"):
         done["run"] = os.environ["NSO_RUN"]  # the run whose job packed it (see stage.write_done)

@@ -42,8 +42,11 @@ Recipe:
 * **Metrics.** ``top1``/``top5`` (fractions) of the final model (the EMA
   when kept; ``top1_raw`` is then the raw weights') on the whole validation set; earlier epochs in ``history`` are scored on the first
   ``eval_images`` validation images (a fixed budget), for progress only.
+* **Test.** With ``test`` shards the final model is scored on them once
+  (``test_top1``/``test_top5``); validation is what epochs report and what
+  a recipe is tuned on.
 * **Robustness.** The final model is also scored on corrupted copies of the
-  first ``corruption_images`` validation images (:mod:`.corruptions`: noise,
+  first ``corruption_images`` test images (validation images without a test split) (:mod:`.corruptions`: noise,
   blur, contrast, brightness, pixelation at three severities):
   ``corruption_top1`` (their mean) and ``corruption`` (per corruption and
   severity).
@@ -557,6 +560,7 @@ def run(cfg: TrainConfig) -> dict[str, Any]:
     # data
     labeled = open_set(cfg.labeled, "labeled", cfg, shuffle=True)
     validation = open_set(cfg.validation, "validation", cfg, shuffle=False)
+    test = open_set(cfg.test, "test", cfg, shuffle=False) if cfg.test else None
     streams, batches = [labeled], [cfg.batch_size]
     targets: list[Any] = [LabeledTargets(cfg.num_classes, "labeled", cfg.label_smoothing)]
     if cfg.pseudo is not None:
@@ -631,8 +635,17 @@ def run(cfg: TrainConfig) -> dict[str, Any]:
     # metrics
     final = history[-1] if history else evaluate(scored, validation, validation.total, cfg.image_size,
                                                  label_targets, mean, std, d)
-    robustness = (corruption_scores(scored, validation, cfg.corruption_images, cfg.image_size, label_targets,
-                                    mean, std, d) if cfg.corruption_images else {})
+    held_out = test or validation  # the test split when there is one: nothing was chosen by it
+    scores: dict[str, Any] = {}
+    if test is not None:
+        test_scores = evaluate(scored, test, test.total, cfg.image_size, LabeledTargets(cfg.num_classes, "test"),
+                               mean, std, d)
+        scores = {"test_top1": test_scores["top1"], "test_top5": test_scores["top5"],
+                  "test_images": test_scores["validation_images"]}
+    if cfg.corruption_images:
+        scores.update(corruption_scores(scored, held_out, cfg.corruption_images, cfg.image_size,
+                                        LabeledTargets(cfg.num_classes, "test" if test else "validation"),
+                                        mean, std, d))
     train_seconds = sum(h["seconds"] for h in history)
     metrics = {
         "role": cfg.role,
@@ -649,7 +662,7 @@ def run(cfg: TrainConfig) -> dict[str, Any]:
         "pseudo_images": streams[1].total if len(streams) > 1 else 0,
         "world_size": d.world,
         "validation_images": final["validation_images"],
-        **robustness,
+        **scores,
         "history": [{k: h[k] for k in ("epoch", "loss", "top1", "top5", "validation_images")} for h in history],
     }
     if d.main:

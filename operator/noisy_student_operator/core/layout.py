@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 
 from noisy_student_workloads.store import join_uri
 
-from ..api import RunSpec
+from ..api import SOURCES_WITH_TEST, RunSpec
 
 MARKER = "_DONE.json"
 LEASE = "_LEASE.json"
@@ -132,13 +132,18 @@ class RunLayout:
         return join_uri(self.prefix, MANIFEST_FILE)
 
     def data_urls(self, spec: RunSpec) -> dict[str, str]:
-        """Shard URLs of the three splits; prepared data lives under the prepare stage."""
+        """Shard URLs of the splits (``test`` when there is one); prepared data lives under the prepare stage."""
         data = spec.data
         prepared = self.stage_prefix(Stage(0, PREPARE))
-        return {
+        urls = {
             split: getattr(data, split) or join_uri(prepared, f"{split}-*.tar")
             for split in ("labeled", "unlabeled", "validation")
         }
+        if data.test:
+            urls["test"] = data.test
+        elif data.prepare is not None and data.prepare.test_split and data.prepare.source in SOURCES_WITH_TEST:
+            urls["test"] = join_uri(prepared, "test-*.tar")
+        return urls
 
 
 def stage_root(artifacts_uri: str, namespace: str) -> str:

@@ -60,6 +60,7 @@ def render_train_config(
         "image_size": spec.data.image_size,
         "labeled": urls["labeled"],
         "validation": urls["validation"],
+        "test": urls.get("test"),
         "pseudo": pseudo,
         "noise": {
             "rand_augment": (
@@ -168,6 +169,7 @@ def _render_job(
             shard_size=prepare.shard_size,
             path=prepare.path,
             validation_size=prepare.validation_size,
+            test_split=prepare.test_split,
         )
         return JobRequest(name, stage, attempt, "prepare", args, None)
     if stage.kind in (TEACHER, STUDENT):
