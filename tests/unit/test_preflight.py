@@ -46,3 +46,12 @@ def test_missing_shards_name_the_split(tmp_path):
     (tmp_path / "data" / "unlabeled-000000.tar").unlink()
     with pytest.raises(PreflightError, match=r"spec\.data\.unlabeled: .*unlabeled-000000\.tar"):
         preflight(run)
+
+
+def test_model_args_the_model_does_not_take_name_the_field(tmp_path):
+    run = run_with(tmp_path, "test_resnet", ("test_resnet",))
+    run.spec.students[0].model_args = {"stem_stride": 1}  # resnets have no such argument
+    with pytest.raises(PreflightError, match=r"spec\.students\[0\]\.modelArgs: 'test_resnet' does not take .*stem_stride"):
+        preflight(run)
+    run.spec.students[0].model_args = {"output_stride": 8}
+    preflight(run)

@@ -40,14 +40,16 @@ Recipe:
 * **Schedule.** timm optimizer factory (``sgd`` is SGD with Nesterov
   momentum 0.9) and a per-step cosine schedule with linear warm-up.
 * **Metrics.** ``top1``/``top5`` (fractions) of the final model (the EMA
-  when kept; ``top1_raw`` is then the raw weights') on the whole validation set; earlier epochs in ``history`` are scored on the first
+  when kept; ``top1_raw`` is then the raw weights') on the whole validation
+  set; earlier epochs in ``history`` are scored on the first
   ``eval_images`` validation images (a fixed budget), for progress only.
 * **Test.** With ``test`` shards the final model is scored on them once
   (``test_top1``/``test_top5``); validation is what epochs report and what
   a recipe is tuned on.
 * **Robustness.** The final model is also scored on corrupted copies of the
-  first ``corruption_images`` test images (validation images without a test split) (:mod:`.corruptions`: noise,
-  blur, contrast, brightness, pixelation at three severities):
+  first ``corruption_images`` test images (validation images without a test
+  split; :mod:`.corruptions`: noise, blur, contrast, brightness, pixelation
+  at three severities):
   ``corruption_top1`` (their mean) and ``corruption`` (per corruption and
   severity).
 * **Failures.** A non-finite loss stops training before the epoch's
