@@ -552,6 +552,12 @@ LABEL_KEY = r"^([a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*/
 LABEL_VALUE = r"^(([A-Za-z0-9][-A-Za-z0-9_.]*)?[A-Za-z0-9])?$"
 
 
+LABEL_MAP_RULES = [
+    cel(f"self.all(k, k.matches('{LABEL_KEY}') && size(k) <= 316)", "keys must be valid label keys"),
+    cel(f"self.all(k, self[k].matches('{LABEL_VALUE}'))", "values must be valid label values"),
+]
+
+
 class Toleration(ApiModel):
     """A Kubernetes toleration."""
 
@@ -580,13 +586,7 @@ class PlacementFields(ApiModel):
         max_length=64,
         description="Labels of the Volcano Jobs and their pods (e.g. `kueue.x-k8s.io/queue-name`, "
         "cost centres). The operator's own `noisystudent.dev/*` labels win over these.",
-        json_schema_extra={
-            "x-kubernetes-validations": [
-                cel(f"self.all(k, k.matches('{LABEL_KEY}') && size(k) <= 316)", "label keys must be valid label keys"),
-                cel(f"self.all(k, self[k].matches('{LABEL_VALUE}'))",
-                    "label values must be valid label values"),
-            ]
-        },
+        json_schema_extra={"x-kubernetes-validations": LABEL_MAP_RULES},
     )
     annotations: dict[str, AnnotationValue] | None = Field(
         default=None,
@@ -608,7 +608,10 @@ class PlacementFields(ApiModel):
         description="ServiceAccount of the pods; its token is mounted only when one is named.",
     )
     node_selector: dict[str, LabelValue] | None = Field(
-        default=None, max_length=64, description="Node labels the pods require."
+        default=None,
+        max_length=64,
+        description="Node labels the pods require.",
+        json_schema_extra={"x-kubernetes-validations": LABEL_MAP_RULES},
     )
     tolerations: list[Toleration] | None = Field(default=None, max_length=64, description="Tolerations of the pods.")
     affinity: dict[str, Any] | None = Field(

@@ -466,6 +466,7 @@ INVALID: list[tuple[str, Any, str]] = [
     ("placement.labels", {"bad key": "x"}, "spec.placement.labels"),
     ("placement.labels", {"team": "x" * 64}, "spec.placement.labels.team"),
     ("placement.train", {"labels": {"kueue.x-k8s.io/queue-name": "not valid!"}}, "spec.placement.train.labels"),
+    ("placement.label", {"nodeSelector": {"pool": "not valid!"}}, "spec.placement.label.nodeSelector"),
     ("placement.priorityClassName", "Batch_Low", "spec.placement.priorityClassName"),
     ("placement.serviceAccountName", "s" * 254, "spec.placement.serviceAccountName"),
     ("placement.tolerations", [{"key": "k", "effect": "Sometimes"}], "spec.placement.tolerations[0].effect"),
