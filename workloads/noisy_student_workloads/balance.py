@@ -1,7 +1,7 @@
 """Filter pseudo-labels by confidence and balance the classes into a training manifest.
 
-Reads the label stage's parts (``labels``/``part-*.npz``, ``stats-*.json``),
-then, per class of the teacher's prediction:
+Reads the label stage's parts (:func:`.predictions.read_parts`), then, per
+class of the teacher's prediction:
 
 1. drops images whose confidence is below ``confidence_threshold``;
 2. with ``balance``, brings the class to the target count:
@@ -27,6 +27,12 @@ targets ``probs`` or ``topk_indices``/``topk_values``, and ``shard`` with
 ``shard_names``: which unlabeled shard each key is in, in tar order per
 shard, so that training streams the shards and applies the copies), ``thresholds.json``
 (per class: threshold, counts before and after) and ``_DONE.json``.
+
+Memory does not grow with the number of predictions: the selection is
+decided in a few passes over the parts, one part in memory at a time
+(:func:`plan_selection`: counts, then each crowded class's cut-off by radix
+selection), and the manifest is written column by column through local
+files (:func:`write_manifest`).
 
 Command line::
 
