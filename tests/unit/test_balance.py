@@ -3,7 +3,8 @@
 import numpy as np
 import pytest
 
-from noisy_student_workloads.balance import Picker, auto_target, class_thresholds, histogram, plan_selection, select
+from noisy_student_workloads.balance import (Picker, auto_target, class_thresholds, histogram, plan_selection, select,
+                                             write_manifest)
 from noisy_student_workloads.config import BalanceConfig, ConfigError, parse_config
 
 
@@ -163,3 +164,30 @@ def test_streamed_selection_equals_sorting_everything(seed):
 
 def totals_of(classes, rows, copies, num_classes):
     return np.bincount(classes[rows], weights=copies, minlength=num_classes).astype(int).tolist()
+
+
+def test_manifest_written_part_by_part_equals_the_selection(tmp_path):
+    """Parts large enough to flush file buffers, keys of different widths per part (the widest wins)."""
+    rng = np.random.default_rng(3)
+    parts = []
+    for start, rows in ((0, 20000), (20000, 30000), (50000, 7)):
+        parts.append({"keys": np.asarray([f"k{i}".encode() for i in range(start, start + rows)]),
+                      "classes": rng.integers(0, 4, rows).astype(np.int32),
+                      "confidences": rng.random(rows).astype(np.float32),
+                      "shard": (np.arange(start, start + rows) // 1000).astype(np.int32),
+                      "probs": rng.random((rows, 4)).astype(np.float16),
+                      "shard_names": np.asarray([f"u-{i:06d}.tar" for i in range(51)])})
+    plan = plan_selection(lambda: ((p["classes"], p["confidences"]) for p in parts), 4, 0.1, 9000, seed=2)
+    digests = {}
+    write_manifest(f"file://{tmp_path}/manifest.npz", iter(parts), plan, digests)
+
+    every = {k: np.concatenate([p[k] for p in parts]) for k in ("keys", "classes", "confidences", "shard", "probs")}
+    sel = select(every["classes"], every["confidences"], 4, 0.1, 9000, seed=2)
+    with np.load(tmp_path / "manifest.npz") as manifest:
+        assert manifest["keys"].dtype == np.dtype("S6")
+        assert manifest["keys"].tolist() == every["keys"][sel.indices].tolist()
+        assert manifest["copies"].tolist() == sel.copies.tolist()
+        for k in ("classes", "shard", "probs"):
+            np.testing.assert_array_equal(manifest[k], every[k][sel.indices])
+        assert manifest["shard_names"].tolist() == parts[0]["shard_names"].tolist()
+    assert list(digests) == [f"file://{tmp_path}/manifest.npz"]

@@ -350,7 +350,9 @@ def write_manifest(uri: str, parts: Iterable[dict[str, np.ndarray]], plan: Plan,
                     if k in part}
             kept["copies"] = copies
             for k, v in kept.items():
-                cols.setdefault(k, Column(os.path.join(tmp, k))).append(v)
+                if k not in cols:
+                    cols[k] = Column(os.path.join(tmp, k))
+                cols[k].append(v)
             shard_names = part.get("shard_names", shard_names)
         path = os.path.join(tmp, "manifest.npz")
         with zipfile.ZipFile(path, "w", compression=zipfile.ZIP_DEFLATED, allowZip64=True) as zf:
