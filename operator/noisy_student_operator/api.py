@@ -700,6 +700,14 @@ class RunSpec(ApiModel):
     )
     scheduler: SchedulerSpec = Field(default_factory=SchedulerSpec, description="Job scheduler.")
     retry: RetrySpec = Field(default_factory=RetrySpec, description="Stage retries.")
+    stop_when_gain_below: float | None = Field(
+        default=None,
+        ge=0.0,
+        le=1.0,
+        description="Stop adding generations once a student's validation top-1 gains less than this "
+        "(a fraction, e.g. 0.005) over its teacher's; the remaining generations are skipped, and the best "
+        "model trained so far is exported.",
+    )
     suspend: bool = Field(
         default=False,
         description="Stop launching stages and cancel running jobs; false resumes where it stopped.",
@@ -796,8 +804,9 @@ class StageStatus(ApiModel):
     stage: str = Field(description="prepare, teacher, label, balance or student.")
     generation: int = Field(description="0 = teacher, k = k-th student.")
     key: str = Field(description="Digest of everything that determines the stage's outputs.")
-    state: Literal["Pending", "Running", "Complete", "Reused"] = Field(
-        description="`Reused`: complete before this run needed it, made by `producedBy`."
+    state: Literal["Pending", "Running", "Complete", "Reused", "Skipped"] = Field(
+        description="`Reused`: complete before this run needed it, made by `producedBy`; "
+        "`Skipped`: not needed because the run stopped early (`spec.stopWhenGainBelow`)."
     )
     produced_by: str | None = Field(
         default=None, description="`namespace/name` of the run whose job computed the stage."
@@ -814,6 +823,15 @@ class RunStatus(ApiModel):
         default=None, description="Top-1 of the current teacher (the best promoted model)."
     )
     artifacts: str | None = Field(default=None, description="This run's artifact prefix.")
+    model: str | None = Field(
+        default=None,
+        description="The exported model: a timm folder (config.json, model.safetensors, README.md) that "
+        "`timm.create_model('local-dir:<folder>', pretrained=True)` loads.",
+    )
+    stopped_after: int | None = Field(
+        default=None,
+        description="The generation after which the run stopped early (`spec.stopWhenGainBelow`).",
+    )
     next_retry_at: datetime | None = Field(default=None, description="When a failed stage is retried.")
     jobs: list[JobStatus] = Field(default_factory=list, description="Submitted jobs.")
     generations: list[GenerationStatus] = Field(default_factory=list, description="Trained models.")

@@ -2,6 +2,8 @@
 
     noisy-student run RUN.yaml [--artifacts URI] [--output text|json] [--dry-run]
     noisy-student status RUN.yaml [--artifacts URI] [--output text|json]
+    noisy-student export RUN.yaml --generation N --output DIR [--artifacts URI]
+    noisy-student predict MODEL_FOLDER|RUN.yaml IMAGE... [--topk K] [--output text|json]
     noisy-student gc [RUN.yaml ...] [--artifacts URI] [--yes]
     noisy-student crd
     noisy-student operator [--namespace NS ... | --all-namespaces]
@@ -13,6 +15,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 
 from rich.console import Console
@@ -35,6 +38,17 @@ def build_parser() -> argparse.ArgumentParser:
     run = _run_parser(sub, "run", "run a NoisyStudentRun on this machine (TorchX local_cwd)")
     run.add_argument("--dry-run", action="store_true", help="print the next pass's plan and exit")
     _run_parser(sub, "status", "print the status of a local run")
+    export = sub.add_parser("export", help="export one generation of a run in timm's folder layout")
+    export.add_argument("file", help="the run file")
+    export.add_argument("--generation", "-g", type=int, required=True, help="0 = teacher, k = k-th student")
+    export.add_argument("--output", required=True, help="directory or URI of the folder to write")
+    export.add_argument("--artifacts", help="artifact prefix URI or directory, replacing spec.artifacts.uri")
+    predict = sub.add_parser("predict", help="top-k classes of images with an exported model (or a run's)")
+    predict.add_argument("model", help="an exported model folder, or a run file (its exported model)")
+    predict.add_argument("images", nargs="+", help="image files")
+    predict.add_argument("--topk", "-k", type=int, default=5, help="classes per image")
+    predict.add_argument("--artifacts", help="with a run file: replaces spec.artifacts.uri")
+    predict.add_argument("--output", "-o", choices=("text", "json"), default="text")
     gc = sub.add_parser("gc", help="list (and with --yes delete) stage outputs that no live run references")
     gc.add_argument("files", nargs="*", help="the live runs' files; none: every run in the API server")
     gc.add_argument("--artifacts", help="artifact prefix URI or directory, replacing each file's spec.artifacts.uri")
@@ -140,6 +154,78 @@ def cmd_gc(args: argparse.Namespace, console: Console) -> int:
     return 0
 
 
+def _export_config(run):
+    """The run's export config (render.render_export_config) under the layout the local runner uses."""
+    from .core.render import render_export_config
+    from .local import StatusFile
+
+    from noisy_student_workloads.config import ExportConfig
+
+    layout = StatusFile(run).layout
+    return layout, ExportConfig(**render_export_config(run.spec, layout))
+
+
+def cmd_export(args: argparse.Namespace, console: Console) -> int:
+    from noisy_student_workloads import export
+    from noisy_student_workloads.config import ConfigError
+
+    from .local import with_artifacts
+
+    run = with_artifacts(load_run_file(args.file), args.artifacts)
+    _, cfg = _export_config(run)
+    try:
+        trained, stopped_after = export.trained_generations(cfg)
+    except ConfigError as error:
+        trained, stopped_after = [], None
+        missing = str(error)
+    else:
+        missing = ""
+    chosen = next((t for t in trained if t.generation == args.generation), None)
+    if chosen is None:
+        console.print(f"[red]error[/red]: --generation {args.generation}: not trained "
+                      f"({len(trained)} generations have completed{'; ' + missing if missing else ''})")
+        return 2
+    output = args.output if "://" in args.output else "file://" + os.path.abspath(args.output)
+    export.save_timm_folder(chosen.checkpoint, output, export.model_card(cfg, trained, chosen, stopped_after))
+    console.print(f"Exported generation {chosen.generation} ({chosen.metrics.get('model')}, "
+                  f"top-1 {chosen.top1:.4f}) to {output}")
+    return 0
+
+
+def cmd_predict(args: argparse.Namespace, console: Console) -> int:
+    from rich.table import Table
+
+    from noisy_student_workloads.predict import predict
+
+    from .local import StatusFile, with_artifacts
+
+    folder = args.model
+    if os.path.isfile(folder):
+        run = with_artifacts(load_run_file(folder), args.artifacts)
+        folder = StatusFile(run).load().model or StatusFile(run).layout.model_uri(run.spec)
+    for image in args.images:
+        if not os.path.isfile(image):
+            console.print(f"[red]error[/red]: {image}: no such image file")
+            return 2
+    try:
+        results = predict(folder, args.images, args.topk)
+    except FileNotFoundError as error:
+        console.print(f"[red]error[/red]: {error}")
+        return 2
+    if args.output == "json":
+        print(json.dumps(results, indent=2))
+        return 0
+    table = Table(title=f"Predictions of {folder}")
+    for column in ("image", "rank", "class", "probability"):
+        table.add_column(column, justify="left" if column == "image" else "right")
+    for result in results:
+        for rank, top in enumerate(result["top"], 1):
+            table.add_row(os.path.basename(result["image"]) if rank == 1 else "", str(rank), str(top["class"]),
+                          f"{top['probability']:.4f}")
+    Console().print(table)
+    return 0
+
+
 def cmd_crd(args: argparse.Namespace) -> int:
     from .crd import render_crd_yaml
 
@@ -169,6 +255,10 @@ def main(argv: list[str] | None = None) -> int:
             return cmd_run(args, console)
         if args.command == "status":
             return cmd_status(args, console)
+        if args.command == "export":
+            return cmd_export(args, console)
+        if args.command == "predict":
+            return cmd_predict(args, console)
         if args.command == "gc":
             return cmd_gc(args, console)
         if args.command == "crd":

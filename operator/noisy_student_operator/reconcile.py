@@ -100,20 +100,31 @@ class MarkerReader:
         store = self.store_for(layout.root)
         markers: dict[Stage, Mapping[str, Any]] = {}
         started = time.monotonic()
-        for stage in plan_stages(run.spec):
-            uri = layout.marker_uri(stage)
-            marker = self._cached(uri)
+        stages = plan_stages(run.spec)
+        for stage in stages:
+            marker = self._get(store, layout.marker_uri(stage), started)
             if marker is None:
-                if self.deadline is not None and time.monotonic() - started > self.deadline:
-                    raise ArtifactStoreError(
-                        f"the artifact store took more than {self.deadline:g} s for this pass; tried again later"
-                    )
-                if not store.exists(uri):
-                    break
-                marker = store.get_json(uri)
-                self._remember(uri, marker)
+                # The export (last) may follow a gap: the generations skipped by spec.stopWhenGainBelow.
+                export = stages[-1]
+                last = self._get(store, layout.marker_uri(export), started) if stage != export else None
+                if last is not None:
+                    markers[export] = last
+                break
             markers[stage] = marker
         return markers
+
+    def _get(self, store: ArtifactStore, uri: str, started: float) -> Mapping[str, Any] | None:
+        marker = self._cached(uri)
+        if marker is None:
+            if self.deadline is not None and time.monotonic() - started > self.deadline:
+                raise ArtifactStoreError(
+                    f"the artifact store took more than {self.deadline:g} s for this pass; tried again later"
+                )
+            if not store.exists(uri):
+                return None
+            marker = store.get_json(uri)
+            self._remember(uri, marker)
+        return marker
 
     def forget(self, run: RunRef) -> None:
         """Drop the run's markers (it was deleted; another run using a stage reads it again)."""

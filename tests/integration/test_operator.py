@@ -186,12 +186,12 @@ def test_run_goes_through_every_stage_to_succeeded(h, ns, s3_prefix):
     run = "every-stage"
     h.create_run(ns, run, spec(s3_prefix, students=2, prepare=True))
     names = h.job_names(ns, run)
-    assert len(names) == 1 + 1 + 2 * 3
+    assert len(names) == 1 + 1 + 2 * 3 + 1  # prepare, teacher, 2 x (label, balance, student), export
 
     def check_stage(index: int, job: dict[str, Any]) -> None:
         stage = job_stage(job)
         expected = {"prepare": "Preparing", "teacher": "Training", "label": "Labeling",
-                    "balance": "Balancing", "student": "Training"}[stage.kind]
+                    "balance": "Balancing", "student": "Training", "export": "Exporting"}[stage.kind]
         status = h.wait_run(ns, run, lambda s: s.get("stage") == expected and s.get("generation") == stage.generation,
                             STEP, f"stage {expected} of generation {stage.generation}")
         assert is_true(status, "Progressing") and not is_true(status, "Ready")
@@ -333,7 +333,7 @@ def test_suspend_cancels_the_running_job_and_resume_continues_where_it_stopped(h
     assert [g["generation"] for g in status["generations"]] == [0]  # the teacher was not redone
     h.set_phase(ns, resumed["metadata"]["name"], "Running")
     h.complete(ns, resumed)
-    for _ in range(2):  # balance, student
+    for _ in range(3):  # balance, student, export
         job = h.next_job(ns, run, seen, STEP)
         h.complete(ns, job)
     status = h.wait_run(ns, run, lambda s: s.get("stage") == "Succeeded", STEP, "Succeeded")

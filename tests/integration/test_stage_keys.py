@@ -18,7 +18,7 @@ from operator_harness import Harness, apply_crds, job_phase, job_stage, run_crd,
 from test_operator import STEP, cluster, condition, drive_to_end, h, is_true, ns, operator, recorded_permissions, spec
 
 from noisy_student_operator.api import GROUP, PLURAL, VERSION
-from noisy_student_operator.core.layout import LABEL, STUDENT, TEACHER, Stage
+from noisy_student_operator.core.layout import EXPORT, LABEL, STUDENT, TEACHER, Stage
 
 pytestmark = pytest.mark.integration
 
@@ -56,8 +56,11 @@ def test_an_edit_after_succeeded_reruns_exactly_the_changed_stage(h, ns, s3_pref
     job = h.next_job(ns, run, set(before), STEP)
     assert job_stage(job) == Stage(2, STUDENT) and job_config(job)["epochs"] == 3
     h.complete(ns, job)
+    export = h.next_job(ns, run, before | {job["metadata"]["name"]}, STEP)  # it reads the new student
+    assert job_stage(export) == Stage(2, EXPORT)
+    h.complete(ns, export)
     status = h.wait_run(ns, run, lambda s: s.get("stage") == "Succeeded", STEP, "Succeeded again")
-    assert new_jobs(h, ns, run, before) == [job["metadata"]["name"]]  # nothing else ran
+    assert new_jobs(h, ns, run, before) == sorted([job["metadata"]["name"], export["metadata"]["name"]])
     assert status["generations"][2]["key"] == job["metadata"]["labels"]["noisystudent.dev/stage-key"]
     assert status["observedGeneration"] == h.get_run(ns, run)["metadata"]["generation"]
 
@@ -98,7 +101,7 @@ def test_an_artifacts_uri_edit_runs_the_stages_at_the_new_location(h, ns, s3_pre
     assert job_config(teacher)["output"].startswith(f"{moved}{ns}/stages/teacher/")
     h.complete(ns, teacher)
     seen = before | {teacher["metadata"]["name"]}
-    for _ in range(3):
+    for _ in range(4):  # label, balance, student, export
         h.complete(ns, h.next_job(ns, run, seen, STEP))
     status = h.wait_run(ns, run, lambda s: s.get("stage") == "Succeeded", STEP, "Succeeded at the new location")
     assert status["artifacts"] == f"{moved}{ns}/{run}/"
@@ -134,6 +137,9 @@ def test_removing_a_student_while_its_job_runs_cancels_that_job(h, ns, s3_prefix
     h.patch_spec(ns, run, {"students": [{"model": "resnet34"}]})
     wait_for(lambda: job_phase(h.job(ns, label["metadata"]["name"])) == "Aborted", STEP,
              "the removed student's label job to be Aborted")
+    export = h.next_job(ns, run, seen, STEP)  # the one student left is the last: export the best model
+    assert job_stage(export) == Stage(1, EXPORT)
+    h.complete(ns, export)
     status = h.wait_run(ns, run, lambda s: s.get("stage") == "Succeeded", STEP, "Succeeded with one student")
     assert [j["state"] for j in status["jobs"] if j["name"] == label["metadata"]["name"]] == ["Cancelled"]
 

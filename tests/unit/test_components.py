@@ -94,7 +94,14 @@ def test_local_env_puts_this_interpreter_first_on_path():
     assert components.local_env({"PATH": env["PATH"]})["PATH"] == env["PATH"]
 
 
-@pytest.mark.parametrize("component", [components.train, components.label, components.balance, components.prepare])
+def test_export_runs_the_export_module():
+    (role,) = components.export(CONFIG, "img", name="e").roles
+    assert role.args == ["-m", "noisy_student_workloads.export", "--config", CONFIG]
+
+
+@pytest.mark.parametrize(
+    "component", [components.train, components.label, components.balance, components.prepare, components.export]
+)
 def test_annotations_are_types_the_torchx_cli_can_decode(component):
     for parameter in inspect.signature(component).parameters.values():
         assert not isinstance(parameter.annotation, str), parameter.name

@@ -10,7 +10,7 @@ from noisy_student_operator.api import RunSpec
 from noisy_student_operator.backend import InMemoryJobBackend
 from noisy_student_operator.controller import InvalidRun, RunController, SchedulerNotServed
 from noisy_student_operator.core.keys import workload_identity
-from noisy_student_operator.core.layout import BALANCE, LABEL, STUDENT, TEACHER, RunLayout, Stage, job_name
+from noisy_student_operator.core.layout import BALANCE, EXPORT, LABEL, STUDENT, TEACHER, RunLayout, Stage, job_name
 from noisy_student_operator.core.planner import JobState
 from noisy_student_operator.reconcile import MarkerReader, Reconciler
 from noisy_student_workloads.store import open_store
@@ -166,7 +166,7 @@ def test_a_scheduler_the_operator_does_not_serve_is_refused_with_a_condition(set
 
 def test_settled_runs_are_skipped_by_the_timer(setup):
     api, backend, controller, events, store, layout = setup
-    for stage in (TEACHER_0, Stage(1, LABEL), Stage(1, BALANCE), Stage(1, STUDENT)):
+    for stage in (TEACHER_0, Stage(1, LABEL), Stage(1, BALANCE), Stage(1, STUDENT), Stage(1, EXPORT)):
         write_marker(store, layout, stage, {"top1": 0.5, "parameters": 1})
     controller.reconcile("ml", "demo")
     body = api.get("ml", "demo")

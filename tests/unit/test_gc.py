@@ -88,7 +88,7 @@ def test_delete_removes_the_marker_first(tmp_path):
 
     garbage = collect([load_run_file(run_file(tmp_path, "two", epochs=9))])
     delete(garbage, store_for=lambda uri: Recording(open_store(uri)))
-    assert len(garbage) == 7 and len(deleted) == 2 * len(garbage)  # all but the shared prepare stage
+    assert len(garbage) == 8 and len(deleted) == 2 * len(garbage)  # all but the shared prepare stage
     for directory in garbage:
         mine = [u.removeprefix(directory.uri) for u in deleted if u.startswith(directory.uri)]
         assert mine == [MARKER, "out.bin"]  # an interrupted gc never leaves outputs that look complete

@@ -9,7 +9,9 @@ from noisy_student_operator.api import RunStatus, parse_run
 from noisy_student_operator.core import reasons
 from noisy_student_operator.core.conditions import is_true
 from noisy_student_operator.core.keys import workload_identity
-from noisy_student_operator.core.layout import BALANCE, LABEL, PREPARE, STUDENT, TEACHER, RunLayout, Stage, plan_stages
+from noisy_student_operator.core.layout import (
+    BALANCE, EXPORT, LABEL, PREPARE, STUDENT, TEACHER, RunLayout, Stage, plan_stages,
+)
 from noisy_student_operator.core.planner import Cancel, JobObservation, JobState
 
 
@@ -35,6 +37,8 @@ def edit(spec, **updates):
 
 
 ALL_OF_GEN_2 = [(2, LABEL), (2, BALANCE), (2, STUDENT)]
+#: The export reads every generation's training output: any change of them changes its key.
+EXPORTED = [(2, EXPORT)]
 
 
 @pytest.mark.parametrize(
@@ -47,25 +51,31 @@ ALL_OF_GEN_2 = [(2, LABEL), (2, BALANCE), (2, STUDENT)]
         ("resources.cpu", 16, []),
         ("resources.memoryMiB", 65536, []),
         # The teacher: everything downstream of it.
-        ("teacher.epochs", 3, [(0, TEACHER), (1, LABEL), (1, BALANCE), (1, STUDENT), *ALL_OF_GEN_2]),
-        ("teacher.model", "resnet34", [(0, TEACHER), (1, LABEL), (1, BALANCE), (1, STUDENT), *ALL_OF_GEN_2]),
+        ("teacher.epochs", 3, [(0, TEACHER), (1, LABEL), (1, BALANCE), (1, STUDENT), *ALL_OF_GEN_2, *EXPORTED]),
+        ("teacher.model", "resnet34", [(0, TEACHER), (1, LABEL), (1, BALANCE), (1, STUDENT), *ALL_OF_GEN_2, *EXPORTED]),
         ("teacher.modelArgs", {"output_stride": 8},
-         [(0, TEACHER), (1, LABEL), (1, BALANCE), (1, STUDENT), *ALL_OF_GEN_2]),
-        ("training.emaDecay", 0.999, [(0, TEACHER), (1, LABEL), (1, BALANCE), (1, STUDENT), *ALL_OF_GEN_2]),
-        ("training.labelSmoothing", 0.0, [(0, TEACHER), (1, LABEL), (1, BALANCE), (1, STUDENT), *ALL_OF_GEN_2]),
+         [(0, TEACHER), (1, LABEL), (1, BALANCE), (1, STUDENT), *ALL_OF_GEN_2, *EXPORTED]),
+        ("training.emaDecay", 0.999, [(0, TEACHER), (1, LABEL), (1, BALANCE), (1, STUDENT), *ALL_OF_GEN_2, *EXPORTED]),
+        ("training.labelSmoothing", 0.0,
+         [(0, TEACHER), (1, LABEL), (1, BALANCE), (1, STUDENT), *ALL_OF_GEN_2, *EXPORTED]),
         # The last student only.
-        ("students.1.epochs", 3, [(2, STUDENT)]),
-        ("students.1.modelArgs", {"output_stride": 16}, [(2, STUDENT)]),
-        ("students.1.noise", {"dropout": 0.1}, [(2, STUDENT)]),
+        ("students.1.epochs", 3, [(2, STUDENT), *EXPORTED]),
+        ("students.1.modelArgs", {"output_stride": 16}, [(2, STUDENT), *EXPORTED]),
+        ("students.1.noise", {"dropout": 0.1}, [(2, STUDENT), *EXPORTED]),
         # Pseudo labels: balancing and the students, never the teacher or the labels.
-        ("pseudoLabels.confidenceThreshold", 0.5, [(1, BALANCE), (1, STUDENT), *ALL_OF_GEN_2]),
-        ("pseudoLabels.type", "hard", [(1, STUDENT), *ALL_OF_GEN_2]),
-        ("resources.labelShards", 4, [(1, LABEL), (1, BALANCE), (1, STUDENT), *ALL_OF_GEN_2]),
+        ("pseudoLabels.confidenceThreshold", 0.5, [(1, BALANCE), (1, STUDENT), *ALL_OF_GEN_2, *EXPORTED]),
+        ("pseudoLabels.type", "hard", [(1, STUDENT), *ALL_OF_GEN_2, *EXPORTED]),
+        ("resources.labelShards", 4, [(1, LABEL), (1, BALANCE), (1, STUDENT), *ALL_OF_GEN_2, *EXPORTED]),
+        # Where to stop: which generation the export chooses from.
+        ("stopWhenGainBelow", 0.01, EXPORTED),
         # Where outputs live and what computes them: every stage.
-        ("artifacts.uri", "s3://elsewhere/", [(0, TEACHER), (1, LABEL), (1, BALANCE), (1, STUDENT), *ALL_OF_GEN_2]),
+        ("artifacts.uri", "s3://elsewhere/",
+         [(0, TEACHER), (1, LABEL), (1, BALANCE), (1, STUDENT), *ALL_OF_GEN_2, *EXPORTED]),
         # External data by URL: the teacher never reads the unlabeled shards.
-        ("data.unlabeled", "s3://d/other-{0..3}.tar", [(1, LABEL), (1, BALANCE), (1, STUDENT), *ALL_OF_GEN_2]),
-        ("data.labeled", "s3://d/more.tar", [(0, TEACHER), (1, LABEL), (1, BALANCE), (1, STUDENT), *ALL_OF_GEN_2]),
+        ("data.unlabeled", "s3://d/other-{0..3}.tar",
+         [(1, LABEL), (1, BALANCE), (1, STUDENT), *ALL_OF_GEN_2, *EXPORTED]),
+        ("data.labeled", "s3://d/more.tar",
+         [(0, TEACHER), (1, LABEL), (1, BALANCE), (1, STUDENT), *ALL_OF_GEN_2, *EXPORTED]),
     ],
 )
 def test_a_field_changes_exactly_the_keys_of_the_stages_it_affects(path, value, expected):
@@ -124,14 +134,14 @@ def test_an_edit_after_succeeded_reruns_exactly_the_changed_stages():
     assert not is_true(world.status.conditions, reasons.SUCCEEDED)  # describes the current spec
     assert world.status.observed_generation == 2
     run_to_the_end(world)
-    assert world.submitted[len(first):] == [world.name(Stage(2, STUDENT))]
+    assert world.submitted[len(first):] == [world.name(Stage(2, STUDENT)), world.name(Stage(2, EXPORT))]
 
     world.spec = edit(world.spec, **{"teacher.epochs": 2})
     world.generation = 3
     before = len(world.submitted)
     run_to_the_end(world)
     kinds = [n.split("-")[0] for n in world.submitted[before:]]
-    assert kinds == ["teacher", "label", "balance", "student", "label", "balance", "student"]
+    assert kinds == ["teacher", "label", "balance", "student", "label", "balance", "student", "export"]
 
 
 def test_a_recreated_run_with_another_teacher_trains_it_and_reports_its_metrics():
@@ -191,7 +201,8 @@ def test_removing_a_student_while_its_job_runs_cancels_that_job():
     world.generation = 2
     plan = world.step()
     assert [a.job.name for a in plan.actions if isinstance(a, Cancel)] == [running]
-    assert world.status.stage == "Succeeded"
+    assert world.status.stage == "Exporting"  # the one student left is trained: export the best model
+    assert world.submitted[-1] == world.name(Stage(1, EXPORT))
     assert [j.state for j in world.status.jobs if j.name == running] == ["Cancelling"]
     world.step()  # the backend reports it cancelled: confirmed
     assert [j.state for j in world.status.jobs if j.name == running] == ["Cancelled"]
@@ -207,7 +218,7 @@ def test_two_runs_with_the_same_teacher_ask_for_one_job_and_share_what_they_shar
     assert len(reused) == 4 and "teacher training" in reused[0] and "an earlier run" in reused[0]
     assert [(s.stage, s.generation, s.state) for s in second.status.stages] == [
         (TEACHER, 0, "Reused"), (LABEL, 1, "Reused"), (BALANCE, 1, "Reused"), (STUDENT, 1, "Reused"),
-        (LABEL, 2, "Running"), (BALANCE, 2, "Pending"), (STUDENT, 2, "Pending"),
+        (LABEL, 2, "Running"), (BALANCE, 2, "Pending"), (STUDENT, 2, "Pending"), (EXPORT, 2, "Pending"),
     ]
     assert second.submitted == [second.name(Stage(2, LABEL))]
 
@@ -221,7 +232,7 @@ def test_a_stage_made_by_another_run_is_reported_as_reused_once():
     plan = second.step()
     assert second.status.stage == "Succeeded" and second.submitted == []
     reused = [e.message for e in plan.events if e.reason == reasons.STAGE_REUSED]
-    assert len(reused) == 4 and all("run ml/first" in m for m in reused)
+    assert len(reused) == 5 and all("run ml/first" in m for m in reused)
     assert {s.state for s in second.status.stages} == {"Reused"}
     assert {s.produced_by for s in second.status.stages} == {"ml/first"}
     assert not [e for e in second.step().events if e.reason == reasons.STAGE_REUSED]
@@ -235,7 +246,8 @@ def test_an_edit_says_what_it_keeps_and_what_it_runs_again():
     plan = world.step()
     changes = [e.message for e in plan.events if e.reason == reasons.SPEC_CHANGED]
     assert changes == [
-        "The spec changed: 1 stage(s) to run (student of generation 2); kept teacher training, "
+        "The spec changed: 2 stage(s) to run (student of generation 2, export of the best model); "
+        "kept teacher training, "
         "label of generation 1, balance of generation 1, student of generation 1, label of generation 2, "
         "balance of generation 2."
     ]

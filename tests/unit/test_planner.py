@@ -7,7 +7,7 @@ import pytest
 from noisy_student_operator.api import RunStatus, parse_run
 from noisy_student_operator.core import reasons
 from noisy_student_operator.core.conditions import get_condition, is_true
-from noisy_student_operator.core.layout import BALANCE, LABEL, PREPARE, STUDENT, TEACHER, Stage, job_name
+from noisy_student_operator.core.layout import BALANCE, EXPORT, LABEL, PREPARE, STUDENT, TEACHER, Stage, job_name
 from noisy_student_operator.core.planner import (
     Cancel,
     JobObservation,
@@ -79,8 +79,12 @@ class World:
     def markers(self):
         """What `MarkerReader` sees: the markers under the current keys, the completed prefix."""
         found = {}
-        for stage, key in self.layout.keys.items():
+        keys = self.layout.keys
+        for stage, key in keys.items():
             if key not in self.store:
+                export = list(keys)[-1]  # read after a gap too (generations skipped by stopWhenGainBelow)
+                if keys[export] in self.store:
+                    found[export] = self.store[keys[export]]
                 break
             found[stage] = self.store[key]
         return found
@@ -135,7 +139,14 @@ def test_happy_path_walks_every_stage_and_promotes():
     for kind in (LABEL, BALANCE, STUDENT):
         world.finish(world.name(Stage(2, kind)), Stage(2, kind), top1=0.87)
         plan = world.step()
+    assert world.status.stage == "Exporting" and world.status.generation == 2
+    export = plan.actions[0].request
+    assert export.component == "export" and export.config["generations"] == [
+        world.uri(Stage(g, TEACHER if g == 0 else STUDENT)) + "/" for g in range(3)]
+    world.finish(export.name, Stage(2, EXPORT))
+    world.step()
     assert world.status.stage == "Succeeded"
+    assert world.status.model == world.uri(Stage(2, EXPORT), "model") + "/"
     assert is_true(world.status.conditions, reasons.SUCCEEDED)
     assert is_true(world.status.conditions, reasons.READY)
     assert not is_true(world.status.conditions, reasons.PROGRESSING)
@@ -143,6 +154,7 @@ def test_happy_path_walks_every_stage_and_promotes():
     assert world.submitted == [
         world.name(Stage(0, TEACHER)), world.name(Stage(1, LABEL)), world.name(Stage(1, BALANCE)), world.name(Stage(1, STUDENT)),
         world.name(Stage(2, LABEL)), world.name(Stage(2, BALANCE)), world.name(Stage(2, STUDENT)),
+        world.name(Stage(2, EXPORT)),
     ]
     # Once finished, nothing more happens.
     assert world.step().actions == []
@@ -323,3 +335,53 @@ def test_spec_change_that_keeps_the_key_retries_the_same_stage_as_a_new_attempt(
     world.generation = 2
     plan = world.step()
     assert [a.request.name for a in plan.actions] == [world.name(Stage(0, TEACHER), 1)]
+
+
+def run_through(world, top1):
+    """Finish each submitted job at once; a training stage of generation g reports `top1[g]`."""
+    for _ in range(40):
+        plan = world.step()
+        if world.status.stage == "Succeeded":
+            return plan
+        for action in plan.actions:
+            stage = action.request.stage
+            world.finish(action.request.name, stage, top1=top1.get(stage.generation))
+    raise AssertionError(f"the run did not finish: {world.status.stage}")
+
+
+def test_stop_when_gain_below_skips_the_later_generations_and_exports():
+    world = World(make_run(students=4, stopWhenGainBelow=0.01))
+    events = []
+    top1 = {0: 0.80, 1: 0.85, 2: 0.855, 3: 0.90, 4: 0.95}  # generation 2 gains 0.005 < 0.01
+    for _ in range(40):
+        plan = world.step()
+        events += plan.events
+        if world.status.stage == "Succeeded":
+            break
+        for action in plan.actions:
+            stage = action.request.stage
+            world.finish(action.request.name, stage, top1=top1.get(stage.generation))
+    assert world.status.stage == "Succeeded" and world.status.stopped_after == 2
+    assert [g.generation for g in world.status.generations] == [0, 1, 2]
+    assert not [g for g in (3, 4) for k in (LABEL, BALANCE, STUDENT) if world.name(Stage(g, k)) in world.submitted]
+    assert world.submitted[-1] == world.name(Stage(4, EXPORT))  # the export still runs
+    states = {(s.stage, s.generation): s.state for s in world.status.stages}
+    for generation in (3, 4):
+        for kind in (LABEL, BALANCE, STUDENT):
+            assert states[(kind, generation)] == "Skipped"
+    assert states[(EXPORT, 4)] == "Complete" and states[(STUDENT, 2)] == "Complete"
+    stopped = [e for e in events if e.reason == reasons.STOPPED_EARLY]
+    assert len(stopped) == 1 and "generation 2 gained +0.0050" in stopped[0].message
+    assert "stopWhenGainBelow (0.01)" in stopped[0].message and "generations 3 to 4" in stopped[0].message
+    succeeded = get_condition(world.status.conditions, reasons.SUCCEEDED)
+    assert succeeded.status == "True" and "Stopped after generation 2" in succeeded.message
+    assert not is_true(world.status.conditions, reasons.FAILED)
+    assert world.step().actions == [] and not [e for e in world.step().events if e.reason == reasons.STOPPED_EARLY]
+
+
+def test_gain_at_or_above_the_threshold_trains_every_generation():
+    world = World(make_run(students=2, stopWhenGainBelow=0.01))
+    run_through(world, {0: 0.80, 1: 0.81, 2: 0.815})  # the last student's gain does not matter
+    assert world.status.stopped_after is None
+    assert [g.generation for g in world.status.generations] == [0, 1, 2]
+    assert {s.state for s in world.status.stages} == {"Complete"}

@@ -256,3 +256,26 @@ def prepare(
     if not test_split:
         args.append("--no-test-split")
     return _python_app(name, "prepare", args, image, cpu, memMB, env)
+
+
+def export(
+    config: str,
+    image: str,
+    cpu: int = 1,
+    memMB: int = 4096,
+    env: dict[str, str] | None = None,
+    name: str = "export",
+) -> specs.AppDef:
+    """Export the best generation of a run in timm's folder layout (config.json, model.safetensors, README.md).
+
+    Args:
+        config: the export config, inline JSON or the URI of a JSON file
+        image: container image (for local_cwd: the working directory)
+        cpu: CPUs
+        memMB: memory in MB
+        env: extra environment variables
+        name: job name
+    """
+    return _python_app(
+        name, "export", ["-m", "noisy_student_workloads.export", "--config", config], image, cpu, memMB, env
+    )

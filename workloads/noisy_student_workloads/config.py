@@ -147,6 +147,20 @@ class LabelConfig(_Strict):
     output: str = Field(min_length=1)
 
 
+class ExportConfig(_Strict):
+    """Config of ``noisy_student_workloads.export``: every generation's training output, in order."""
+
+    generations: list[str] = Field(min_length=1, description="teacher, then each student: stage output prefixes")
+    labels: list[str] = Field(default_factory=list, description="label stage prefixes of generations 1..N")
+    balances: list[str] = Field(default_factory=list, description="balance stage prefixes of generations 1..N")
+    stop_when_gain_below: float | None = Field(None, ge=0, le=1)
+    validation: str = Field(min_length=1)
+    unlabeled: str = Field(min_length=1)
+    num_classes: int = Field(ge=2)
+    recipe: dict[str, Any] = Field(default_factory=dict, description="the spec's training recipe, for the card")
+    output: str = Field(min_length=1)
+
+
 class BalanceConfig(_Strict):
     """Config of ``noisy_student_workloads.balance``."""
 

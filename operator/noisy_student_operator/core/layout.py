@@ -11,6 +11,7 @@ belongs to the run::
       stages/label/<key>/{part-00000-00000.npz, ..., stats-00000.json, part-00000.done.json, ..., _DONE.json}
       stages/balance/<key>/{manifest.npz, thresholds.json, _DONE.json}
       stages/student/<key>/{checkpoint.pt, checkpoints/epoch-*.pt, metrics.json, _DONE.json}
+      stages/export/<key>/{model/{config.json, model.safetensors, README.md}, report.html, _DONE.json}
       <run>/{stages.json, status.json, spec.json, top1.png}   (local runner)
 """
 
@@ -36,6 +37,7 @@ TEACHER = "teacher"
 LABEL = "label"
 BALANCE = "balance"
 STUDENT = "student"
+EXPORT = "export"
 
 #: The `status.stage` summary shown while a stage of each kind runs.
 STAGE_SUMMARY = {
@@ -44,6 +46,7 @@ STAGE_SUMMARY = {
     LABEL: "Labeling",
     BALANCE: "Balancing",
     STUDENT: "Training",
+    EXPORT: "Exporting",
 }
 
 @dataclass(frozen=True, order=True)
@@ -62,6 +65,8 @@ class Stage:
             return "data preparation"
         if self.kind == TEACHER:
             return "teacher training"
+        if self.kind == EXPORT:
+            return "export of the best model"
         return f"{self.kind} of generation {self.generation}"
 
 
@@ -71,6 +76,8 @@ def plan_stages(spec: RunSpec) -> list[Stage]:
     stages.append(Stage(0, TEACHER))
     for generation in range(1, len(spec.students) + 1):
         stages += [Stage(generation, LABEL), Stage(generation, BALANCE), Stage(generation, STUDENT)]
+    # Last: the best generation in timm's folder layout, with the run's report.
+    stages.append(Stage(len(spec.students), EXPORT))
     return stages
 
 
@@ -118,6 +125,10 @@ class RunLayout:
 
     def marker_uri(self, stage: Stage) -> str:
         return self.stage_uri(stage, MARKER)
+
+    def model_uri(self, spec: RunSpec) -> str:
+        """The exported model folder (timm layout) of the export stage."""
+        return self.stage_uri(Stage(len(spec.students), EXPORT), "model") + "/"
 
     def checkpoint_uri(self, generation: int) -> str:
         kind = TEACHER if generation == 0 else STUDENT

@@ -33,6 +33,9 @@ Rules it follows:
   failure) once the cancelled one has stopped.
 * A Failed run stays Failed until its spec changes (`metadata.generation`);
   then the failed stage is tried again with a fresh retry budget.
+* With `spec.stopWhenGainBelow`, once a student gains less top-1 than that
+  over its teacher, the later generations' stages are Skipped (not failed)
+  and the run goes on to its last stage, the export of the best model.
 """
 
 from __future__ import annotations
@@ -47,7 +50,7 @@ from typing import Any
 from ..api import GenerationStatus, JobStatus, RunSpec, RunStatus, StageStatus
 from . import reasons
 from .conditions import is_true, set_condition
-from .layout import BALANCE, STAGE_SUMMARY, STUDENT, RunLayout, Stage, plan_stages
+from .layout import BALANCE, EXPORT, STAGE_SUMMARY, STUDENT, RunLayout, Stage, plan_stages
 from .render import JobRequest, render_job
 
 
@@ -170,6 +173,28 @@ def backoff_delay(spec: RunSpec, failures: int) -> float:
     return float(min(retry.backoff_seconds * 2 ** (failures - 1), retry.max_backoff_seconds))
 
 
+def plan_stop(spec: RunSpec, generations: Mapping[int, GenerationStatus], generation: int) -> str | None:
+    """Why the run stops after the student of `generation` (`spec.stopWhenGainBelow`); None to go on.
+
+    The export workload applies the same rule to choose among the generations it exports from.
+    """
+    threshold = spec.stop_when_gain_below
+    student, teacher = generations.get(generation), generations.get(generation - 1)
+    if threshold is None or generation < 1 or generation >= len(spec.students) or not (student and teacher):
+        return None
+    if student.top1 is None or teacher.top1 is None:
+        return None
+    gain = student.top1 - teacher.top1
+    if gain >= threshold:
+        return None
+    return (
+        f"The student of generation {generation} gained {gain:+.4f} top-1 over its teacher "
+        f"({teacher.top1:.4f} to {student.top1:.4f}), less than spec.stopWhenGainBelow ({threshold:g}); "
+        + (f"generations {generation + 1} to {len(spec.students)} are skipped."
+           if generation + 1 < len(spec.students) else f"generation {generation + 1} is skipped.")
+    )
+
+
 def _generation_from_marker(
     spec: RunSpec,
     layout: RunLayout,
@@ -209,6 +234,8 @@ class _Pass:
         self.reported = {s.key for s in previous.stages if s.state in ("Complete", "Reused")}
         self.generations: dict[int, GenerationStatus] = {}
         self.stages: dict[Stage, StageStatus] = {}
+        self.stopped_after: int | None = None
+        self.model: str | None = None
         self.conditions = list(previous.conditions)
         self.events: list[Event] = []
         self.actions: list[Submit | Cancel] = []
@@ -454,11 +481,19 @@ class _Pass:
             reasons.RUN_SUSPENDED if state == "Suspended" else reasons.NOT_SUSPENDED,
             detail if state == "Suspended" else "The run is not suspended.")
 
+    def skipped(self, stage: Stage) -> bool:
+        """A stage of a generation after the one the run stopped at (the export still runs)."""
+        return self.stopped_after is not None and stage.generation > self.stopped_after and stage.kind != EXPORT
+
     def stage_statuses(self) -> list[StageStatus]:
         out = []
         for stage in plan_stages(self.spec):
             if stage in self.stages:
                 out.append(self.stages[stage])
+                continue
+            if self.skipped(stage):
+                out.append(StageStatus(stage=stage.kind, generation=stage.generation,
+                                       key=self.layout.key(stage), state="Skipped"))
                 continue
             active = any(j.state in ACTIVE_STATES for j in self.records(stage))
             out.append(StageStatus(stage=stage.kind, generation=stage.generation,
@@ -474,6 +509,8 @@ class _Pass:
             stage=stage_summary,
             teacher_top1=teacher.top1 if teacher else None,
             artifacts=self.layout.prefix + "/",
+            model=self.model,
+            stopped_after=self.stopped_after,
             next_retry_at=self.next_retry_at,
             jobs=self.jobs[-50:],
             generations=generations,
@@ -513,18 +550,32 @@ def plan_run(run: RunRef, observation: Observation) -> Plan:
     work.report_spec_change()
     work.cancel_orphans()
     current: Stage | None = None
+    stop_reason: str | None = None
     for stage in plan_stages(run.spec):
+        if work.skipped(stage):
+            continue
         marker = observation.markers.get(stage)
         if marker is not None and work.complete(stage, marker):
+            if stage.kind == EXPORT:
+                work.model = work.layout.model_uri(run.spec)
+            elif stage.kind == STUDENT:
+                stop_reason = plan_stop(run.spec, work.generations, stage.generation)
+                if stop_reason is not None:
+                    work.stopped_after = stage.generation
             continue
         current = stage
         break
+    if stop_reason is not None and run.status.stopped_after is None:
+        work.event("Normal", reasons.STOPPED_EARLY, stop_reason)
 
     if current is None:
-        last = len(run.spec.students)
-        work.conditions_for("Succeeded", None, f"All {last} student generations are trained.")
+        last = max(work.generations, default=0)
+        detail = f"All {last} student generations are trained and the best model is exported."
+        if stop_reason is not None:
+            detail = f"Stopped after generation {last}. {stop_reason}"
+        work.conditions_for("Succeeded", None, detail)
         if not is_true(run.status.conditions, reasons.SUCCEEDED):
-            work.event("Normal", reasons.RUN_SUCCEEDED, "The run has trained every generation.")
+            work.event("Normal", reasons.RUN_SUCCEEDED, f"The run has ended; the best model is {work.model}.")
         return Plan(work.status("Succeeded", last), work.actions, work.events)
 
     failure = work.drive(current)
@@ -539,8 +590,9 @@ def plan_run(run: RunRef, observation: Observation) -> Plan:
     if work.next_retry_at is not None:
         detail = f"Waiting to retry {current.describe()}."
     work.conditions_for("Running", current, detail)
+    generation = max(work.generations, default=0) if current.kind == EXPORT else current.generation
     return Plan(
-        work.status(STAGE_SUMMARY[current.kind], current.generation),
+        work.status(STAGE_SUMMARY[current.kind], generation),
         work.actions,
         work.events,
         work.requeue_after,

@@ -14,7 +14,7 @@ from typing import Any
 
 from ..api import PlacementFields, RunSpec
 from .keys import stage_keys
-from .layout import BALANCE, LABEL, PREPARE, STUDENT, TEACHER, RunLayout, Stage, job_name, stage_root
+from .layout import BALANCE, EXPORT, LABEL, PREPARE, STUDENT, TEACHER, RunLayout, Stage, job_name, stage_root
 
 
 @dataclass(frozen=True)
@@ -111,6 +111,26 @@ def render_balance_config(spec: RunSpec, layout: RunLayout, generation: int) -> 
     }
 
 
+def render_export_config(spec: RunSpec, layout: RunLayout) -> dict[str, Any]:
+    """The export stage: every generation's training output, in order, and what the report shows."""
+    urls = layout.data_urls(spec)
+    students = range(1, len(spec.students) + 1)
+    return {
+        "generations": [layout.stage_uri(Stage(0, TEACHER)) + "/"]
+        + [layout.stage_uri(Stage(g, STUDENT)) + "/" for g in students],
+        "labels": [layout.stage_uri(Stage(g, LABEL)) + "/" for g in students],
+        "balances": [layout.stage_uri(Stage(g, BALANCE)) + "/" for g in students],
+        "stop_when_gain_below": spec.stop_when_gain_below,
+        "validation": urls["validation"],
+        "unlabeled": urls["unlabeled"],
+        "num_classes": spec.data.num_classes,
+        "recipe": spec.model_dump(
+            mode="json", by_alias=True, include={"noise", "pseudo_labels", "training", "teacher", "students"}
+        ),
+        "output": layout.stage_uri(Stage(len(spec.students), EXPORT)) + "/",
+    }
+
+
 def _replica_args(spec: RunSpec, kind: str) -> dict[str, Any]:
     resources = spec.resources.for_stage(kind)
     args = {"image": spec.resources.image, "cpu": resources.cpu, "memMB": resources.memory_mi_b}
@@ -180,4 +200,6 @@ def _render_job(
         return JobRequest(name, stage, attempt, "label", args, render_label_config(spec, layout, stage.generation))
     if stage.kind == BALANCE:
         return JobRequest(name, stage, attempt, "balance", args, render_balance_config(spec, layout, stage.generation))
+    if stage.kind == EXPORT:
+        return JobRequest(name, stage, attempt, "export", args, render_export_config(spec, layout))
     raise ValueError(f"unknown stage kind {stage.kind!r}")
