@@ -20,7 +20,7 @@ import yaml
 
 from noisy_student_operator.api import RunSpec
 from noisy_student_operator.backend import JobContext, patch_volcano_job, render_app
-from noisy_student_operator.core.layout import BALANCE, LABEL, PREPARE, STUDENT, TEACHER, Stage, plan_stages
+from noisy_student_operator.core.layout import BALANCE, EXPORT, LABEL, PREPARE, STUDENT, TEACHER, Stage, plan_stages
 from noisy_student_operator.core.render import render_job, run_layout
 
 BASE = {
@@ -90,7 +90,7 @@ def containers(job: dict[str, Any]) -> list[dict[str, Any]]:
 def test_memory_is_requested_as_asked_in_mib_with_guaranteed_qos():
     """`memoryMiB: 1024` was rendered as a `1024M` limit and a `0M` request (TorchX keeps a reserve)."""
     jobs = render_jobs({**BASE, "resources": {"memoryMiB": 1024, "cpu": 3}})
-    assert set(jobs) == {TEACHER, LABEL, BALANCE, STUDENT}
+    assert set(jobs) == {TEACHER, LABEL, BALANCE, STUDENT, EXPORT}
     for kind, job in jobs.items():
         for container in containers(job):
             resources = container["resources"]

@@ -7,7 +7,7 @@ teacher ends the run), and exports the generation with the best validation
 top-1 (the earlier one on a tie) with ``timm.models.save_for_hf``::
 
     <output>/model/config.json        architecture, num_classes, pretrained_cfg (input size, mean/std)
-    <output>/model/model.safetensors  the weights of the final checkpoint
+    <output>/model/model.safetensors  the final checkpoint's weights (its EMA weights when it has them)
     <output>/model/README.md          a model card: generations, data, recipe, stage keys
     <output>/_DONE.json               last
 
@@ -141,8 +141,9 @@ def save_timm_folder(checkpoint: str, folder: str, card: str, digests: dict[str,
         "std": tuple(meta["std"]),
     }
     with tempfile.TemporaryDirectory() as tmp:
-        save_for_hf(model, tmp, model_args={"num_classes": int(meta["num_classes"])},
-                    safe_serialization=True, data_config=data_config)
+        # model_args rebuild the same architecture (e.g. output_stride) in timm.create_model.
+        model_args = {**dict(meta.get("model_args") or {}), "num_classes": int(meta["num_classes"])}
+        save_for_hf(model, tmp, model_args=model_args, safe_serialization=True, data_config=data_config)
         Path(tmp, "README.md").write_text(card)
         return [put(join_uri(folder, p.name), p.read_bytes(), digests) for p in sorted(Path(tmp).iterdir())]
 
