@@ -813,6 +813,21 @@ class StageStatus(ApiModel):
     )
 
 
+class ProgressStatus(ApiModel):
+    """Progress of the training stage in progress, as its workload last wrote it (every few seconds)."""
+
+    stage: str = Field(description="teacher or student.")
+    generation: int = Field(description="0 = teacher, k = k-th student.")
+    epoch: float = Field(description="Epochs done, fractional (2.5 = half of the third epoch).")
+    epochs: int = Field(description="Epochs of the stage.")
+    percent: int = Field(description="Percent of the stage's epochs done.")
+    images_per_second: float | None = Field(default=None, description="Training throughput, all processes.")
+    eta_seconds: int | None = Field(default=None, description="Estimated seconds until the stage ends.")
+    eta: str | None = Field(default=None, description="`eta_seconds` for people, e.g. `4m12s`.")
+    top1: float | None = Field(default=None, description="Latest validation top-1 of the model in training.")
+    updated_at: datetime | None = Field(default=None, description="When the workload wrote it.")
+
+
 class RunStatus(ApiModel):
     """Observed state of a Noisy Student run."""
 
@@ -831,6 +846,9 @@ class RunStatus(ApiModel):
     stopped_after: int | None = Field(
         default=None,
         description="The generation after which the run stopped early (`spec.stopWhenGainBelow`).",
+    )
+    progress: ProgressStatus | None = Field(
+        default=None, description="Epochs, images/s, ETA and latest top-1 of the training stage in progress."
     )
     next_retry_at: datetime | None = Field(default=None, description="When a failed stage is retried.")
     jobs: list[JobStatus] = Field(default_factory=list, description="Submitted jobs.")

@@ -4,6 +4,7 @@
     noisy-student status RUN.yaml [--artifacts URI] [--output text|json]
     noisy-student export RUN.yaml --generation N --output DIR [--artifacts URI]
     noisy-student predict MODEL_FOLDER|RUN.yaml IMAGE... [--topk K] [--output text|json]
+    noisy-student report RUN.yaml [--artifacts URI] [--rebuild] [--no-open]
     noisy-student gc [RUN.yaml ...] [--artifacts URI] [--yes]
     noisy-student crd
     noisy-student operator [--namespace NS ... | --all-namespaces]
@@ -49,6 +50,11 @@ def build_parser() -> argparse.ArgumentParser:
     predict.add_argument("--topk", "-k", type=int, default=5, help="classes per image")
     predict.add_argument("--artifacts", help="with a run file: replaces spec.artifacts.uri")
     predict.add_argument("--output", "-o", choices=("text", "json"), default="text")
+    report = sub.add_parser("report", help="open (or rebuild) the run's report.html")
+    report.add_argument("file", help="the run file")
+    report.add_argument("--artifacts", help="artifact prefix URI or directory, replacing spec.artifacts.uri")
+    report.add_argument("--rebuild", action="store_true", help="build it again from the stages' outputs")
+    report.add_argument("--no-open", action="store_true", help="print where it is; do not open a browser")
     gc = sub.add_parser("gc", help="list (and with --yes delete) stage outputs that no live run references")
     gc.add_argument("files", nargs="*", help="the live runs' files; none: every run in the API server")
     gc.add_argument("--artifacts", help="artifact prefix URI or directory, replacing each file's spec.artifacts.uri")
@@ -106,6 +112,7 @@ def cmd_run(args: argparse.Namespace, console: Console) -> int:
     else:
         Console().print(render_table(status))
         console.print(f"Plot: {runner.layout.prefix}/top1.png   Status: {runner.layout.status_uri}")
+        console.print(f"Model: {status.model}   Report: {runner.layout.prefix}/report.html")
     return 0
 
 
@@ -192,6 +199,33 @@ def cmd_export(args: argparse.Namespace, console: Console) -> int:
     return 0
 
 
+def cmd_report(args: argparse.Namespace, console: Console) -> int:
+    from noisy_student_workloads import export
+    from noisy_student_workloads.config import ConfigError
+    from noisy_student_workloads.report import REPORT_FILE
+    from noisy_student_workloads.store import join_uri, open_store
+
+    from .local import with_artifacts
+
+    run = with_artifacts(load_run_file(args.file), args.artifacts)
+    layout, cfg = _export_config(run)
+    uri = join_uri(layout.prefix, REPORT_FILE)
+    if args.rebuild or not open_store(uri).exists(uri):
+        try:
+            trained, stopped_after = export.trained_generations(cfg)
+        except ConfigError as error:
+            console.print(f"[red]error[/red]: no report: {error}")
+            return 2
+        uri = export.write_report(cfg, trained, export.best(trained).generation, stopped_after, stage=False,
+                                  title=f"{run.metadata.namespace}/{run.metadata.name}")
+    print(uri)
+    if not args.no_open and uri.startswith("file://"):
+        import webbrowser
+
+        webbrowser.open(uri)
+    return 0
+
+
 def cmd_predict(args: argparse.Namespace, console: Console) -> int:
     from rich.table import Table
 
@@ -257,6 +291,8 @@ def main(argv: list[str] | None = None) -> int:
             return cmd_status(args, console)
         if args.command == "export":
             return cmd_export(args, console)
+        if args.command == "report":
+            return cmd_report(args, console)
         if args.command == "predict":
             return cmd_predict(args, console)
         if args.command == "gc":

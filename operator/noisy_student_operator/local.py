@@ -19,10 +19,10 @@ from pathlib import Path
 from typing import Any
 
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from noisy_student_workloads.store import ArtifactStore, join_uri, open_store
+from noisy_student_workloads.store import join_uri, open_store
 
 from .api import NoisyStudentRun, RunStatus, validate_tolerant
 from .backend import JobContext, TorchXJobBackend, default_local_root
@@ -72,19 +72,17 @@ def local_root(layout: RunLayout) -> Path:
 
 
 class RunProgress:
-    """One progress bar per stage; training stages count epochs."""
+    """One progress bar per stage; training stages count epochs (with images/s, ETA and top-1)."""
 
-    def __init__(self, console: Console, store: ArtifactStore, layout: RunLayout, run: NoisyStudentRun):
+    def __init__(self, console: Console, run: NoisyStudentRun):
         self.progress = Progress(
             TextColumn("{task.description:<34}"),
             BarColumn(),
-            MofNCompleteColumn(),
+            TextColumn("{task.completed:.1f}/{task.total:.0f}"),
             TimeElapsedColumn(),
             TextColumn("{task.fields[note]}"),
             console=console,
         )
-        self.store = store
-        self.layout = layout
         self.spec = run.spec
         self.tasks: dict[Stage, Any] = {}
 
@@ -113,20 +111,15 @@ class RunProgress:
             if stage in done:
                 self.progress.update(task, completed=total, note="done")
                 continue
-            note = ""
-            completed = 0
-            if stage.is_training:
-                progress = self._read_progress(stage)
-                completed = int(progress.get("epoch", 0))
-                if progress.get("top1") is not None:
-                    note = f"top-1 {progress['top1']:.3f}"
-            self.progress.update(task, completed=completed, note=note)
-
-    def _read_progress(self, stage: Stage) -> dict[str, Any]:
-        try:
-            return self.store.get_json(self.layout.stage_uri(stage, "progress.json"))
-        except (FileNotFoundError, ValueError):
-            return {}
+            progress = status.progress
+            if progress is None or (progress.stage, progress.generation) != (stage.kind, stage.generation):
+                self.progress.update(task, completed=0, note="")
+                continue
+            # The same progress as `status.progress` (and `kubectl get nsr`): epochs, images/s, ETA, top-1.
+            note = [f"{progress.images_per_second:.0f} img/s" if progress.images_per_second else "",
+                    f"ETA {progress.eta}" if progress.eta else "",
+                    f"top-1 {progress.top1:.3f}" if progress.top1 is not None else ""]
+            self.progress.update(task, completed=progress.epoch, note="  ".join(n for n in note if n))
 
 
 class StatusFile:
@@ -204,7 +197,7 @@ class LocalRunner:
         status = self.status_file.load()
         if status.jobs:
             self.console.print(f"Resuming {self.run.metadata.name} from {self.layout.status_uri}")
-        with RunProgress(self.console, self.store, self.layout, self.run) as progress:
+        with RunProgress(self.console, self.run) as progress:
             try:
                 while True:
                     plan = self.reconciler.reconcile(self.ref(status), self.context)

@@ -24,9 +24,10 @@ from typing import Any
 from noisy_student_workloads.store import ArtifactStore, open_store
 
 from .backend import JobBackend, JobContext
-from .core.layout import Stage, plan_stages
+from .core.layout import PROGRESS_FILE, Stage, plan_stages
 from .core import reasons
 from .core.planner import (
+    ACTIVE_STATES,
     LIVE_STATES,
     Cancel,
     Event,
@@ -152,7 +153,24 @@ class Reconciler:
             markers = self.markers.read(run)
         except Exception as error:
             raise ArtifactStoreError(f"reading completion markers under {run.layout.root} failed: {error}") from error
-        return Observation(now=self.clock(), jobs=self.backend.observe(live, context), markers=markers)
+        return Observation(now=self.clock(), jobs=self.backend.observe(live, context), markers=markers,
+                           progress=self.read_progress(run, markers))
+
+    def read_progress(self, run: RunRef, markers: Mapping[Stage, Any]) -> dict[Stage, Mapping[str, Any]]:
+        """`progress.json` of the training stage whose job runs, if any (never fails the pass)."""
+        stage = next((s for s in plan_stages(run.spec) if s not in markers), None)
+        if stage is None or not stage.is_training:
+            return {}
+        key = run.layout.key(stage)
+        if not any(j.key == key and j.stage == stage.kind and j.state in ACTIVE_STATES for j in run.status.jobs):
+            return {}
+        uri = run.layout.stage_uri(stage, PROGRESS_FILE)
+        try:
+            store = self.markers.store_for(uri)
+            return {stage: store.get_json(uri)} if store.exists(uri) else {}
+        except Exception as error:  # progress is a nicety: a pass never fails for it
+            log.debug("cannot read %s: %s", uri, error)
+            return {}
 
     def reconcile(self, run: RunRef, context: JobContext) -> Plan:
         observation = self.observe(run, context)

@@ -1,17 +1,21 @@
-"""What a run gives its user, end to end on real local_cwd jobs: the exported model, predictions, early stop.
+"""What a run gives its user, end to end on real local_cwd jobs: the exported model, predictions, early stop,
+live progress.
 
-One tiny run (digits, 1-epoch test_resnet models, two students) with
+One tiny run (digits, test_resnet models, two students) with
 `stopWhenGainBelow: 1.0` — no student gains a whole 100 % — stops after the
 first student, skips the second, and exports the better of teacher and student.
+Its status file is read while it runs: the teacher's progress advances.
 """
 
 import json
+import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
 import pytest
-from test_local_runner import run_cli, stage_dir, tiny_run, write
+from test_local_runner import CLI, run_cli, stage_dir, tiny_run, write
 
 pytestmark = pytest.mark.e2e
 
@@ -38,15 +42,47 @@ def top1_of_folder(folder: Path, validation: str) -> float:
 @pytest.fixture(scope="module")
 def stopped_run(tmp_path_factory):
     tmp_path = tmp_path_factory.mktemp("export")
-    run_file = write(tmp_path, tiny_run("tiny", students=2, stopWhenGainBelow=1.0))
+    document = tiny_run("tiny", students=2, stopWhenGainBelow=1.0)
+    document["spec"]["teacher"]["epochs"] = 4  # long enough to be seen running: 4 epochs of 1,000 images
+    document["spec"]["data"]["prepare"]["labelsPerClass"] = 100
+    # Hard labels: a teacher trained for several epochs here gets a balance manifest with all-zero soft
+    # distributions on some rows (a balance defect, reported apart), which turns a soft-label student's loss NaN.
+    document["spec"]["pseudoLabels"] = {"type": "hard"}
+    run_file = write(tmp_path, document)
     artifacts = tmp_path / "artifacts"
-    result = run_cli("run", str(run_file), "--artifacts", str(artifacts), "--output", "json")
-    assert result.returncode == 0, result.stderr[-4000:]
-    return tmp_path, run_file, artifacts, json.loads(result.stdout), result.stderr
+    status_file = artifacts / "default" / "tiny" / "status.json"
+    process = subprocess.Popen([*CLI, "run", str(run_file), "--artifacts", str(artifacts), "--output", "json"],
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    seen = []  # every distinct status.progress while the run runs
+    deadline = time.monotonic() + 900
+    while process.poll() is None and time.monotonic() < deadline:
+        try:
+            progress = json.loads(status_file.read_text()).get("progress")
+        except (FileNotFoundError, json.JSONDecodeError):  # not written yet
+            progress = None
+        if progress and (not seen or progress != seen[-1]):
+            seen.append(progress)
+        time.sleep(0.2)
+    stdout, stderr = process.communicate(timeout=60)
+    assert process.returncode == 0, stderr[-4000:]
+    return tmp_path, run_file, artifacts, json.loads(stdout), stderr, seen
+
+
+def test_status_progress_advances_while_the_teacher_trains(stopped_run):
+    *_, status, _, seen = stopped_run
+    teacher = [p for p in seen if p["stage"] == "teacher"]
+    assert len(teacher) >= 2, seen
+    epochs = [p["epoch"] for p in teacher]
+    assert epochs == sorted(epochs) and epochs[-1] > epochs[0]
+    assert all(p["epochs"] == 4 and 0 <= p["percent"] <= 100 for p in teacher)
+    assert any(p.get("imagesPerSecond", 0) > 0 for p in teacher)
+    assert any(p.get("eta") and p.get("etaSeconds") is not None for p in teacher)
+    assert any(p.get("top1") is not None for p in teacher)  # after the first epoch's validation
+    assert "progress" not in status  # the run has ended: nothing in progress
 
 
 def test_the_run_stops_early_skips_the_rest_and_says_why(stopped_run):
-    _, _, _, status, log = stopped_run
+    _, _, _, status, log, _ = stopped_run
     assert status["stage"] == "Succeeded" and status["stoppedAfter"] == 1
     assert [g["generation"] for g in status["generations"]] == [0, 1]
     states = {(s["stage"], s["generation"]): s["state"] for s in status["stages"]}
@@ -58,7 +94,7 @@ def test_the_run_stops_early_skips_the_rest_and_says_why(stopped_run):
 
 
 def test_the_exported_folder_loads_with_timm_and_scores_what_the_workload_reported(stopped_run):
-    _, _, artifacts, status, _ = stopped_run
+    _, _, artifacts, status, _, _ = stopped_run
     folder = Path(status["model"].removeprefix("file://"))
     assert sorted(p.name for p in folder.iterdir()) == ["README.md", "config.json", "model.safetensors"]
     config = json.loads((folder / "config.json").read_text())
@@ -78,7 +114,7 @@ def test_the_exported_folder_loads_with_timm_and_scores_what_the_workload_report
 def test_export_of_any_generation_and_predict_on_pngs(stopped_run):
     from noisy_student_workloads.shards import encode_png, load_shards
 
-    tmp_path, run_file, artifacts, status, _ = stopped_run
+    tmp_path, run_file, artifacts, status, _, _ = stopped_run
     out = tmp_path / "teacher-model"
     result = run_cli("export", str(run_file), "--generation", "0", "--output", str(out), "--artifacts", str(artifacts))
     assert result.returncode == 0, result.stderr
@@ -110,3 +146,44 @@ def test_export_of_any_generation_and_predict_on_pngs(stopped_run):
 
 if __name__ == "__main__":
     sys.exit(pytest.main([__file__, "-v"]))
+
+
+def test_the_report_renders_in_a_headless_browser_with_every_section(stopped_run):
+    import shutil
+
+    from PIL import Image
+
+    from noisy_student_workloads.report import SECTIONS
+
+    tmp_path, run_file, artifacts, status, _, _ = stopped_run
+    report = artifacts / "default" / "tiny" / "report.html"  # next to the run's own files
+    page = report.read_text()
+    for section in SECTIONS:
+        assert f'<section id="{section}">' in page, section
+    assert "<script" not in page.lower() and 'src="http' not in page  # self-contained
+    assert page.count('src="data:image/png;base64,') == 4  # curves, g1's pseudo labels, confusion, g1's accuracy
+    assert "pseudo labels are right" in page  # prepared data keeps the unlabeled images' classes aside
+    export_dir = Path(status["model"].removeprefix("file://")).parent
+    assert (export_dir / "report.html").read_text() == page
+
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(export_dir / "tensorboard" / "generation-0")).Reload()
+    assert [s.step for s in events.Scalars("train/loss")] == [1, 2, 3, 4]  # the teacher's epochs
+    assert len(EventAccumulator(str(export_dir / "tensorboard" / "run")).Reload().Scalars("generation/top1")) == 2
+
+    rebuilt = run_cli("report", str(run_file), "--artifacts", str(artifacts), "--rebuild", "--no-open")
+    assert rebuilt.returncode == 0, rebuilt.stderr
+    assert rebuilt.stdout.strip() == report.as_uri() and "<h1>default/tiny</h1>" in report.read_text()
+
+    chromium = shutil.which("chromium")
+    if chromium is None:
+        pytest.skip("Debian's chromium is not installed (scripts/test installs it as root)")
+    shot = tmp_path / "report.png"
+    subprocess.run([chromium, "--headless", "--no-sandbox", "--disable-gpu", "--hide-scrollbars",
+                    "--window-size=1200,3000", f"--screenshot={shot}", report.as_uri()],
+                   capture_output=True, timeout=120, check=True)
+    image = np.asarray(Image.open(shot).convert("L"))
+    assert image.shape == (3000, 1200)
+    ink = image < 128  # text, table rules, plots
+    assert ink.mean() > 0.01 and ink[:1500].any(axis=1).sum() > 300  # rendered content, not a blank page

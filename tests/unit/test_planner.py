@@ -385,3 +385,22 @@ def test_gain_at_or_above_the_threshold_trains_every_generation():
     assert world.status.stopped_after is None
     assert [g.generation for g in world.status.generations] == [0, 1, 2]
     assert {s.state for s in world.status.stages} == {"Complete"}
+
+
+def test_status_carries_the_progress_of_the_running_training_stage():
+    world = World(make_run(students=1))
+    world.step()  # the teacher's job runs
+    teacher = Stage(0, TEACHER)
+    written = {"epoch": 2.5, "epochs": 10, "images_per_second": 812.4, "eta_seconds": 252, "top1": 0.61,
+               "updated": "2026-01-01T00:00:05+00:00"}
+    run = RunRef("demo", "ml", world.spec, world.status, world.generation)
+    plan = plan_run(run, Observation(world.now, dict(world.jobs), world.markers(), progress={teacher: written}))
+    progress = plan.status.progress
+    assert (progress.stage, progress.generation, progress.epoch, progress.epochs) == (TEACHER, 0, 2.5, 10)
+    assert (progress.percent, progress.eta, progress.images_per_second, progress.top1) == (25, "4m12s", 812.4, 0.61)
+    assert plan.status.to_api()["progress"]["etaSeconds"] == 252
+    # Once the stage is complete, the next stage (labeling) has no epochs: no progress.
+    world.finish(world.name(teacher), teacher, top1=0.7)
+    plan = plan_run(RunRef("demo", "ml", world.spec, plan.status, world.generation),
+                    Observation(world.now, dict(world.jobs), world.markers(), progress={teacher: written}))
+    assert plan.status.stage == "Labeling" and plan.status.progress is None

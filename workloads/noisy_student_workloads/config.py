@@ -158,6 +158,7 @@ class ExportConfig(_Strict):
     unlabeled: str = Field(min_length=1)
     num_classes: int = Field(ge=2)
     recipe: dict[str, Any] = Field(default_factory=dict, description="the spec's training recipe, for the card")
+    run_prefix: str | None = Field(None, description="the run's own prefix: a copy of report.html goes there")
     output: str = Field(min_length=1)
 
 

@@ -17,7 +17,8 @@ at the test images. Packing is deterministic for a given seed: per class, a
 seeded permutation gives first the validation images (the validation size
 is spread over classes in proportion to their size), then
 ``labels_per_class`` labeled images, and the rest become unlabeled (their
-labels are dropped). The output prefix receives ``labeled-%06d.tar``,
+labels are dropped from the shards and kept aside in ``unlabeled-truth.npz``
+for the run's report). The output prefix receives ``labeled-%06d.tar``,
 ``unlabeled-%06d.tar``, ``validation-%06d.tar``, ``test-%06d.tar`` (sources
 with a test split), ``dataset.json`` and, last,
 the completion marker ``_DONE.json`` (the same information plus the sha256
@@ -32,6 +33,7 @@ Example::
 from __future__ import annotations
 
 import gzip
+import io
 import logging
 import os
 from collections.abc import Sequence
@@ -52,6 +54,8 @@ FASHION_MNIST_CLASSES = [
 ]  # fmt: skip
 FOLDER_EXTENSIONS = (".png", ".jpg", ".jpeg")
 SPLITS = ("labeled", "unlabeled", "validation")
+#: The unlabeled images' true classes (``keys``, ``labels``), kept aside for analysis only.
+TRUTH_FILE = "unlabeled-truth.npz"
 DEFAULT_VALIDATION_FRACTION = 0.2
 #: Validation carved from the training images of a source that has its own test split.
 DEFAULT_VALIDATION_FRACTION_WITH_TEST = 0.1
@@ -453,6 +457,10 @@ def pack_dataset(
         # Readers plan their split of the data from these without reading the shards.
         "shard_samples": {u: n for s in splits for u, n in zip(writers[s].uris, writers[s].counts, strict=True)},
     }
+    # The unlabeled images' true classes, kept aside (never read by training) for the run's report.
+    truth = io.BytesIO()
+    np.savez(truth, keys=np.asarray(keys_of(split.unlabeled), dtype="S"), labels=true_labels["unlabeled"])
+    store.put_bytes(join_uri(output_uri, TRUTH_FILE), truth.getvalue())
     store.put_json(join_uri(output_uri, "dataset.json"), info)
     done = {
         **info,

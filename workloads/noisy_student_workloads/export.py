@@ -9,6 +9,8 @@ top-1 (the earlier one on a tie) with ``timm.models.save_for_hf``::
     <output>/model/config.json        architecture, num_classes, pretrained_cfg (input size, mean/std)
     <output>/model/model.safetensors  the final checkpoint's weights (its EMA weights when it has them)
     <output>/model/README.md          a model card: generations, data, recipe, stage keys
+    <output>/report.html              the run's report (see :mod:`.report`; a copy under ``run_prefix``)
+    <output>/tensorboard/             per-epoch and per-generation scalars (``tensorboard --logdir``)
     <output>/_DONE.json               last
 
 The folder loads with ``timm.create_model("local-dir:<folder>", pretrained=True)``
@@ -165,8 +167,27 @@ def run(cfg: ExportConfig) -> dict[str, Any]:
         "folder": folder,
     }
     event("exported", **metrics)
+    write_report(cfg, trained, chosen.generation, stopped_after, digests)
     write_done(cfg.output, "export", metrics, digests)
     return metrics
+
+
+def write_report(cfg: ExportConfig, trained: Sequence[Trained], chosen: int, stopped_after: int | None,
+                 digests: dict[str, str] | None = None, stage: bool = True, title: str = "Noisy Student run") -> str:
+    """``report.html`` under the run's prefix, and with ``stage`` also the report and TensorBoard scalars
+    under the export's output (``stage=False`` rebuilds a completed run's report without touching its stage)."""
+    from . import report
+
+    generations = report.collect(cfg, trained)
+    page = report.render_html(title, generations, chosen, stopped_after).encode()
+    uri = ""
+    if stage:
+        uri = put(join_uri(cfg.output, report.REPORT_FILE), page, digests)
+        report.write_tensorboard(join_uri(cfg.output, report.TENSORBOARD_DIR), generations, digests)
+    if cfg.run_prefix:
+        uri = put(join_uri(cfg.run_prefix, report.REPORT_FILE), page)
+    event("report", uri=uri)
+    return uri
 
 
 def main(argv: Sequence[str] | None = None) -> int:

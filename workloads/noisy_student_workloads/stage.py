@@ -19,6 +19,7 @@ import json
 import logging
 import os
 import sys
+import time
 from collections.abc import Callable, Sequence
 from typing import Any, TypeVar
 
@@ -113,3 +114,37 @@ def write_done(
         marker["run"] = os.environ["NSO_RUN"]  # the run whose job made it (shown when another run reuses it)
     put_json(join_uri(output, DONE), marker)
     return marker
+
+
+class ProgressFile:
+    """``progress.json`` of a running stage, rewritten at most every ``every`` seconds (drivers put it in status).
+
+    Fields: ``epoch`` (fractional, epochs done), ``epochs``, ``images_per_second``,
+    ``eta_seconds`` (this stage), ``top1`` (latest validation top-1) and ``updated``.
+    """
+
+    def __init__(self, uri: str, epochs: int, start_epoch: int = 0, every: float = 5.0) -> None:
+        self.uri = uri
+        self.epochs = epochs
+        self.every = every
+        self.start_epoch = start_epoch
+        self.started = time.monotonic()
+        self.last = float("-inf")
+        self.top1: float | None = None
+
+    def update(self, epoch: float, images_per_second: float, top1: float | None = None, force: bool = False) -> bool:
+        """Write unless the last write is younger than ``every`` seconds (``force``: always); True if written."""
+        clock = time.monotonic()
+        if top1 is not None:
+            self.top1 = top1
+        if not force and clock - self.last < self.every:
+            return False
+        self.last = clock
+        done = epoch - self.start_epoch
+        elapsed = clock - self.started
+        eta = elapsed * (self.epochs - epoch) / done if done > 0 else None
+        put_json(self.uri, {
+            "epoch": round(epoch, 3), "epochs": self.epochs, "images_per_second": round(images_per_second, 1),
+            "eta_seconds": None if eta is None else round(eta), "top1": self.top1, "updated": now(),
+        })
+        return True

@@ -3,7 +3,8 @@
 Started by torchrun inside a TorchX job (one process per device); works the
 same as a single plain process. Reads one config (see
 :class:`noisy_student_workloads.config.TrainConfig`), writes ``config.json``,
-``progress.json``, ``checkpoints/epoch-NNN.pt`` every epoch, the final
+``progress.json`` (at most every 5 s: epoch, images/s, ETA, latest top-1;
+see :class:`.stage.ProgressFile`), ``checkpoints/epoch-NNN.pt`` every epoch, the final
 ``checkpoint.pt`` and ``metrics.json``, then ``_DONE.json`` last.
 
 Recipe:
@@ -82,7 +83,7 @@ import random
 import re
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -99,7 +100,7 @@ from .pipeline import (
     Copies, DataError, ImageBatches, ShardCatalog, Stream, TrainBatches, count_shards, decode, stream_samples, unwrap,
 )
 from .runtime import CoreShare
-from .stage import event, put, put_json, run_entry_point, sha256, write_done
+from .stage import ProgressFile, event, put, put_json, run_entry_point, sha256, write_done
 from .store import expand_shards, join_uri, open_store
 
 EVAL_BATCH = 512
@@ -504,9 +505,12 @@ def _rank_range(total: int, world: int, rank: int) -> tuple[int, int]:
 def train_epoch(
     model: torch.nn.Module, batches: Any, optimizer: Any, scheduler: Any, first_update: int,
     mean: list[float], std: list[float], d: Dist, epoch: int, weighting: str = "ratio",
-    ema: Any = None, raw: torch.nn.Module | None = None,
+    ema: Any = None, raw: torch.nn.Module | None = None, on_step: Callable[[int, int], None] | None = None,
 ) -> tuple[float, int]:
-    """One epoch; returns (mean loss, images this rank trained on). Raises :class:`NonFiniteLoss`."""
+    """One epoch; returns (mean loss, images this rank trained on). Raises :class:`NonFiniteLoss`.
+
+    ``on_step(steps, images)`` is called after every step (progress).
+    """
     model.train()
     total_loss = torch.zeros((), dtype=torch.float64, device=d.device)  # summed on the device: no sync per step
     images, update, steps = 0, first_update, 0
@@ -526,6 +530,8 @@ def train_epoch(
         total_loss += loss.detach()
         images += len(y)
         steps += 1
+        if on_step is not None:
+            on_step(steps, images)
     mean_loss = float(total_loss) / max(1, steps)
     if not math.isfinite(mean_loss):
         lr = optimizer.param_groups[0]["lr"]
@@ -608,11 +614,19 @@ def run(cfg: TrainConfig) -> dict[str, Any]:
         pin_memory=d.device.type == "cuda", prefetch_factor=4 if workers > 0 else None,
     )
     label_targets = LabeledTargets(cfg.num_classes, "validation")
+    progress = ProgressFile(join_uri(out, "progress.json"), cfg.epochs, start) if d.main else None
+    if progress is not None and history:
+        progress.top1 = history[-1]["top1"]
     for epoch in range(start, cfg.epochs):
         tic = time.perf_counter()
+
+        def on_step(step: int, images: int, epoch: int = epoch, tic: float = tic) -> None:
+            if progress is not None:
+                progress.update(epoch + step / steps, images * d.world / max(time.perf_counter() - tic, 1e-9))
+
         try:
             loss, seen = train_epoch(step_model, loader, optimizer, scheduler, epoch * steps, mean, std, d, epoch,
-                                     cfg.unlabeled_loss_weight, ema, model)
+                                     cfg.unlabeled_loss_weight, ema, model, on_step)
         except DataError as exc:
             raise unwrap(exc) from None
         seconds = time.perf_counter() - tic
@@ -629,7 +643,7 @@ def run(cfg: TrainConfig) -> dict[str, Any]:
             save_checkpoint(join_uri(out, "checkpoints", f"epoch-{epoch + 1:03d}.pt"), model, ema, optimizer,
                             scheduler, epoch + 1, history, rng)
             prune_checkpoints(out, cfg.keep_checkpoints)
-            put_json(join_uri(out, "progress.json"), {"epoch": epoch + 1, "epochs": cfg.epochs, "top1": scores["top1"]})
+            progress.update(epoch + 1, seen * d.world / seconds, scores["top1"], force=True)
         event("epoch", epoch=epoch + 1, epochs=cfg.epochs, loss=round(loss, 4), top1=round(scores["top1"], 4),
               images_per_second=round(seen * d.world / seconds, 1))
         barrier(d)

@@ -27,6 +27,8 @@ from .layout import PENDING_KEY, Stage, plan_stages
 KEY_LENGTH = 16
 #: Component arguments that place or size a job without changing what it computes.
 _PLACEMENT_ARGS = ("image", "cpu", "memMB", "gpu", "output")
+#: Config keys that say where outputs go, not what they are (the export's copy of the report for its run).
+_PLACEMENT_CONFIG = ("output", "run_prefix")
 #: Bump when the meaning of key material changes, so that no old output is taken for a new one.
 KEY_SCHEMA = 1
 
@@ -50,7 +52,7 @@ def key_material(request_args: Mapping[str, Any], config: Mapping[str, Any] | No
     args = {k: v for k, v in request_args.items() if k not in _PLACEMENT_ARGS}
     cfg = None
     if config is not None:
-        cfg = {k: v for k, v in config.items() if k != "output"}
+        cfg = {k: v for k, v in config.items() if k not in _PLACEMENT_CONFIG}
         if isinstance(cfg.get("teacher"), dict):
             # The teacher's parameter count is a function of the teacher's key, read after it ran.
             cfg["teacher"] = {k: v for k, v in cfg["teacher"].items() if k != "parameters"}

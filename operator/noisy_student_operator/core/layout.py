@@ -28,6 +28,8 @@ MARKER = "_DONE.json"
 LEASE = "_LEASE.json"
 STATUS_FILE = "status.json"
 MANIFEST_FILE = "stages.json"
+#: A running training stage's progress (see `noisy_student_workloads.stage.ProgressFile`).
+PROGRESS_FILE = "progress.json"
 STAGES_DIR = "stages"
 #: Stands for a stage's own key while the key is being computed (see `keys`).
 PENDING_KEY = "<self>"

@@ -47,7 +47,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
 
-from ..api import GenerationStatus, JobStatus, RunSpec, RunStatus, StageStatus
+from ..api import GenerationStatus, JobStatus, ProgressStatus, RunSpec, RunStatus, StageStatus
 from . import reasons
 from .conditions import is_true, set_condition
 from .layout import BALANCE, EXPORT, STAGE_SUMMARY, STUDENT, RunLayout, Stage, plan_stages
@@ -109,6 +109,8 @@ class Observation:
     now: datetime
     jobs: Mapping[str, JobObservation] = field(default_factory=dict)
     markers: Mapping[Stage, Mapping[str, Any]] = field(default_factory=dict)
+    #: `progress.json` of the training stage that runs (written by the workload every few seconds).
+    progress: Mapping[Stage, Mapping[str, Any]] = field(default_factory=dict)
 
 
 class JobSubmitError(Exception):
@@ -195,6 +197,39 @@ def plan_stop(spec: RunSpec, generations: Mapping[int, GenerationStatus], genera
     )
 
 
+def duration(seconds: float) -> str:
+    """`4m12s`, `1h05m`, `9s`: a compact duration for `kubectl get`."""
+    seconds = max(0, int(round(seconds)))
+    hours, rest = divmod(seconds, 3600)
+    minutes, secs = divmod(rest, 60)
+    if hours:
+        return f"{hours}h{minutes:02d}m"
+    return f"{minutes}m{secs:02d}s" if minutes else f"{secs}s"
+
+
+def plan_progress(stage: Stage, progress: Mapping[str, Any] | None) -> ProgressStatus | None:
+    """The status's progress of a running training stage, from its `progress.json`."""
+    if progress is None or not stage.is_training:
+        return None
+    try:
+        epoch, epochs = float(progress["epoch"]), int(progress["epochs"])
+    except (KeyError, TypeError, ValueError):
+        return None  # not written by this version's workload: no progress rather than a wrong one
+    eta = progress.get("eta_seconds")
+    return ProgressStatus(
+        stage=stage.kind,
+        generation=stage.generation,
+        epoch=epoch,
+        epochs=epochs,
+        percent=int(100 * epoch / epochs) if epochs else 0,
+        images_per_second=progress.get("images_per_second"),
+        eta_seconds=eta,
+        eta=duration(eta) if eta is not None else None,
+        top1=progress.get("top1"),
+        updated_at=progress.get("updated"),
+    )
+
+
 def _generation_from_marker(
     spec: RunSpec,
     layout: RunLayout,
@@ -236,6 +271,7 @@ class _Pass:
         self.stages: dict[Stage, StageStatus] = {}
         self.stopped_after: int | None = None
         self.model: str | None = None
+        self.progress: ProgressStatus | None = None
         self.conditions = list(previous.conditions)
         self.events: list[Event] = []
         self.actions: list[Submit | Cancel] = []
@@ -511,6 +547,7 @@ class _Pass:
             artifacts=self.layout.prefix + "/",
             model=self.model,
             stopped_after=self.stopped_after,
+            progress=self.progress,
             next_retry_at=self.next_retry_at,
             jobs=self.jobs[-50:],
             generations=generations,
@@ -589,6 +626,8 @@ def plan_run(run: RunRef, observation: Observation) -> Plan:
     detail = f"Running {current.describe()}."
     if work.next_retry_at is not None:
         detail = f"Waiting to retry {current.describe()}."
+    if any(j.state in ACTIVE_STATES for j in work.records(current)):
+        work.progress = plan_progress(current, observation.progress.get(current))
     work.conditions_for("Running", current, detail)
     generation = max(work.generations, default=0) if current.kind == EXPORT else current.generation
     return Plan(

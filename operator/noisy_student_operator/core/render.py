@@ -128,6 +128,8 @@ def render_export_config(spec: RunSpec, layout: RunLayout) -> dict[str, Any]:
             mode="json", by_alias=True, include={"noise", "pseudo_labels", "training", "teacher", "students"}
         ),
         "output": layout.stage_uri(Stage(len(spec.students), EXPORT)) + "/",
+        # The report also goes next to the run's own files (not part of the key: runs share the stage).
+        "run_prefix": layout.prefix + "/",
     }
 
 
