@@ -161,11 +161,13 @@ def render_html(title: str, generations: Sequence[Generation], chosen: int, stop
     sections: dict[str, str] = {}
     rows = [[g.generation, "teacher" if g.generation == 0 else "student", g.metrics.get("model"),
              g.metrics.get("parameters"), _fmt(g.metrics.get("top1")), _fmt(g.metrics.get("top5")),
-             _fmt(g.metrics.get("corruption_top1")), "yes" if g.generation == chosen else ""] for g in generations]
+             _fmt(g.metrics.get("test_top1")), _fmt(g.metrics.get("corruption_top1")),
+             "yes" if g.generation == chosen else ""] for g in generations]
     note = (f"<p>Stopped after generation {stopped_after} (<code>stopWhenGainBelow</code>).</p>"
             if stopped_after is not None else "")
     sections["generations"] = _table(
-        ["generation", "role", "model", "parameters", "top-1", "top-5", "corrupted top-1", "exported"], rows) + note
+        ["generation", "role", "model", "parameters", "top-1", "top-5", "test top-1", "corrupted top-1", "exported"],
+        rows) + note
 
     figure, (loss, top1) = _figure(2)
     for g in generations:
