@@ -229,7 +229,7 @@ class ModelSpec(ApiModel):
     model_args: dict[str, ModelArg] = Field(
         default_factory=dict,
         description="Keyword arguments of `timm.create_model` (the model's constructor), e.g. "
-        "`{stem_stride: 1}` for a small-image variant; values are scalars or lists. The workload "
+        "`{output_stride: 8}` for a resnet that keeps more of a small image; values are scalars or lists. The workload "
         "sets num_classes, in_chans, drop_rate and drop_path_rate itself; an argument the model "
         "does not take fails its training stage, naming `model_args`.",
         # A free-form map (values of several types) cannot carry CEL rules: the API server cannot type

@@ -473,6 +473,12 @@ INVALID: list[tuple[str, Any, str]] = [
     ("placement.imagePullSecrets", [{"name": ""}], "spec.placement.imagePullSecrets[0].name"),
     ("retry.limit", 21, "spec.retry.limit"),
     ("suspend", "yes", "spec.suspend"),
+    # the official recipe's fields and RandAugment values the workloads cannot honour (issue 15)
+    ("noise.randAugment.ops", 0, "spec.noise.randAugment.ops"),
+    ("noise.randAugment", {"magnitude": 15, "magnitudeMax": 10}, "magnitude must not exceed magnitudeMax"),
+    ("noise.randAugment.fill", "purple", "spec.noise.randAugment.fill"),
+    ("training.emaDecay", 1.0, "spec.training.emaDecay"),
+    ("training.labelSmoothing", -0.1, "spec.training.labelSmoothing"),
 ]
 
 
@@ -499,6 +505,14 @@ def test_invalid_spec_is_rejected_by_the_server_naming_the_field(cluster, ns, pa
         h.create_run(ns, "invalid", document)
     assert error.value.status == 422, error.value.body
     assert message in json.loads(error.value.body)["message"], error.value.body
+
+
+def test_model_args_are_kept_by_the_server(cluster, ns):
+    h = Harness(cluster.client)
+    args = {"output_stride": 8, "channels": [32, 48, 48, 96], "stem_type": "deep", "zero_init_last": False}
+    document = with_value(spec("s3://bucket/runs/", suspend=True), "teacher.modelArgs", args)
+    h.create_run(ns, "model-args", document)
+    assert h.get_run(ns, "model-args")["spec"]["teacher"]["modelArgs"] == args  # not pruned
 
 
 def test_run_name_longer_than_40_is_rejected_by_the_server(cluster, ns):
