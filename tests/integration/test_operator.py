@@ -391,6 +391,7 @@ def test_local_cwd_run_is_refused_by_an_operator_in_the_cluster(h, ns, s3_prefix
 def test_job_pods_are_admitted_in_a_namespace_enforcing_pod_security_restricted(h, cluster, s3_prefix):
     """Without a securityContext Volcano's pod creates were Forbidden there: a job that never starts."""
     from kubernetes import client as k8s
+    from kubernetes.utils import parse_quantity
 
     ns = f"t-{uuid.uuid4().hex[:8]}"
     ensure_namespace(cluster.client, ns, {"pod-security.kubernetes.io/enforce": "restricted",
@@ -410,7 +411,7 @@ def test_job_pods_are_admitted_in_a_namespace_enforcing_pod_security_restricted(
             assert pod["spec"]["automountServiceAccountToken"] is False
             for container in pod["spec"]["containers"]:
                 assert container["resources"]["requests"] == container["resources"]["limits"]
-                assert container["resources"]["requests"]["memory"] == "1024Mi"
+                assert parse_quantity(container["resources"]["requests"]["memory"]) == 1024 * 2**20  # MiB, not MB
             assert pod["status"]["qosClass"] == "Guaranteed"
     finally:
         k8s.CoreV1Api(cluster.client).delete_namespace(ns)
