@@ -12,6 +12,7 @@ one-shot timer per run (`Requeuer`).
 
 from __future__ import annotations
 
+import contextvars
 import logging
 import threading
 from collections.abc import Callable
@@ -47,17 +48,25 @@ def _event(body: Any, type_: str, reason: str, message: str) -> None:
 
 
 class Requeuer:
-    """One pending one-shot timer per run: `schedule` replaces the run's earlier one."""
+    """One pending one-shot timer per run: `schedule` replaces the run's earlier one.
+
+    The timer runs its pass in a copy of the caller's context (a kopf handler's), so that
+    the pass can post Events (`kopf.event` reads kopf's settings from a context variable).
+    """
 
     def __init__(self, callback: Callable[[str, str], None]) -> None:
         self.callback = callback
         self._timers: dict[tuple[str, str], threading.Timer] = {}
         self._lock = threading.Lock()
 
+    def _timer(self, key: tuple[str, str], seconds: float) -> threading.Timer:
+        timer = threading.Timer(max(seconds, 0.0), contextvars.copy_context().run, args=(self._fire, *key))
+        timer.daemon = True
+        return timer
+
     def schedule(self, namespace: str, name: str, seconds: float) -> None:
         key = (namespace, name)
-        timer = threading.Timer(max(seconds, 0.0), self._fire, args=key)
-        timer.daemon = True
+        timer = self._timer(key, seconds)
         with self._lock:
             previous = self._timers.pop(key, None)
             if previous is not None:
@@ -71,8 +80,7 @@ class Requeuer:
         with self._lock:
             if key in self._timers:
                 return
-            timer = threading.Timer(max(seconds, 0.0), self._fire, args=key)
-            timer.daemon = True
+            timer = self._timer(key, seconds)
             self._timers[key] = timer
         timer.start()
 

@@ -388,6 +388,21 @@ def test_local_cwd_run_is_refused_by_an_operator_in_the_cluster(h, ns, s3_prefix
     assert not status.get("jobs") and h.jobs(ns, run) == []
 
 
+def test_the_volcano_job_watch_is_filtered_on_the_server(h, cluster):
+    """kopf's handler `labels=` filters after the fact: every team's Jobs would stream in."""
+    from urllib.parse import parse_qs, urlsplit
+
+    def job_reads() -> list[str]:
+        return [e["requestURI"] for e in read_audit(cluster.audit_log)
+                if is_operator_request(e) and e["verb"] in ("list", "watch")
+                and (e.get("objectRef") or {}).get("resource") == "jobs"]
+
+    uris = wait_for(job_reads, STEP, "the operator's list or watch of Volcano Jobs")
+    for uri in uris:
+        selector = parse_qs(urlsplit(uri).query).get("labelSelector")
+        assert selector == ["app.kubernetes.io/managed-by=noisy-student-operator"], uri
+
+
 def test_job_pods_are_admitted_in_a_namespace_enforcing_pod_security_restricted(h, cluster, s3_prefix):
     """Without a securityContext Volcano's pod creates were Forbidden there: a job that never starts."""
     from kubernetes import client as k8s
