@@ -161,14 +161,31 @@ def cmd_gc(args: argparse.Namespace, console: Console) -> int:
     return 0
 
 
-def _export_config(run):
-    """The run's export config (render.render_export_config) under the layout the local runner uses."""
-    from .core.render import render_export_config
-    from .local import StatusFile
+def _run_layout(run):
+    """The layout (stage keys) the run's stages were computed under.
 
+    The workload identity enters every key: the local runner records it in the run's `stages.json`;
+    without one, it follows `spec.scheduler.name` (the image on a cluster).
+    """
+    from noisy_student_workloads.store import open_store
+
+    from .core.layout import RunLayout
+
+    meta, spec = run.metadata, run.spec
+    layout = RunLayout.for_run(spec, meta.namespace, meta.name)
+    store = open_store(layout.manifest_uri)
+    if store.exists(layout.manifest_uri):
+        layout = RunLayout.for_run(spec, meta.namespace, meta.name, store.get_json(layout.manifest_uri)["workload"])
+    return layout
+
+
+def _export_config(run):
+    """The run's export config (`render.render_export_config`)."""
     from noisy_student_workloads.config import ExportConfig
 
-    layout = StatusFile(run).layout
+    from .core.render import render_export_config
+
+    layout = _run_layout(run)
     return layout, ExportConfig(**render_export_config(run.spec, layout))
 
 
@@ -230,13 +247,17 @@ def cmd_predict(args: argparse.Namespace, console: Console) -> int:
     from rich.table import Table
 
     from noisy_student_workloads.predict import predict
+    from noisy_student_workloads.store import join_uri, open_store
 
-    from .local import StatusFile, with_artifacts
+    from .local import with_artifacts
 
     folder = args.model
     if os.path.isfile(folder):
         run = with_artifacts(load_run_file(folder), args.artifacts)
-        folder = StatusFile(run).load().model or StatusFile(run).layout.model_uri(run.spec)
+        folder = _run_layout(run).model_uri(run.spec)
+        if not open_store(folder).exists(join_uri(folder, "config.json")):
+            console.print(f"[red]error[/red]: {args.model}: the run has no exported model yet (none at {folder})")
+            return 2
     for image in args.images:
         if not os.path.isfile(image):
             console.print(f"[red]error[/red]: {image}: no such image file")

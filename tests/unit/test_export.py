@@ -46,3 +46,21 @@ def test_a_missing_marker_before_any_stop_names_the_generation(tmp_path):
 
 def test_durations_for_kubectl():
     assert [duration(s) for s in (0, 9.4, 72, 3599, 3600 + 5 * 60 + 7)] == ["0s", "9s", "1m12s", "59m59s", "1h05m"]
+
+
+def test_the_cli_finds_a_runs_stages_under_the_keys_they_were_computed_with(tmp_path):
+    from noisy_student_operator.api import parse_run
+    from noisy_student_operator.cli import _run_layout
+    from noisy_student_operator.core.layout import RunLayout
+    from noisy_student_operator.local import StatusFile
+
+    document = {"apiVersion": "noisystudent.dev/v1alpha1", "kind": "NoisyStudentRun", "metadata": {"name": "r"},
+                "spec": {"data": {"labeled": "s3://d/l.tar", "unlabeled": "s3://d/u.tar", "validation": "s3://d/v.tar",
+                                  "numClasses": 10},
+                         "artifacts": {"uri": tmp_path.as_uri() + "/"}, "teacher": {"model": "resnet18"},
+                         "students": [{"model": "resnet18"}], "scheduler": {"name": "kubernetes"}}}
+    run = parse_run(document)
+    cluster = RunLayout.for_run(run.spec, "default", "r")  # the image enters the keys on a cluster
+    assert _run_layout(run).keys == cluster.keys
+    StatusFile(run).save_manifest()  # the same file run locally: its manifest names the local workload
+    assert _run_layout(run).keys == StatusFile(run).layout.keys != cluster.keys
