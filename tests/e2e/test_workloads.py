@@ -154,7 +154,9 @@ def test_errors_leave_no_marker(digits, tmp_path):
 
     # A teacher with NaN weights is never used to label (every pseudo-label would become class 0).
     payload = torch.load(teacher_out / "checkpoint.pt", weights_only=True)
-    next(v for v in payload["state_dict"].values() if v.is_floating_point()).fill_(float("nan"))
+    for weights in ("state_dict", "ema"):  # labeling uses the EMA weights when the checkpoint has them
+        if weights in payload:
+            next(v for v in payload[weights].values() if v.is_floating_point()).fill_(float("nan"))
     torch.save(payload, tmp_path / "nan.pt")
     nan_cfg = json.dumps({"checkpoint": uri(tmp_path / "nan.pt"), "unlabeled": digits["unlabeled"],
                           "output": uri(tmp_path / "nan-labels") + "/"})
