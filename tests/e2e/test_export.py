@@ -45,9 +45,6 @@ def stopped_run(tmp_path_factory):
     document = tiny_run("tiny", students=2, stopWhenGainBelow=1.0)
     document["spec"]["teacher"]["epochs"] = 4  # long enough to be seen running: 4 epochs of 1,000 images
     document["spec"]["data"]["prepare"]["labelsPerClass"] = 100
-    # Hard labels: a teacher trained for several epochs here gets a balance manifest with all-zero soft
-    # distributions on some rows (a balance defect, reported apart), which turns a soft-label student's loss NaN.
-    document["spec"]["pseudoLabels"] = {"type": "hard"}
     run_file = write(tmp_path, document)
     artifacts = tmp_path / "artifacts"
     status_file = artifacts / "default" / "tiny" / "status.json"

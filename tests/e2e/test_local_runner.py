@@ -77,10 +77,10 @@ def test_whole_run_with_prepare_label_balance_and_students(tmp_path):
         path = stage_dir(prefix, kind, generation) / name
         assert path.exists(), path
         assert path.is_relative_to(artifacts / "default" / "stages" / kind)
-    for name in ("top1.png", "status.json", "stages.json"):
+    for name in ("top1.png", "status.json", "stages.json", "report.html"):
         assert (prefix / name).exists(), name
     names = [j["name"] for j in status["jobs"]]
-    assert len(names) == len(set(names)) == 1 + 1 + 3 * 2
+    assert len(names) == len(set(names)) == 1 + 1 + 3 * 2 + 1  # prepare, teacher, 2 students' stages, export
 
     again = run_cli("status", str(run_file), "--artifacts", str(artifacts), "--output", "json")
     assert json.loads(again.stdout)["generations"] == status["generations"]

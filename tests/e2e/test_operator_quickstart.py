@@ -59,4 +59,5 @@ def test_operator_runs_the_quickstart_with_local_cwd_jobs(kube_api, tmp_path):
     assert json.loads(marker.read_text())["run"] == f"{namespace}/{name}"  # the job knew its run
     assert last["state"] == "Complete" and last["producedBy"] == f"{namespace}/{name}"
     names = [j["name"] for j in status["jobs"]]
-    assert len(names) == len(set(names)) == 2 + 3 * students
+    assert len(names) == len(set(names)) == 2 + 3 * students + 1  # prepare, teacher, students' stages, export
+    assert status["model"].endswith("/model/") and (tmp_path / "artifacts" / namespace / name / "report.html").exists()

@@ -266,7 +266,7 @@ def test_operator_killed_at_several_moments_never_duplicates_or_redoes_a_stage(h
     # A job created just before a kill and completed before the restart is never recorded in
     # status (the planner only records what it submits); its stage still counts as done.
     assert {j["name"] for j in status["jobs"]} <= set(names)
-    assert all(j["state"] == "Succeeded" for j in status["jobs"])
+    assert all(j["state"] == "Succeeded" for j in status["jobs"]), [(j["name"], j["state"]) for j in status["jobs"]]
     assert h.operator.starts >= len(names)
 
 
