@@ -7,7 +7,7 @@ For each size N it starts a fresh operator (`noisy-student operator
 --all-namespaces`, scheduler `kubernetes`) against a private cluster
 (scripts/dev-cluster: kube-apiserver with an audit log, Volcano, the fast test
 kubelet) and a SeaweedFS S3 server, creates N runs (teacher + one student
-generation: four stages each; distinct seeds, so distinct stage keys) in a
+generation: every stage of the spec; distinct seeds, so distinct stage keys) in a
 fresh namespace, and plays the workloads (markers, then pods exit; Volcano
 derives each Job's phase):
 
@@ -68,11 +68,11 @@ from operator_harness import (  # noqa: E402
 )
 from s3_server import find_weed, start_s3_server  # noqa: E402
 
-from noisy_student_operator.core.layout import BALANCE, LABEL, STUDENT, TEACHER, Stage, job_name  # noqa: E402
+from noisy_student_operator.core.layout import TEACHER, Stage, job_name  # noqa: E402
 
 log = logging.getLogger("operator_scale")
 
-STAGES = [Stage(0, TEACHER), Stage(1, LABEL), Stage(1, BALANCE), Stage(1, STUDENT)]
+TEACHER_STAGE = Stage(0, TEACHER)
 #: Threads that play pods and markers at once (Volcano and the kubelet do the rest).
 PLAYERS = 8
 #: CPUs of each node of the fast test kubelet (scripts/dev-cluster).
@@ -226,7 +226,9 @@ def bench_size(
         runs = [f"run-{i:04d}" for i in range(n)]
         play(lambda i: h.create_run(ns, runs[i], run_spec(prefix, i)), list(range(n)))
         layouts = dict(zip(runs, play(lambda run: h.layout(ns, run), runs)))
-        names = {run: [f"{ns}/{job_name(stage, layouts[run].key(stage), 0)}" for stage in STAGES] for run in runs}
+        # Every stage of the spec, in plan order (teacher, label, balance, student, and what follows).
+        names = {run: [f"{ns}/{job_name(stage, key, 0)}" for stage, key in layouts[run].keys.items()] for run in runs}
+        stages = len(names[runs[0]])
         current = {run: names[run][0] for run in runs}
         wait_for(lambda: all(watch.seen(k) for k in current.values()), budget, f"{n} teacher jobs",
                  interval=0.5, detail=operator.log_tail)
@@ -238,7 +240,7 @@ def bench_size(
         idle_running = measure_idle(audit_log, idle_seconds)
 
         latencies: list[float] = []
-        for index in range(len(STAGES)):
+        for index in range(stages):
             completed_at: dict[str, float] = {}
             spacing = max(interval, 5.0) / n
 
@@ -253,7 +255,7 @@ def bench_size(
                 finish(run)
 
             play(paced, random.sample(runs, n))
-            if index == len(STAGES) - 1:
+            if index == stages - 1:
                 break
             nexts = {run: names[run][index + 1] for run in runs}
             wait_for(lambda: all(watch.seen(k) for k in nexts.values()), budget,
@@ -321,7 +323,7 @@ def bench_shards(
             h.create_run(ns, run, run_spec(prefix, 10_000 + i, label_shards=shards))
         for run in runs:
             h.complete(ns, h.next_job(ns, run, set(), 300))
-        labels = [h.next_job(ns, run, {h.job_name(ns, run, STAGES[0])}, 300) for run in runs]
+        labels = [h.next_job(ns, run, {h.job_name(ns, run, TEACHER_STAGE)}, 300) for run in runs]
         for job in labels:
             h.running_pods(ns, job["metadata"]["name"], timeout=600)
         wait_for(lambda: all(s.get("jobs") and s["jobs"][-1]["state"] == "Running"
