@@ -12,7 +12,7 @@ belongs to the run::
       stages/balance/<key>/{manifest.npz, thresholds.json, _DONE.json}
       stages/student/<key>/{checkpoint.pt, checkpoints/epoch-*.pt, metrics.json, _DONE.json}
       stages/export/<key>/{model/{config.json, model.safetensors, README.md}, report.html, _DONE.json}
-      <run>/{stages.json, status.json, spec.json, top1.png}   (local runner)
+      <run>/{stages.json, status.json, spec.json, top1.png}   (local runner), report.html (export stage)
 """
 
 from __future__ import annotations
