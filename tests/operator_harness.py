@@ -65,6 +65,8 @@ EXIT_CODE_ANNOTATION = "kubelet.nso.dev/exit-code"
 #: ... and this termination message.
 EXIT_MESSAGE_ANNOTATION = "kubelet.nso.dev/message"
 RUNS = {"group": GROUP, "version": VERSION, "plural": PLURAL}
+#: A finalizer the harness puts on pods to keep them Terminating (`Harness.hold_pods`).
+HOLD_FINALIZER = "harness.nso.dev/hold"
 
 # Only the operator's requests: the controllers' and the kubelet's would
 # make the log large for nothing.
@@ -418,6 +420,23 @@ class Harness:
         for pod in self.running_pods(namespace, job):
             self.core.patch_namespaced_pod(pod["metadata"]["name"], namespace,
                                            {"metadata": {"annotations": annotations}})
+
+    def hold_pods(self, namespace: str, job: str, hold: bool = True) -> None:
+        """Keep the Job's pods in the API after they are deleted (a finalizer), as a slow node does.
+
+        While held, a deleted pod stays Terminating, and a Job deleted with
+        foreground propagation stays too (with its deletion timestamp):
+        what a cluster shows while a cancelled job's pods are still stopping.
+        """
+        finalizers = [HOLD_FINALIZER] if hold else []
+        for pod in self.pods(namespace, job):
+            self.core.patch_namespaced_pod(pod["metadata"]["name"], namespace,
+                                           {"metadata": {"finalizers": finalizers}})
+
+    def events(self, namespace: str, name: str) -> list[Any]:
+        """The Events about object `name` (the run), oldest first."""
+        items = [e for e in self.core.list_namespaced_event(namespace).items if e.involved_object.name == name]
+        return sorted(items, key=lambda e: (e.last_timestamp or e.event_time or e.first_timestamp, e.reason))
 
     def set_phase(self, namespace: str, name: str, phase: str, timeout: float = 60.0) -> None:
         """Bring the Volcano Job to `phase` as a cluster does, and wait until Volcano reports it.

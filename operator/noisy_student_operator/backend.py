@@ -7,6 +7,8 @@
   deterministic job name before `schedule`, labelled, owned by the run, and its
   pod templates receive the run's S3 Secret by reference (`envFrom`); an
   AlreadyExists answer means the job was submitted before.
+  Jobs are observed (one GET each) and cancelled (DELETE, confirmed when
+  gone) through `volcano.VolcanoJobs`, not TorchX's describe and cancel.
 * `local_cwd` — processes on this host, for the local runner. Handles are only
   valid in the process that launched them, so a job this process does not know
   is reported missing and resubmitted by the planner.
@@ -30,6 +32,7 @@ from .api import JobStatus as JobRecord
 from .core import reasons
 from .core.planner import JobObservation, JobState, JobSubmitError
 from .core.render import JobRequest
+from .volcano import VolcanoJobs
 
 log = logging.getLogger(__name__)
 
@@ -236,6 +239,21 @@ def classify_submit_error(error: BaseException) -> JobSubmitError:
     return JobSubmitError(f"{type(error).__name__}: {error}")
 
 
+#: TorchX's placeholder for "no message" (`AppStatus.msg`): never shown as one.
+TORCHX_NO_MESSAGE = "<NONE>"
+
+
+def local_failure(torchx_message: str | None, log_tail: str | None) -> str:
+    """A failed local job's message: TorchX's own when it has one, and the last lines of its log."""
+    message = (torchx_message or "").strip()
+    if message in ("", TORCHX_NO_MESSAGE):
+        message = "a process exited with an error"
+    lines = [line for line in (log_tail or "").splitlines() if line.strip() and not line.startswith("==> ")]
+    if lines:
+        message += "; the log ends: " + " | ".join(line.strip() for line in lines[-3:])
+    return message
+
+
 def default_local_root() -> Path:
     """Working directories and logs of `local_cwd` jobs when the driver names none."""
     cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
@@ -250,6 +268,7 @@ class TorchXJobBackend:
         scheduler: str,
         local_root: Path | None = None,
         runner: Any = None,
+        volcano: VolcanoJobs | None = None,
     ) -> None:
         from torchx.runner import get_runner
 
@@ -262,6 +281,14 @@ class TorchXJobBackend:
         self._handles: dict[str, str] = {}  # local_cwd: name -> handle of this process
         self._log_dirs: dict[str, str] = {}
         self._lock = threading.Lock()
+        self._volcano = volcano
+
+    @property
+    def volcano(self) -> VolcanoJobs:
+        """The Volcano Jobs seen through the Kubernetes API (created on first use)."""
+        if self._volcano is None:
+            self._volcano = VolcanoJobs()
+        return self._volcano
 
     # -- kubernetes ------------------------------------------------------------
 
@@ -317,35 +344,30 @@ class TorchXJobBackend:
         return self._handles.get(job.name)
 
     def observe(self, jobs: Sequence[JobRecord], context: JobContext) -> dict[str, JobObservation]:
+        if self.scheduler == "kubernetes":
+            return {job.name: self.volcano.observe(context.namespace, job.name) for job in jobs}
         observed: dict[str, JobObservation] = {}
         for job in jobs:
             handle = self._handle(job, context)
-            if handle is None:
-                observed[job.name] = JobObservation(JobState.MISSING)
-                continue
-            status = self.runner.status(handle)
+            status = self.runner.status(handle) if handle else None
             if status is None:
                 observed[job.name] = JobObservation(JobState.MISSING)
                 continue
             state = _state_of(status.state)
             message = None
             if state is JobState.FAILED:
-                message = (status.msg or "").strip() or None
-                if self.scheduler == "local_cwd":
-                    message = message or "a process exited with an error"
+                message = local_failure(status.msg, self.log_tail(job, lines=5))
             observed[job.name] = JobObservation(state, message)
         return observed
 
     def cancel(self, job: JobRecord, context: JobContext) -> None:
-        handle = self._handle(job, context)
-        if handle is None:
+        """Ask the job to stop (an error is raised, never swallowed: the planner asks again)."""
+        if self.scheduler == "kubernetes":
+            self.volcano.delete(context.namespace, job.name)
             return
-        try:
+        handle = self._handle(job, context)
+        if handle is not None:
             self.runner.cancel(handle)
-        except Exception as error:  # the job may be gone already
-            if getattr(error, "status", None) == 404:
-                return
-            log.warning("could not cancel %s: %s", job.name, error)
 
     def log_tail(self, job: JobRecord, lines: int = 40) -> str | None:
         log_dir = self._log_dirs.get(job.name)

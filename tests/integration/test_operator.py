@@ -296,7 +296,7 @@ def test_delete_with_running_jobs_cancels_them_and_the_run_disappears(h, ns, s3_
             phases.append("deleted" if event["type"] == "DELETED" else job_phase(event["object"]))
             if event["type"] == "DELETED":
                 break
-    assert phases[-1:] == ["deleted"] and "Aborted" in phases, phases  # cancelled, then garbage-collected
+    assert phases[-1:] == ["deleted"], phases  # cancelled (deleted with its pods) or garbage-collected
     wait_for(lambda: h.get_run(ns, run) is None, STEP, f"run {run} to disappear")
     wait_for(lambda: not h.pods(ns, name), STEP, f"the pods of {name} to go")
     assert h.jobs(ns, run) == []
@@ -318,12 +318,13 @@ def test_suspend_cancels_the_running_job_and_resume_continues_where_it_stopped(h
     h.wait_run(ns, run, lambda s: s.get("stage") == "Labeling", STEP, "Labeling")
 
     h.patch_spec(ns, run, {"suspend": True})
-    wait_for(lambda: job_phase(h.job(ns, h.job_name(ns, run, Stage(1, LABEL)))) == "Aborted", STEP, "the label job to be Aborted")
+    wait_for(lambda: h.job(ns, h.job_name(ns, run, Stage(1, LABEL))) is None, STEP, "the label job to be gone")
     status = h.wait_run(ns, run, lambda s: s.get("stage") == "Suspended" and is_true(s, "Suspended"), STEP,
                         "Suspended")
     assert not is_true(status, "Progressing")
     time.sleep(3)  # three operator intervals: nothing new may be launched while suspended
-    assert {j["metadata"]["name"] for j in h.jobs(ns, run)} == seen
+    assert {j["metadata"]["name"] for j in h.jobs(ns, run)} == seen - {label["metadata"]["name"]}
+    assert [j["state"] for j in status["jobs"] if j["name"] == label["metadata"]["name"]] == ["Cancelled"]
 
     h.patch_spec(ns, run, {"suspend": False})
     resumed = h.next_job(ns, run, seen, STEP)
@@ -339,6 +340,29 @@ def test_suspend_cancels_the_running_job_and_resume_continues_where_it_stopped(h
     status = h.wait_run(ns, run, lambda s: s.get("stage") == "Succeeded", STEP, "Succeeded")
     assert sum(1 for j in h.jobs(ns, run) if job_stage(j).kind == "teacher") == 1
     assert status["observedGeneration"] == h.get_run(ns, run)["metadata"]["generation"] == 3
+
+
+def test_quick_suspend_resume_waits_until_the_cancelled_job_is_gone(h, ns, s3_prefix):
+    """A GitOps toggle: suspended and resumed while the cancelled job's pods still stop."""
+    run = "toggled"
+    h.create_run(ns, run, spec(s3_prefix, students=1))
+    first = h.next_job(ns, run, set(), STEP)["metadata"]["name"]
+    h.set_phase(ns, first, "Running")
+    h.wait_run(ns, run, lambda s: any(j["state"] == "Running" for j in s.get("jobs", [])), STEP, "Running")
+    h.hold_pods(ns, first)  # its pods stay Terminating once deleted
+    h.patch_spec(ns, run, {"suspend": True})
+    wait_for(lambda: (h.job(ns, first) or {}).get("metadata", {}).get("deletionTimestamp"), STEP,
+             f"{first} being deleted")
+    h.patch_spec(ns, run, {"suspend": False})
+    time.sleep(4)  # four operator intervals
+    status = h.status(ns, run)
+    assert [j["state"] for j in status["jobs"]] == ["Cancelling"], status["jobs"]
+    assert [j["metadata"]["name"] for j in h.jobs(ns, run)] == [first]  # no second attempt while it stops
+    h.hold_pods(ns, first, hold=False)
+    second = h.next_job(ns, run, {first}, STEP)["metadata"]["name"]
+    assert second == h.job_name(ns, run, Stage(0, TEACHER), 1)
+    status = h.wait_run(ns, run, lambda s: [j["state"] for j in s["jobs"]][:1] == ["Cancelled"], STEP, "Cancelled")
+    assert h.job(ns, first) is None and not h.pods(ns, first)
 
 
 # ----------------------------------------------------------------------------- (e) failure
@@ -369,9 +393,30 @@ def test_failed_stage_is_retried_with_backoff_then_the_run_fails(h, ns, s3_prefi
     failed = condition(status, "Failed")
     assert failed["reason"] == "StageFailed"
     assert "Stage label of generation 1" in failed["message"] and h.job_name(ns, run, Stage(1, LABEL), 2) in failed["message"]
+    # The message says what the cluster knows: the pod, its exit code and termination message, a logs hint.
+    last = h.job_name(ns, run, Stage(1, LABEL), 2)
+    assert f"pod {last}-" in failed["message"] and "exited with code 1 (Error): harness: the workload failed" in failed["message"]
+    assert f"kubectl logs -n {ns} {last}-" in failed["message"] and "<NONE>" not in json.dumps(status)
+    # One JobFailed Event per failed attempt, not one per pass while the retry waits.
+    assert Counter(e.reason for e in h.events(ns, run))["JobFailed"] == 2
     assert status["stage"] == "Failed" and not is_true(status, "Progressing")
     time.sleep(2)
     assert len(h.jobs(ns, run)) == 4  # teacher + three label attempts, no fourth
+
+
+def test_job_refused_by_volcano_fails_the_run_with_the_webhooks_message(h, ns, s3_prefix):
+    run = "no-queue"
+    h.create_run(ns, run, spec(s3_prefix, students=1, scheduler={"name": "kubernetes", "queue": "no-such-queue"}))
+    status = h.wait_run(ns, run, lambda s: is_true(s, "Failed"), STEP, "Failed")
+    failed = condition(status, "Failed")
+    assert failed["reason"] == "SubmitRejected"
+    assert "denied the request" in failed["message"] and "no-such-queue" in failed["message"], failed["message"]
+    assert status["jobs"][0]["state"] == "Failed" and status["jobs"][0]["reason"] == "SubmitRejected"
+    time.sleep(3)  # three operator intervals: never retried, one Event each, no kopf error Events
+    assert h.jobs(ns, run) == []
+    reasons = Counter(e.reason for e in h.events(ns, run))
+    assert reasons["SubmitError"] == 1 and reasons["RunFailed"] == 1, reasons
+    assert set(reasons) == {"SubmitError", "RunFailed"}, reasons  # no kopf error Events
 
 
 # ----------------------------------------------------------------------------- (e2) tenancy

@@ -23,22 +23,18 @@ namespace.
   resources: [noisystudentruns/finalizers]
   verbs: [update]
 # Child jobs: TorchX's kubernetes scheduler creates Volcano Jobs; the
-# operator re-attaches to them by name and watches them for phase changes.
-# Running jobs of a deleted run are also garbage-collected through their
-# ownerReference, so the operator needs no delete.
+# operator re-attaches to them by name, reads each with one GET per pass,
+# watches them for phase changes, and cancels one (run suspended, stage no
+# longer in the spec, run deleted) by deleting it with foreground
+# propagation, which it confirms when the Job is gone.
 - apiGroups: [batch.volcano.sh]
   resources: [jobs]
-  verbs: [create, get, list, watch]
-# TorchX's describe() reads a Volcano Job through its status subresource, and
-# its cancel (run deleted or suspended) sets the Job's phase to Aborted there.
-- apiGroups: [batch.volcano.sh]
-  resources: [jobs/status]
-  verbs: [get, update]
-# TorchX's describe() reads the first pod of each task of a running Job
-# (`<job>-<task>-0`) for its IP address.
+  verbs: [create, get, list, watch, delete]
+# A failed Job's message names the failed pod, its exit code and reason: the
+# Job's pods are listed (by Volcano's job-name label) when it fails.
 - apiGroups: [""]
   resources: [pods]
-  verbs: [get]
+  verbs: [list]
 # Stage transitions and handler errors are posted as Events (kopf and the
 # operator).
 - apiGroups: [""]

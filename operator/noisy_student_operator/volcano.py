@@ -1,0 +1,131 @@
+"""Volcano Jobs as the operator observes and stops them.
+
+* **Observe**: one GET of the Volcano Job per job and pass. TorchX's
+  `describe` GETs the Job's status and then a pod per task; and its messages
+  are `<NONE>`. Only when a message is needed (the job failed) are its pods
+  listed, once, by Volcano's `volcano.sh/job-name` label.
+* **Cancel**: a DELETE with foreground propagation. The Job object stays
+  (with a deletion timestamp) until the garbage collector has deleted its
+  pods, so "gone" (404) means no pod of it runs any more. TorchX's cancel
+  instead writes the phase `Aborted` into the Job's status (GET + PUT, where
+  a 409 is an error), and Volcano then kills the pods — the Job reads
+  finished while its pods still run. A Job in `Aborting`, `Terminating`,
+  `Restarting` or `Completing`, or being deleted, is still running.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from .core.planner import JobObservation, JobState
+
+GROUP, VERSION, PLURAL = "batch.volcano.sh", "v1alpha1", "jobs"
+#: The label Volcano's job controller puts on every pod of a Job.
+JOB_NAME_LABEL = "volcano.sh/job-name"
+
+PHASES = {
+    "Pending": JobState.PENDING,
+    "Running": JobState.RUNNING,
+    "Restarting": JobState.RUNNING,
+    "Completing": JobState.RUNNING,
+    "Aborting": JobState.RUNNING,
+    "Terminating": JobState.RUNNING,
+    "Completed": JobState.SUCCEEDED,
+    "Failed": JobState.FAILED,
+    "Terminated": JobState.FAILED,
+    "Aborted": JobState.CANCELLED,
+}
+
+
+def job_state(job: dict[str, Any]) -> JobState:
+    """Our state of a Volcano Job object (a Job being deleted is running until it is gone)."""
+    phase = ((job.get("status") or {}).get("state") or {}).get("phase") or "Pending"
+    state = PHASES.get(phase, JobState.PENDING)
+    if job["metadata"].get("deletionTimestamp") and state.active:
+        return JobState.RUNNING
+    return state
+
+
+def _terminated(pod: dict[str, Any]) -> list[tuple[str, dict[str, Any]]]:
+    statuses = (pod.get("status") or {}).get("containerStatuses") or []
+    return [(s["name"], s["state"]["terminated"]) for s in statuses if (s.get("state") or {}).get("terminated")]
+
+
+def pod_failure(pods: list[dict[str, Any]], namespace: str) -> str | None:
+    """What the first failed container said: pod, container, exit code, reason, message, a logs hint."""
+    for pod in sorted(pods, key=lambda p: p["metadata"]["name"]):
+        for container, terminated in _terminated(pod):
+            code = terminated.get("exitCode")
+            if not code:
+                continue
+            name = pod["metadata"]["name"]
+            parts = [f"pod {name} container {container} exited with code {code}"]
+            if terminated.get("reason"):
+                parts.append(f"({terminated['reason']})")
+            text = " ".join(parts)
+            if (terminated.get("message") or "").strip():
+                text += f": {terminated['message'].strip()}"
+            return f"{text}; see `kubectl logs -n {namespace} {name} -c {container}`"
+        reason = (pod.get("status") or {}).get("reason")
+        if (pod.get("status") or {}).get("phase") == "Failed" and reason:
+            message = (pod["status"].get("message") or "").strip()
+            return f"pod {pod['metadata']['name']} failed ({reason})" + (f": {message}" if message else "")
+    return None
+
+
+def job_failure(job: dict[str, Any], pods: list[dict[str, Any]]) -> str:
+    """A failed Job's message from what the cluster knows: its pods first, then Volcano's own state."""
+    meta = job["metadata"]
+    state = (job.get("status") or {}).get("state") or {}
+    found = pod_failure(pods, meta.get("namespace") or "default")
+    volcano = f"Volcano Job {meta['name']} is {state.get('phase', 'Failed')}"
+    detail = ": ".join(x for x in (state.get("reason"), state.get("message")) if x)
+    if detail:
+        volcano += f" ({detail})"
+    return f"{found}; {volcano}" if found else volcano
+
+
+class VolcanoJobs:
+    """The Volcano Jobs of a namespace through the Kubernetes API: get, pods of, delete."""
+
+    def __init__(self, api_client: Any = None) -> None:
+        from kubernetes import client
+
+        self.objects = client.CustomObjectsApi(api_client)
+        self.core = client.CoreV1Api(api_client)
+
+    def get(self, namespace: str, name: str) -> dict[str, Any] | None:
+        from kubernetes.client.rest import ApiException
+
+        try:
+            return self.objects.get_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, name)
+        except ApiException as error:
+            if error.status == 404:
+                return None
+            raise
+
+    def pods(self, namespace: str, name: str) -> list[dict[str, Any]]:
+        api_client = self.core.api_client
+        listing = self.core.list_namespaced_pod(namespace, label_selector=f"{JOB_NAME_LABEL}={name}")
+        return [api_client.sanitize_for_serialization(pod) for pod in listing.items]
+
+    def delete(self, namespace: str, name: str) -> None:
+        """Delete the Job and, before it disappears, its pods; a Job already gone is not an error."""
+        from kubernetes.client.rest import ApiException
+
+        try:
+            self.objects.delete_namespaced_custom_object(
+                GROUP, VERSION, namespace, PLURAL, name, propagation_policy="Foreground"
+            )
+        except ApiException as error:
+            if error.status != 404:
+                raise
+
+    def observe(self, namespace: str, name: str) -> JobObservation:
+        job = self.get(namespace, name)
+        if job is None:
+            return JobObservation(JobState.MISSING)
+        state = job_state(job)
+        if state is JobState.FAILED:
+            return JobObservation(state, job_failure(job, self.pods(namespace, name)))
+        return JobObservation(state)
