@@ -69,6 +69,8 @@ MAX_MEMORY_MIB = 4 * 1024 * 1024
 MAX_IMAGE = 512
 #: Longest URL or path a user may give (data shards, `prepare.path`).
 MAX_URL = 1024
+#: Run names: a DNS-1035 label (starts with a letter), as Services and host names need.
+DNS_LABEL_1035 = r"^[a-z]([-a-z0-9]*[a-z0-9])?$"
 #: Names of Kubernetes objects a pod refers to (DNS subdomains).
 DNS_SUBDOMAIN = r"^[a-z0-9]([-a-z0-9.]*[a-z0-9])?$"
 #: Largest seed (an unsigned 32-bit integer: numpy and torch take it).
@@ -864,7 +866,7 @@ class ObjectMeta(BaseModel):
 
     model_config = ConfigDict(extra="allow")
 
-    name: str = Field(min_length=1, max_length=MAX_RUN_NAME, pattern=r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
+    name: str = Field(min_length=1, max_length=MAX_RUN_NAME, pattern=DNS_LABEL_1035)
     namespace: str = "default"
     generation: int | None = None
     uid: str | None = None

@@ -32,7 +32,7 @@ from .api import JobStatus as JobRecord
 from .core import reasons
 from .core.planner import JobObservation, JobState, JobSubmitError
 from .core.render import JobRequest
-from .volcano import VolcanoJobs
+from .volcano import VolcanoJobs, check_names
 
 log = logging.getLogger(__name__)
 
@@ -300,6 +300,7 @@ class TorchXJobBackend:
         cfg = {"queue": context.queue, "namespace": context.namespace, "validate_spec": False}
         dryrun = self.runner.dryrun(app, "kubernetes", cfg=cfg)
         patch_volcano_job(dryrun.request.resource, request, context)
+        check_names(dryrun.request.resource)
         try:
             self.runner.schedule(dryrun)
         except ValueError as error:

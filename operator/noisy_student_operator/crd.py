@@ -134,7 +134,12 @@ def render_openapi_schema() -> dict[str, Any]:
                 "rule": f"size(self.metadata.name) <= {api.MAX_RUN_NAME}",
                 "message": f"metadata.name must be at most {api.MAX_RUN_NAME} characters "
                 "(child job names are derived from it)",
-            }
+            },
+            {
+                "rule": f"self.metadata.name.matches('{api.DNS_LABEL_1035}')",
+                "message": "metadata.name must be a DNS-1035 label: lowercase letters, digits and '-', "
+                "starting with a letter and ending with a letter or digit",
+            },
         ],
     }
 

@@ -15,9 +15,12 @@
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
-from .core.planner import JobObservation, JobState
+from . import api
+from .core import reasons
+from .core.planner import JobObservation, JobState, JobSubmitError
 
 GROUP, VERSION, PLURAL = "batch.volcano.sh", "v1alpha1", "jobs"
 #: The label Volcano's job controller puts on every pod of a Job.
@@ -35,6 +38,29 @@ PHASES = {
     "Terminated": JobState.FAILED,
     "Aborted": JobState.CANCELLED,
 }
+
+
+DNS_LABEL_1123 = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
+MAX_LABEL = 63
+
+
+def check_names(resource: dict[str, Any]) -> None:
+    """Refuse, before submitting, a Job whose derived names Volcano or Kubernetes would refuse.
+
+    Volcano names pods `<job>-<task>-<index>` (a DNS-1123 label, at most 63
+    characters: its admission webhook checks the last index), its `svc`
+    plugin names a Service and host names after the Job (a DNS-1035 label).
+    """
+    name = resource["metadata"]["name"]
+    problems = []
+    if len(name) > MAX_LABEL or not re.match(api.DNS_LABEL_1035, name):
+        problems.append(f"job name {name!r} is not a DNS-1035 label of at most {MAX_LABEL} characters")
+    for task in resource["spec"]["tasks"]:
+        pod = f"{name}-{task['name']}-{max(int(task.get('replicas', 1)) - 1, 0)}"
+        if len(pod) > MAX_LABEL or not DNS_LABEL_1123.match(pod):
+            problems.append(f"pod name {pod!r} is not a DNS-1123 label of at most {MAX_LABEL} characters")
+    if problems:
+        raise JobSubmitError("; ".join(problems), reasons.SUBMIT_REJECTED, permanent=True)
 
 
 def job_state(job: dict[str, Any]) -> JobState:

@@ -584,6 +584,14 @@ def test_run_name_longer_than_40_is_rejected_by_the_server(cluster, ns):
     assert error.value.status == 422 and "metadata.name must be at most 40" in error.value.body
 
 
+def test_run_name_that_is_not_a_dns_1035_label_is_rejected_by_the_server(cluster, ns):
+    from kubernetes.client.rest import ApiException
+
+    with pytest.raises(ApiException) as error:
+        Harness(cluster.client).create_run(ns, "2024-exp", spec("s3://bucket/runs/"))
+    assert error.value.status == 422 and "metadata.name must be a DNS-1035 label" in error.value.body
+
+
 def test_unknown_field_is_rejected_under_strict_field_validation(cluster, ns):
     from kubernetes import client as k8s
     from kubernetes.client.rest import ApiException

@@ -69,3 +69,46 @@ def test_local_failure_never_shows_torchx_placeholder():
     assert message.startswith("a process exited with an error; the log ends:")
     assert message.endswith("RuntimeError: CUDA out of memory")
     assert local_failure(None, None) == "a process exited with an error"
+
+
+def volcano_resource(name, tasks):
+    return {"metadata": {"name": name}, "spec": {"tasks": [{"name": t, "replicas": r} for t, r in tasks]}}
+
+
+def test_names_volcano_derives_are_checked_before_submit():
+    from noisy_student_operator.core.planner import JobSubmitError
+    from noisy_student_operator.volcano import check_names
+
+    check_names(volcano_resource("label-0123456789abcdef-12", [("label", 1024)]))
+    with pytest.raises(JobSubmitError, match="DNS-1035") as refused:
+        check_names(volcano_resource("2024-exp", [("teacher", 1)]))
+    assert refused.value.permanent
+    with pytest.raises(JobSubmitError, match="pod name 'x+-label-1023'"):
+        check_names(volcano_resource("x" * 53, [("label", 1024)]))
+
+
+def test_every_job_name_fits_for_any_admitted_run_name_and_large_attempts():
+    """Job names derive from stage keys, not from the run name: any run name fits."""
+    from noisy_student_operator.core.layout import BALANCE, LABEL, PREPARE, STUDENT, TEACHER, Stage, job_name
+    from noisy_student_operator.volcano import check_names
+
+    for kind in (PREPARE, TEACHER, LABEL, BALANCE, STUDENT):
+        name = job_name(Stage(3, kind), "f" * 16, 10**6)
+        check_names(volcano_resource(name, [(kind, 1024)]))  # 1,024 label shards or nodes
+
+
+def test_run_names_are_dns_1035_labels():
+    from noisy_student_operator.api import RunFileError, parse_run
+    from noisy_student_operator.crd import render_crd
+
+    rules = [r["rule"] for r in render_crd()["spec"]["versions"][0]["schema"]["openAPIV3Schema"]
+             ["x-kubernetes-validations"]]
+    assert any("self.metadata.name.matches(" in rule for rule in rules)
+    document = {"apiVersion": "noisystudent.dev/v1alpha1", "kind": "NoisyStudentRun",
+                "metadata": {"name": "2024-exp"},
+                "spec": {"data": {"labeled": "s3://d/l.tar", "unlabeled": "s3://d/u.tar",
+                                  "validation": "s3://d/v.tar", "numClasses": 10},
+                         "artifacts": {"uri": "s3://runs/"}, "teacher": {"model": "resnet18"},
+                         "students": [{"model": "resnet18"}]}}
+    with pytest.raises(RunFileError, match="metadata.name"):
+        parse_run(document)
