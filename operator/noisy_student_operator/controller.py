@@ -4,7 +4,10 @@
 (so concurrent hints and timers never act on a stale status), runs the shared
 observe → plan → act pass, posts the plan's Events, updates metrics, and
 writes the full status when it changed. Passes over the same run are
-serialised by a per-run lock.
+serialised by a per-run lock. Status writes carry the resourceVersion that
+was read: when another writer changed the run meanwhile (409), the pass is
+done again from a fresh read (its actions are idempotent), never written
+over what the other wrote.
 
 A pass that fails (the artifact store or the API server cannot be read)
 still reports: the run's `Ready` condition says why (`ArtifactStoreError`,
@@ -30,12 +33,15 @@ from .core import reasons
 from .core.conditions import is_true, set_condition
 from .core.keys import workload_identity
 from .core.planner import ACTIVE_STATES, CANCELLING, Plan, RunRef, Submit
+from .kube import Conflict
 from .reconcile import ArtifactStoreError, Reconciler, utcnow
 
 log = logging.getLogger(__name__)
 
 EventFn = Callable[[Any, str, str, str], None]
 RequeueFn = Callable[[str, str, float], None]
+#: Passes done again after a status write met a newer run, before the error is reported.
+CONFLICT_RETRIES = 3
 
 
 class InvalidRun(ValueError):
@@ -131,7 +137,9 @@ class RunController:
             if body is None or body["metadata"].get("deletionTimestamp"):
                 return None
             try:
-                plan = self._reconcile(body)
+                plan = self._reconcile_fresh(namespace, name, body)
+                if plan is None:
+                    return None
             except InvalidRun as error:
                 self._mark_invalid(body, error)
                 raise
@@ -179,6 +187,18 @@ class RunController:
             )
         return self.reconcilers[scheduler]
 
+    def _reconcile_fresh(self, namespace: str, name: str, body: dict[str, Any]) -> Plan | None:
+        """The pass, done again from a fresh read when its status write meets a newer run."""
+        for _ in range(CONFLICT_RETRIES):
+            try:
+                return self._reconcile(body)
+            except Conflict:
+                log.info("%s/%s changed during the pass; reading it again", namespace, name)
+                body = self.runs_api.get(namespace, name)
+                if body is None or body["metadata"].get("deletionTimestamp"):
+                    return None
+        return self._reconcile(body)
+
     def _reconcile(self, body: dict[str, Any]) -> Plan:
         run = self._ref(body)
         context = self._context(body, run.spec)
@@ -188,7 +208,7 @@ class RunController:
         new_status = plan.status.model_dump(mode="json", by_alias=True)
         old_status = run.status.model_dump(mode="json", by_alias=True)
         if new_status != old_status:
-            self.runs_api.patch_status(run.namespace, run.name, new_status)
+            self.runs_api.patch_status(run.namespace, run.name, new_status, body["metadata"].get("resourceVersion"))
         for event in plan.events:
             self.post_event(body, event.type, event.reason, event.message)
         return plan

@@ -17,6 +17,10 @@ def load_kube_config() -> None:
         config.load_kube_config()
 
 
+class Conflict(Exception):
+    """The run changed since it was read (HTTP 409 on a write with its resourceVersion)."""
+
+
 class RunsApi:
     """Get NoisyStudentRuns and patch their status subresource."""
 
@@ -35,7 +39,18 @@ class RunsApi:
                 return None
             raise
 
-    def patch_status(self, namespace: str, name: str, status: dict[str, Any]) -> None:
-        self.api.patch_namespaced_custom_object_status(
-            GROUP, VERSION, namespace, PLURAL, name, {"status": status}
-        )
+    def patch_status(
+        self, namespace: str, name: str, status: dict[str, Any], resource_version: str | None = None
+    ) -> None:
+        """Merge-patch the status; with `resource_version`, only if the run is unchanged since (else Conflict)."""
+        from kubernetes.client.rest import ApiException
+
+        body: dict[str, Any] = {"status": status}
+        if resource_version:
+            body["metadata"] = {"resourceVersion": resource_version}
+        try:
+            self.api.patch_namespaced_custom_object_status(GROUP, VERSION, namespace, PLURAL, name, body)
+        except ApiException as error:
+            if error.status == 409:
+                raise Conflict(f"{namespace}/{name} changed since it was read") from error
+            raise

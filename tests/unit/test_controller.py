@@ -12,6 +12,7 @@ from noisy_student_operator.controller import InvalidRun, RunController, Schedul
 from noisy_student_operator.core.keys import workload_identity
 from noisy_student_operator.core.layout import BALANCE, EXPORT, LABEL, STUDENT, TEACHER, RunLayout, Stage, job_name
 from noisy_student_operator.core.planner import JobState
+from noisy_student_operator.kube import Conflict
 from noisy_student_operator.reconcile import MarkerReader, Reconciler
 from noisy_student_workloads.store import open_store
 
@@ -27,15 +28,19 @@ class InMemoryRunsApi:
         body = copy.deepcopy(body)
         body["metadata"].setdefault("generation", 1)
         body["metadata"].setdefault("uid", "uid-1")
+        body["metadata"]["resourceVersion"] = "1"
         self.objects[(body["metadata"]["namespace"], body["metadata"]["name"])] = body
 
     def get(self, namespace, name):
         body = self.objects.get((namespace, name))
         return copy.deepcopy(body) if body else None
 
-    def patch_status(self, namespace, name, status):
-        self.patches += 1
+    def patch_status(self, namespace, name, status, resource_version=None):
         body = self.objects[(namespace, name)]
+        if resource_version is not None and resource_version != body["metadata"]["resourceVersion"]:
+            raise Conflict(f"{namespace}/{name} changed since it was read")
+        self.patches += 1
+        body["metadata"]["resourceVersion"] = str(int(body["metadata"]["resourceVersion"]) + 1)
         merged = dict(body.get("status") or {})
         for key, value in status.items():
             if value is None:

@@ -242,3 +242,38 @@ def test_quick_suspend_resume_never_runs_two_attempts_at_once(setup):
     assert [(j["attempt"], j["state"]) for j in jobs] == [(0, "Cancelled"), (1, "Pending")]
     assert backend.submissions == [first, name(layout, TEACHER_0, 1)]
     assert not controller.settled(api.get("ml", "demo"))
+
+
+# ----------------------------------------------------------------------------- concurrent writers
+
+
+class RacingRunsApi(InMemoryRunsApi):
+    """Another writer changes the run between each read and the operator's status write."""
+
+    def __init__(self, races):
+        super().__init__()
+        self.races = races
+
+    def get(self, namespace, name):
+        body = super().get(namespace, name)
+        if body is not None and self.races:
+            self.races -= 1
+            stored = self.objects[(namespace, name)]
+            stored["status"] = {**(stored.get("status") or {}), "otherWriter": self.races}
+            stored["metadata"]["resourceVersion"] = str(int(stored["metadata"]["resourceVersion"]) + 1)
+        return body
+
+
+def test_status_write_that_meets_a_newer_run_is_done_again_from_a_fresh_read(setup):
+    api, _, _, _, _, layout = setup
+    racing = RacingRunsApi(races=2)
+    racing.objects = api.objects
+    backend, events = InMemoryJobBackend(), []
+    controller = make_controller(racing, backend, Clock(), events, [])
+    controller.reconcile("ml", "demo")
+    status = racing.objects[("ml", "demo")]["status"]
+    assert status["otherWriter"] == 0  # what the other writer wrote is kept (a merge patch on its version)
+    assert status["jobs"][0]["name"] == name(layout, TEACHER_0)
+    assert backend.submissions == [name(layout, TEACHER_0)] * 3  # create-if-absent: one job
+    assert len(backend.jobs) == 1
+    assert [r for _, r, _ in events] == ["JobSubmitted"]  # Events of the pass that was written, once
