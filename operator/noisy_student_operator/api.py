@@ -837,7 +837,9 @@ class RunStatus(ApiModel):
     generation: int = Field(default=0, description="Generation in progress (0 = teacher).")
     stage: str = Field(default="Pending", description="Summary for `kubectl get`.")
     teacher_top1: float | None = Field(
-        default=None, description="Top-1 of the current teacher (the best promoted model)."
+        default=None,
+        description="Validation top-1 of the current teacher: the latest trained model, which the next "
+        "generation learns from (not necessarily the best; see `generations`).",
     )
     artifacts: str | None = Field(default=None, description="This run's artifact prefix.")
     model: str | None = Field(

@@ -651,10 +651,11 @@ def test_table_view_shows_the_printer_columns(h, ns, s3_prefix, cluster):
         header_params={"Accept": "application/json;as=Table;v=v1;g=meta.k8s.io"},
         auth_settings=["BearerToken"], response_types_map={200: "object"}, _return_http_data_only=True)
     columns = [c["name"] for c in response["columnDefinitions"]]
-    assert columns[:1] == ["Name"] and {"Generation", "Stage", "Teacher-Top1", "Age"} <= set(columns)
+    assert columns[:1] == ["Name"] and {"Generation", "Stage", "Teacher-Top1", "Ready", "Reason", "Age"} <= set(columns)
     row = dict(zip(columns, response["rows"][0]["cells"]))
     assert row["Name"] == run and row["Generation"] == 1 and row["Stage"] == "Labeling"
     assert row["Teacher-Top1"] == pytest.approx(0.7)
+    assert row["Ready"] == "False" and row["Reason"] == "StageRunning"
 
 
 def test_field_descriptions_are_published(cluster):

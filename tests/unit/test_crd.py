@@ -39,7 +39,7 @@ def test_schema_is_structural_and_described():
     assert version["subresources"] == {"status": {}}
     assert crd["spec"]["names"]["shortNames"] == ["nsr"]
     columns = [c["name"] for c in version["additionalPrinterColumns"]]
-    assert columns == ["Generation", "Stage", "Teacher-Top1", "Progress", "ETA", "Age"]
+    assert columns == ["Generation", "Stage", "Teacher-Top1", "Progress", "ETA", "Ready", "Reason", "Age"]
 
 
 def test_defaults_and_cel_rules_are_carried():

@@ -106,6 +106,7 @@ def test_refused_submission_fails_the_run_with_the_servers_message(setup):
     assert failed["status"] == "True" and failed["reason"] == "SubmitRejected"
     assert "unable to find job queue" in failed["message"]
     assert conditions(api)["Ready"]["status"] == "False"
+    assert conditions(api)["Ready"]["reason"] == "SubmitRejected"  # the Reason column of `kubectl get nsr`
     job = status["jobs"][0]
     assert job["state"] == "Failed" and job["reason"] == "SubmitRejected"
     assert [r for _, r, _ in events] == ["SubmitError", "RunFailed"]
@@ -126,6 +127,7 @@ def test_transient_submit_error_is_retried_with_backoff_to_the_second(setup):
     job = api.objects[("ml", "demo")]["status"]["jobs"][0]
     assert job["state"] == "Pending" and job["submitFailures"] == 1 and "503" in job["message"]
     assert conditions(api)["Progressing"]["reason"] == "WaitingForRetry"
+    assert conditions(api)["Ready"]["reason"] == "WaitingForRetry"
     assert requeues == [7.0]
     clock.now += timedelta(seconds=6)
     controller.reconcile("ml", "demo")  # the backoff has not run out: nothing is submitted

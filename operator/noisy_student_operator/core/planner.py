@@ -501,11 +501,13 @@ class _Pass:
             )
 
         running = state == "Running"
+        progress = reasons.WAITING_FOR_RETRY if self.next_retry_at else reasons.STAGE_RUNNING
+        # Ready's reason is the most specific one: `kubectl get nsr` shows it (the Reason column).
         put(reasons.READY, state == "Succeeded",
-            reasons.RUN_SUCCEEDED if state == "Succeeded" else reasons.IN_PROGRESS if running
-            else reasons.RUN_FAILED if state == "Failed" else reasons.RUN_SUSPENDED, detail)
+            reasons.RUN_SUCCEEDED if state == "Succeeded" else progress if running
+            else self.failure_reason if state == "Failed" else reasons.RUN_SUSPENDED, detail)
         put(reasons.PROGRESSING, running,
-            (reasons.WAITING_FOR_RETRY if self.next_retry_at else reasons.STAGE_RUNNING) if running
+            progress if running
             else reasons.COMPLETED if state == "Succeeded"
             else reasons.RUN_FAILED if state == "Failed" else reasons.RUN_SUSPENDED, detail)
         put(reasons.SUCCEEDED, state == "Succeeded",
