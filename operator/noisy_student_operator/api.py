@@ -710,6 +710,20 @@ class RunSpec(ApiModel):
         "(a fraction, e.g. 0.005) over its teacher's; the remaining generations are skipped, and the best "
         "model trained so far is exported.",
     )
+    pending_timeout_seconds: int | None = Field(
+        default=None,
+        ge=1,
+        le=30 * 86400,
+        description="Fail the run (reason PendingTimeout) when a job waits longer than this to start "
+        "(no quota, an image that cannot be pulled, a missing Secret); unset: wait as long as it takes.",
+    )
+    active_deadline_seconds: int | None = Field(
+        default=None,
+        ge=1,
+        le=365 * 86400,
+        description="Fail the run (reason DeadlineExceeded) when one job runs longer than this since it "
+        "was submitted; unset: no deadline.",
+    )
     suspend: bool = Field(
         default=False,
         description="Stop launching stages and cancel running jobs; false resumes where it stopped.",

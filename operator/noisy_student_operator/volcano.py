@@ -2,8 +2,8 @@
 
 * **Observe**: one GET of the Volcano Job per job and pass. TorchX's
   `describe` GETs the Job's status and then a pod per task; and its messages
-  are `<NONE>`. Only when a message is needed (the job failed) are its pods
-  listed, once, by Volcano's `volcano.sh/job-name` label.
+  are `<NONE>`. Only when a message is needed (the job failed, or waits to
+  start) are its pods listed, once, by Volcano's `volcano.sh/job-name` label.
 * **Cancel**: a DELETE with foreground propagation. The Job object stays
   (with a deletion timestamp) until the garbage collector has deleted its
   pods, so "gone" (404) means no pod of it runs any more. TorchX's cancel
@@ -99,6 +99,27 @@ def pod_failure(pods: list[dict[str, Any]], namespace: str) -> str | None:
     return None
 
 
+def pending_reason(job: dict[str, Any], pods: list[dict[str, Any]]) -> str:
+    """Why a Pending Job has not started: its first waiting pod's reason, else where Volcano stands."""
+    for pod in sorted(pods, key=lambda p: p["metadata"]["name"]):
+        status = pod.get("status") or {}
+        name = pod["metadata"]["name"]
+        for container in status.get("containerStatuses") or []:
+            waiting = (container.get("state") or {}).get("waiting")
+            if waiting and waiting.get("reason") not in (None, "ContainerCreating"):
+                message = (waiting.get("message") or "").strip()
+                return f"pod {name}: {waiting['reason']}" + (f": {message}" if message else "")
+        for condition in status.get("conditions") or []:
+            if condition.get("type") == "PodScheduled" and condition.get("status") == "False":
+                message = (condition.get("message") or "").strip()
+                return f"pod {name} is not scheduled ({condition.get('reason')})" + (
+                    f": {message}" if message else "")
+    queue = (job.get("spec") or {}).get("queue") or "default"
+    if not pods:
+        return f"Volcano has not created its pods yet (queue {queue}: waiting for enough resources)"
+    return f"{len(pods)} pod(s) created, none running yet (queue {queue})"
+
+
 def job_failure(job: dict[str, Any], pods: list[dict[str, Any]]) -> str:
     """A failed Job's message from what the cluster knows: its pods first, then Volcano's own state."""
     meta = job["metadata"]
@@ -154,4 +175,6 @@ class VolcanoJobs:
         state = job_state(job)
         if state is JobState.FAILED:
             return JobObservation(state, job_failure(job, self.pods(namespace, name)))
+        if state is JobState.PENDING:
+            return JobObservation(state, pending_reason(job, self.pods(namespace, name)))
         return JobObservation(state)

@@ -404,3 +404,33 @@ def test_status_carries_the_progress_of_the_running_training_stage():
     plan = plan_run(RunRef("demo", "ml", world.spec, plan.status, world.generation),
                     Observation(world.now, dict(world.jobs), world.markers(), progress={teacher: written}))
     assert plan.status.stage == "Labeling" and plan.status.progress is None
+
+
+def test_a_waiting_job_says_why_and_fails_the_run_after_pending_timeout():
+    world = World(make_run(pendingTimeoutSeconds=60))
+    world.step()
+    teacher = world.name(Stage(0, TEACHER))
+    world.jobs[teacher] = JobObservation(JobState.PENDING, "pod x: ImagePullBackOff: Back-off pulling image")
+    plan = world.step(10)
+    progressing = get_condition(plan.status.conditions, reasons.PROGRESSING)
+    assert progressing.reason == reasons.JOB_PENDING and "ImagePullBackOff" in progressing.message
+    assert get_condition(plan.status.conditions, reasons.READY).reason == reasons.JOB_PENDING
+    plan = world.step(60)
+    failed = get_condition(plan.status.conditions, reasons.FAILED)
+    assert failed.status == "True" and failed.reason == reasons.PENDING_TIMEOUT
+    assert "pendingTimeoutSeconds (60s)" in failed.message and "ImagePullBackOff" in failed.message
+    assert world.cancelled == [teacher]
+    assert [j.state for j in plan.status.jobs] == ["Cancelling"]
+    plan = world.step()  # the cancel is confirmed even though the run has failed
+    assert [j.state for j in plan.status.jobs] == ["Cancelled"]
+
+
+def test_a_job_running_past_active_deadline_is_cancelled_and_fails_the_run():
+    world = World(make_run(activeDeadlineSeconds=3600))
+    world.step()
+    plan = world.step(3000)
+    assert not is_true(plan.status.conditions, reasons.FAILED)
+    plan = world.step(601)
+    failed = get_condition(plan.status.conditions, reasons.FAILED)
+    assert failed.reason == reasons.DEADLINE_EXCEEDED and "activeDeadlineSeconds (3600s)" in failed.message
+    assert world.cancelled == [world.name(Stage(0, TEACHER))]

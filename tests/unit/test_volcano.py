@@ -112,3 +112,19 @@ def test_run_names_are_dns_1035_labels():
                          "students": [{"model": "resnet18"}]}}
     with pytest.raises(RunFileError, match="metadata.name"):
         parse_run(document)
+
+
+def test_pending_reason_is_the_first_waiting_pods_reason():
+    from noisy_student_operator.volcano import pending_reason
+
+    job = {"metadata": {"name": "j"}, "spec": {"queue": "gpu"}, "status": {"state": {"phase": "Pending"}}}
+    pulling = {"metadata": {"name": "j-teacher-0"}, "status": {"phase": "Pending", "containerStatuses": [
+        {"name": "teacher", "state": {"waiting": {"reason": "ImagePullBackOff",
+                                                  "message": 'Back-off pulling image "nope:1"'}}}]}}
+    unschedulable = {"metadata": {"name": "j-teacher-1"}, "status": {"phase": "Pending", "conditions": [
+        {"type": "PodScheduled", "status": "False", "reason": "Unschedulable",
+         "message": "0/3 nodes are available: 3 Insufficient nvidia.com/gpu."}]}}
+    assert pending_reason(job, [unschedulable, pulling]) == 'pod j-teacher-0: ImagePullBackOff: Back-off pulling image "nope:1"'
+    assert pending_reason(job, [unschedulable]) == (
+        "pod j-teacher-1 is not scheduled (Unschedulable): 0/3 nodes are available: 3 Insufficient nvidia.com/gpu.")
+    assert "queue gpu" in pending_reason(job, [])

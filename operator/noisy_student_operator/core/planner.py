@@ -279,6 +279,7 @@ class _Pass:
         self.next_retry_at: datetime | None = None
         self.failed_now: set[str] = set()  # jobs that failed in this pass (their Event is posted once)
         self.failure_reason = reasons.STAGE_FAILED
+        self.waiting: str | None = None  # why the current job has not started
 
     def retry_after_spec_change(self) -> None:
         """The spec changed after the run failed: earlier failures no longer count."""
@@ -304,6 +305,10 @@ class _Pass:
                 job.state = seen.state.value
                 if job.reason == reasons.SUBMIT_FAILED:  # the retried submission went through
                     job.reason = job.message = None
+                if seen.state is JobState.PENDING and seen.message:
+                    job.message = seen.message  # why it waits
+                elif seen.state is JobState.RUNNING and job.message and job.reason is None:
+                    job.message = None
                 continue
             job.state = "Succeeded" if seen.state is JobState.SUCCEEDED else "Failed"
             job.finished_at = self.now
@@ -428,6 +433,19 @@ class _Pass:
                 )
             )
 
+    def overdue(self, job: JobStatus) -> tuple[str, str] | None:
+        """(reason, why) when the job waited or ran past the spec's limits."""
+        if job.submitted_at is None:
+            return None
+        age = (self.now - job.submitted_at).total_seconds()
+        pending, deadline = self.spec.pending_timeout_seconds, self.spec.active_deadline_seconds
+        if job.state == "Pending" and pending is not None and age > pending:
+            waited = f"; it waits because {job.message}" if job.message else ""
+            return reasons.PENDING_TIMEOUT, f"did not start within pendingTimeoutSeconds ({pending}s){waited}"
+        if deadline is not None and age > deadline:
+            return reasons.DEADLINE_EXCEEDED, f"ran longer than activeDeadlineSeconds ({deadline}s)"
+        return None
+
     def wait_until(self, retry_at: datetime) -> None:
         self.next_retry_at = retry_at
         self.requeue_after = max((retry_at - self.now).total_seconds(), 0.0)
@@ -447,6 +465,14 @@ class _Pass:
             self.submit(stage, 0)
             return None
         if latest.state in ACTIVE_STATES:
+            overdue = self.overdue(latest)
+            if overdue is not None:
+                reason, why = overdue
+                self.cancel(latest, why)
+                latest.reason = self.failure_reason = reason
+                return f"Stage {stage.kind} of generation {stage.generation}: job {latest.name} {why}."
+            if latest.state == "Pending" and latest.message and not latest.submit_failures:
+                self.waiting = latest.message
             seen = self.observation.jobs.get(latest.name)
             unsubmitted = seen is None or seen.state is JobState.MISSING
             retry_at = self.run.status.next_retry_at
@@ -501,7 +527,8 @@ class _Pass:
             )
 
         running = state == "Running"
-        progress = reasons.WAITING_FOR_RETRY if self.next_retry_at else reasons.STAGE_RUNNING
+        progress = (reasons.WAITING_FOR_RETRY if self.next_retry_at
+                    else reasons.JOB_PENDING if self.waiting else reasons.STAGE_RUNNING)
         # Ready's reason is the most specific one: `kubectl get nsr` shows it (the Reason column).
         put(reasons.READY, state == "Succeeded",
             reasons.RUN_SUCCEEDED if state == "Succeeded" else progress if running
@@ -628,6 +655,8 @@ def plan_run(run: RunRef, observation: Observation) -> Plan:
     detail = f"Running {current.describe()}."
     if work.next_retry_at is not None:
         detail = f"Waiting to retry {current.describe()}."
+    elif work.waiting is not None:
+        detail = f"Waiting for the job of {current.describe()} to start: {work.waiting}."
     if any(j.state in ACTIVE_STATES for j in work.records(current)):
         work.progress = plan_progress(current, observation.progress.get(current))
     work.conditions_for("Running", current, detail)

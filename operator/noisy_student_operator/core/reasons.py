@@ -29,6 +29,13 @@ RECONCILE_ERROR = "ReconcileError"
 INVALID_SPEC = "InvalidSpec"
 SCHEDULER_NOT_SERVED = "SchedulerNotServed"
 
+#: The current job waits to start (queued, unschedulable, pulling an image); the message says why.
+JOB_PENDING = "JobPending"
+#: A job waited longer than `pendingTimeoutSeconds` to start.
+PENDING_TIMEOUT = "PendingTimeout"
+#: A job ran longer than `activeDeadlineSeconds`.
+DEADLINE_EXCEEDED = "DeadlineExceeded"
+
 # Event reasons
 JOB_SUBMITTED = "JobSubmitted"
 JOB_CANCELLED = "JobCancelled"
