@@ -678,6 +678,13 @@ class RetrySpec(ApiModel):
     max_backoff_seconds: int = Field(
         default=600, ge=0, le=86400, description="Upper bound of the delay."
     )
+    disruption_limit: int = Field(
+        default=10,
+        ge=0,
+        le=1000,
+        description="Retries per stage after disruptions (eviction, preemption, node loss, a job aborted "
+        "outside the operator); retried at once and not counted against `limit`.",
+    )
 
 
 class RunSpec(ApiModel):

@@ -77,26 +77,63 @@ def _terminated(pod: dict[str, Any]) -> list[tuple[str, dict[str, Any]]]:
     return [(s["name"], s["state"]["terminated"]) for s in statuses if (s.get("state") or {}).get("terminated")]
 
 
-def pod_failure(pods: list[dict[str, Any]], namespace: str) -> str | None:
-    """What the first failed container said: pod, container, exit code, reason, message, a logs hint."""
-    for pod in sorted(pods, key=lambda p: p["metadata"]["name"]):
+#: Pod `status.reason`s of a pod that the cluster, not the workload, ended.
+DISRUPTED_POD_REASONS = ("Evicted", "Preempted", "NodeLost", "NodeShutdown", "Shutdown", "Terminated")
+#: The workloads exit with 2 on a configuration error (`noisy_student_workloads.stage`).
+CONFIG_ERROR_EXIT_CODE = 2
+
+
+def _disruption(pod: dict[str, Any]) -> str | None:
+    """Why the cluster ended this pod (DisruptionTarget condition, eviction, node loss), if it did."""
+    status = pod.get("status") or {}
+    for condition in status.get("conditions") or []:
+        if condition.get("type") == "DisruptionTarget" and condition.get("status") == "True":
+            return ": ".join(x for x in (condition.get("reason"), (condition.get("message") or "").strip()) if x)
+    if status.get("reason") in DISRUPTED_POD_REASONS:
+        return ": ".join(x for x in (status["reason"], (status.get("message") or "").strip()) if x)
+    return None
+
+
+def pod_failure(pods: list[dict[str, Any]], namespace: str) -> tuple[str, str | None] | None:
+    """(message, reason) of the first failed pod: disrupted, failed container (exit code, reason,
+    message, a logs hint), or failed pod; reason is DISRUPTED, INVALID_CONFIG or None."""
+    ordered = sorted(pods, key=lambda p: p["metadata"]["name"])
+    for pod in ordered:  # a disruption explains the other pods' failures (the gang lost a member)
+        disruption = _disruption(pod)
+        if disruption:
+            return f"pod {pod['metadata']['name']} was disrupted ({disruption})", reasons.DISRUPTED
+    for pod in ordered:
+        name = pod["metadata"]["name"]
         for container, terminated in _terminated(pod):
             code = terminated.get("exitCode")
             if not code:
                 continue
-            name = pod["metadata"]["name"]
-            parts = [f"pod {name} container {container} exited with code {code}"]
+            text = f"pod {name} container {container} exited with code {code}"
             if terminated.get("reason"):
-                parts.append(f"({terminated['reason']})")
-            text = " ".join(parts)
+                text += f" ({terminated['reason']})"
             if (terminated.get("message") or "").strip():
                 text += f": {terminated['message'].strip()}"
-            return f"{text}; see `kubectl logs -n {namespace} {name} -c {container}`"
-        reason = (pod.get("status") or {}).get("reason")
-        if (pod.get("status") or {}).get("phase") == "Failed" and reason:
-            message = (pod["status"].get("message") or "").strip()
-            return f"pod {pod['metadata']['name']} failed ({reason})" + (f": {message}" if message else "")
+            reason = reasons.INVALID_CONFIG if code == CONFIG_ERROR_EXIT_CODE else None
+            return f"{text}; see `kubectl logs -n {namespace} {name} -c {container}`", reason
+        status = pod.get("status") or {}
+        if status.get("phase") == "Failed" and status.get("reason"):
+            message = (status.get("message") or "").strip()
+            return f"pod {name} failed ({status['reason']})" + (f": {message}" if message else ""), None
     return None
+
+
+def job_failure(job: dict[str, Any], pods: list[dict[str, Any]]) -> tuple[str, str | None]:
+    """A failed Job's (message, reason) from what the cluster knows: its pods first, then Volcano's state."""
+    meta = job["metadata"]
+    state = (job.get("status") or {}).get("state") or {}
+    found = pod_failure(pods, meta.get("namespace") or "default")
+    volcano = f"Volcano Job {meta['name']} is {state.get('phase', 'Failed')}"
+    detail = ": ".join(x for x in (state.get("reason"), state.get("message")) if x)
+    if detail:
+        volcano += f" ({detail})"
+    if found is None:
+        return volcano, None
+    return f"{found[0]}; {volcano}", found[1]
 
 
 def pending_reason(job: dict[str, Any], pods: list[dict[str, Any]]) -> str:
@@ -118,18 +155,6 @@ def pending_reason(job: dict[str, Any], pods: list[dict[str, Any]]) -> str:
     if not pods:
         return f"Volcano has not created its pods yet (queue {queue}: waiting for enough resources)"
     return f"{len(pods)} pod(s) created, none running yet (queue {queue})"
-
-
-def job_failure(job: dict[str, Any], pods: list[dict[str, Any]]) -> str:
-    """A failed Job's message from what the cluster knows: its pods first, then Volcano's own state."""
-    meta = job["metadata"]
-    state = (job.get("status") or {}).get("state") or {}
-    found = pod_failure(pods, meta.get("namespace") or "default")
-    volcano = f"Volcano Job {meta['name']} is {state.get('phase', 'Failed')}"
-    detail = ": ".join(x for x in (state.get("reason"), state.get("message")) if x)
-    if detail:
-        volcano += f" ({detail})"
-    return f"{found}; {volcano}" if found else volcano
 
 
 class VolcanoJobs:
@@ -174,7 +199,8 @@ class VolcanoJobs:
             return JobObservation(JobState.MISSING)
         state = job_state(job)
         if state is JobState.FAILED:
-            return JobObservation(state, job_failure(job, self.pods(namespace, name)))
+            message, reason = job_failure(job, self.pods(namespace, name))
+            return JobObservation(state, message, reason)
         if state is JobState.PENDING:
             return JobObservation(state, pending_reason(job, self.pods(namespace, name)))
         return JobObservation(state)

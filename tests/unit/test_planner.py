@@ -434,3 +434,39 @@ def test_a_job_running_past_active_deadline_is_cancelled_and_fails_the_run():
     failed = get_condition(plan.status.conditions, reasons.FAILED)
     assert failed.reason == reasons.DEADLINE_EXCEEDED and "activeDeadlineSeconds (3600s)" in failed.message
     assert world.cancelled == [world.name(Stage(0, TEACHER))]
+
+
+def test_disruptions_are_retried_at_once_on_their_own_budget():
+    world = World(make_run(retry={"limit": 0, "disruptionLimit": 2}))
+    world.step()
+    for attempt in range(3):
+        name = world.name(Stage(0, TEACHER), attempt)
+        world.jobs[name] = JobObservation(JobState.FAILED, f"pod {name}-teacher-0-0 was disrupted (Evicted)",
+                                          reasons.DISRUPTED)
+        plan = world.step()
+        if attempt < 2:  # retried at once, and retry.limit 0 is not used up
+            assert world.submitted[-1] == world.name(Stage(0, TEACHER), attempt + 1)
+            assert [e.reason for e in plan.events if e.type == "Warning"] == [reasons.JOB_DISRUPTED]
+            assert not is_true(plan.status.conditions, reasons.FAILED)
+    failed = get_condition(plan.status.conditions, reasons.FAILED)
+    assert failed.status == "True" and failed.reason == reasons.TOO_MANY_DISRUPTIONS
+
+
+def test_a_job_aborted_outside_the_operator_is_a_disruption():
+    world = World(make_run(retry={"limit": 0}))
+    world.step()
+    world.jobs[world.name(Stage(0, TEACHER))] = JobObservation(JobState.CANCELLED)
+    world.step()
+    assert world.submitted[-1] == world.name(Stage(0, TEACHER), 1)
+    assert [j.reason for j in world.status.jobs] == [reasons.DISRUPTED, None]
+
+
+def test_a_configuration_error_is_not_retried():
+    world = World(make_run(retry={"limit": 5}))
+    world.step()
+    world.jobs[world.name(Stage(0, TEACHER))] = JobObservation(
+        JobState.FAILED, "pod x container teacher exited with code 2 (Error): ConfigError: ...", reasons.INVALID_CONFIG)
+    plan = world.step()
+    failed = get_condition(plan.status.conditions, reasons.FAILED)
+    assert failed.status == "True" and failed.reason == reasons.INVALID_CONFIG and "ConfigError" in failed.message
+    assert len(world.submitted) == 1

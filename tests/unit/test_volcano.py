@@ -46,7 +46,8 @@ def test_aborting_and_a_job_being_deleted_still_run():
 def test_failure_message_names_the_pod_exit_code_reason_and_a_logs_hint():
     pods = [pod("demo-g0-teacher-abc-teacher-1", 0, "Completed", phase="Succeeded"),
             pod("demo-g0-teacher-abc-teacher-0", 137, "OOMKilled")]
-    message = job_failure(vcjob("Failed", reason="PodFailed", message="task teacher failed"), pods)
+    message, reason = job_failure(vcjob("Failed", reason="PodFailed", message="task teacher failed"), pods)
+    assert reason is None  # an OOM kill is a failure: retried within retry.limit
     assert message.startswith("pod demo-g0-teacher-abc-teacher-0 container teacher exited with code 137 (OOMKilled)")
     assert "kubectl logs -n ml demo-g0-teacher-abc-teacher-0 -c teacher" in message
     assert "Volcano Job demo-g0-teacher-abc is Failed (PodFailed: task teacher failed)" in message
@@ -54,12 +55,24 @@ def test_failure_message_names_the_pod_exit_code_reason_and_a_logs_hint():
 
 
 def test_failure_message_quotes_the_termination_message_and_evictions():
-    written = job_failure(vcjob("Failed"), [pod("p-0", 2, message="ValueError: spec.data.numClasses must be 10")])
-    assert "exited with code 2 (Error): ValueError: spec.data.numClasses must be 10" in written
-    evicted = {"metadata": {"name": "p-0"}, "status": {"phase": "Failed", "reason": "Evicted",
+    written, reason = job_failure(vcjob("Failed"), [pod("p-0", 2, message="ConfigError: num_classes: 10 but ...")])
+    assert "exited with code 2 (Error): ConfigError: num_classes: 10 but ..." in written
+    assert reason == "InvalidConfig"  # the workloads exit 2 on a configuration error: not retried
+    assert job_failure(vcjob("Failed"), []) == ("Volcano Job demo-g0-teacher-abc is Failed", None)
+
+
+def test_evictions_preemptions_and_node_loss_are_disruptions():
+    evicted = {"metadata": {"name": "p-1"}, "status": {"phase": "Failed", "reason": "Evicted",
                                                         "message": "The node was low on resource: memory."}}
-    assert job_failure(vcjob("Failed"), [evicted]).startswith("pod p-0 failed (Evicted): The node was low")
-    assert job_failure(vcjob("Failed"), []) == "Volcano Job demo-g0-teacher-abc is Failed"
+    preempted = {"metadata": {"name": "p-1"}, "status": {"phase": "Failed", "conditions": [
+        {"type": "DisruptionTarget", "status": "True", "reason": "PreemptionByScheduler",
+         "message": "Preempted in order to admit critical pod"}]}}
+    lost = {"metadata": {"name": "p-1"}, "status": {"phase": "Failed", "reason": "NodeLost"}}
+    for disrupted, says in ((evicted, "Evicted: The node was low"), (preempted, "PreemptionByScheduler: Preempted"),
+                            (lost, "NodeLost")):
+        # The gang's other pod exited 1 because its peer vanished: the disruption explains it.
+        message, reason = job_failure(vcjob("Failed"), [pod("p-0", 1), disrupted])
+        assert reason == "Disrupted" and message.startswith(f"pod p-1 was disrupted ({says}"), message
 
 
 def test_local_failure_never_shows_torchx_placeholder():

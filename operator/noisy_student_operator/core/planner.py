@@ -82,6 +82,8 @@ SUPERSEDED = "Superseded"
 class JobObservation:
     state: JobState
     message: str | None = None
+    #: Why it failed, when the backend can tell: `reasons.DISRUPTED`, `reasons.INVALID_CONFIG`.
+    reason: str | None = None
 
 
 @dataclass(frozen=True)
@@ -312,10 +314,12 @@ class _Pass:
                 continue
             job.state = "Succeeded" if seen.state is JobState.SUCCEEDED else "Failed"
             job.finished_at = self.now
-            if seen.state is JobState.CANCELLED:
-                job.message = seen.message or "the job was cancelled outside the operator"
+            if seen.state is JobState.CANCELLED:  # aborted by someone else: a disruption
+                job.message = seen.message or "the job was aborted outside the operator"
+                job.reason = reasons.DISRUPTED
             elif seen.state is JobState.FAILED:
                 job.message = seen.message or "the job failed"
+                job.reason = seen.reason
             if job.state == "Failed":
                 self.failed_now.add(job.name)
 
@@ -489,13 +493,18 @@ class _Pass:
         if latest.state in ("Cancelled", SUPERSEDED):
             self.submit(stage, latest.attempt + 1)
             return None
-        failures = sum(1 for j in records if j.state == "Failed")
+        failures = sum(1 for j in records if j.state == "Failed" and j.reason != reasons.DISRUPTED)
         if latest.finished_at is None:
             latest.finished_at = self.now
         message = latest.message or "the job failed"
-        if latest.reason == reasons.SUBMIT_REJECTED:
+        if latest.reason in reasons.PERMANENT_FAILURES:
             self.failure_reason = latest.reason
-            return f"Stage {stage.kind} of generation {stage.generation} could not be submitted: {message}"
+            if latest.reason == reasons.SUBMIT_REJECTED:
+                return f"Stage {stage.kind} of generation {stage.generation} could not be submitted: {message}"
+            return (f"Stage {stage.kind} of generation {stage.generation} failed and is not retried "
+                    f"(its configuration is wrong): {message} (job {latest.name}).")
+        if latest.reason == reasons.DISRUPTED:
+            return self.retry_disruption(stage, records, latest, message)
         if failures > self.spec.retry.limit:
             return (
                 f"Stage {stage.kind} of generation {stage.generation} failed after {failures} attempts: "
@@ -513,6 +522,20 @@ class _Pass:
                 f"{self.spec.retry.limit} at {retry_at.isoformat()}.",
             )
         self.wait_until(retry_at)
+        return None
+
+    def retry_disruption(self, stage: Stage, records: list[JobStatus], latest: JobStatus, message: str) -> str | None:
+        """Evicted, preempted, lost with a node, aborted outside: retried at once, on its own budget."""
+        disruptions = sum(1 for j in records if j.state == "Failed" and j.reason == reasons.DISRUPTED)
+        limit = self.spec.retry.disruption_limit
+        if disruptions > limit:
+            self.failure_reason = reasons.TOO_MANY_DISRUPTIONS
+            return (f"Stage {stage.kind} of generation {stage.generation} was disrupted {disruptions} times "
+                    f"(retry.disruptionLimit {limit}): {message} (job {latest.name}).")
+        if latest.name in self.failed_now:
+            self.event("Warning", reasons.JOB_DISRUPTED,
+                       f"Job {latest.name} was disrupted: {message}; retrying ({disruptions} of {limit}).")
+        self.submit(stage, latest.attempt + 1)
         return None
 
     # -- report ----------------------------------------------------------------

@@ -36,10 +36,21 @@ PENDING_TIMEOUT = "PendingTimeout"
 #: A job ran longer than `activeDeadlineSeconds`.
 DEADLINE_EXCEEDED = "DeadlineExceeded"
 
+#: A job's pods were evicted, preempted or lost with their node, or the job was aborted
+#: outside the operator: retried with its own budget (`retry.disruptionLimit`).
+DISRUPTED = "Disrupted"
+#: More disruptions of one stage than `retry.disruptionLimit`.
+TOO_MANY_DISRUPTIONS = "TooManyDisruptions"
+#: The workload exited with code 2: its configuration is wrong, and a retry would fail the same way.
+INVALID_CONFIG = "InvalidConfig"
+#: Failures that no retry can help: the run fails at once.
+PERMANENT_FAILURES = (SUBMIT_REJECTED, INVALID_CONFIG)
+
 # Event reasons
 JOB_SUBMITTED = "JobSubmitted"
 JOB_CANCELLED = "JobCancelled"
 JOB_FAILED = "JobFailed"
+JOB_DISRUPTED = "JobDisrupted"
 SUBMIT_ERROR = "SubmitError"
 JOB_RESUBMITTED = "JobResubmitted"
 STAGE_COMPLETED = "StageCompleted"
