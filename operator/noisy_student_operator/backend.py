@@ -10,8 +10,9 @@
   Jobs are observed (one GET each) and cancelled (DELETE, confirmed when
   gone) through `volcano.VolcanoJobs`, not TorchX's describe and cancel.
 * `local_cwd` — processes on this host, for the local runner. Handles are only
-  valid in the process that launched them, so a job this process does not know
-  is reported missing and resubmitted by the planner.
+  valid in the process that launched them; a job this process does not know
+  is adopted while processes tagged with its name still run (`processes`:
+  never a second copy), else reported missing and resubmitted by the planner.
 
 Tests use `InMemoryJobBackend`, which implements the same interface.
 """
@@ -27,6 +28,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
+from . import processes
 from .api import API_VERSION, KIND, PlacementFields
 from .api import JobStatus as JobRecord
 from .core import reasons
@@ -312,13 +314,21 @@ class TorchXJobBackend:
 
     # -- local_cwd -------------------------------------------------------------
 
+    def _local_tag(self, name: str) -> str:
+        return processes.tag(self.local_root or default_local_root(), name)
+
     def _submit_local(self, request: JobRequest, context: JobContext) -> str:
         from noisy_student_workloads.components import local_env
 
+        leftovers = processes.find(self._local_tag(request.name))
+        if leftovers:  # started by a driver that died: adopt them, never start a second copy
+            log.warning("adopting %s: its processes %s outlived the driver that started them", request.name, leftovers)
+            return f"adopted://{request.name}"
         root = self.local_root or default_local_root()
         workdir = root / "work"
         workdir.mkdir(parents=True, exist_ok=True)
-        env = local_env({"PYTHONUNBUFFERED": "1", **context.job_env()})
+        env = local_env({"PYTHONUNBUFFERED": "1", **context.job_env(),
+                         processes.ENV_TAG: self._local_tag(request.name)})
         app = render_app(request, str(workdir), env)
         cfg = {"log_dir": str(root / "logs")}
         dryrun = self.runner.dryrun(app, "local_cwd", cfg=cfg)
@@ -352,7 +362,10 @@ class TorchXJobBackend:
             handle = self._handle(job, context)
             status = self.runner.status(handle) if handle else None
             if status is None:
-                observed[job.name] = JobObservation(JobState.MISSING)
+                leftovers = processes.find(self._local_tag(job.name))
+                observed[job.name] = JobObservation(
+                    JobState.RUNNING, f"adopted: processes {leftovers} of an earlier driver still run"
+                ) if leftovers else JobObservation(JobState.MISSING)
                 continue
             state = _state_of(status.state)
             message = None
@@ -369,6 +382,7 @@ class TorchXJobBackend:
         handle = self._handle(job, context)
         if handle is not None:
             self.runner.cancel(handle)
+        processes.end(processes.find(self._local_tag(job.name)))  # adopted ones too
 
     def log_tail(self, job: JobRecord, lines: int = 40) -> str | None:
         log_dir = self._log_dirs.get(job.name)

@@ -1,0 +1,61 @@
+"""Local job processes outlive a killed driver: a restarted one adopts them and never starts a second copy.
+
+Real processes: a replica is a session leader with a child (as torchrun and
+its worker are), tagged as `TorchXJobBackend` tags local jobs.
+"""
+
+import os
+import subprocess
+import sys
+import time
+
+import pytest
+
+from noisy_student_operator import processes
+from noisy_student_operator.api import JobStatus
+from noisy_student_operator.backend import JobContext, TorchXJobBackend
+from noisy_student_operator.core.layout import TEACHER, Stage
+from noisy_student_operator.core.planner import JobState
+from noisy_student_operator.core.render import JobRequest
+
+pytestmark = pytest.mark.skipif(not processes.PROC.is_dir(), reason="needs /proc (Linux)")
+
+JOB = "teacher-0123456789abcdef"
+
+
+def start_replica(root, job=JOB):
+    """What TorchX's local_cwd starts: a new session (torchrun) with a worker child."""
+    env = {**os.environ, processes.ENV_TAG: processes.tag(root, job)}
+    script = "import subprocess, sys, time; subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(120)']); time.sleep(120)"
+    return subprocess.Popen([sys.executable, "-c", script], env=env, start_new_session=True)
+
+
+def wait_for(probe, timeout=20.0):
+    deadline = time.monotonic() + timeout
+    while not (value := probe()):
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.05)
+    return value
+
+
+def test_a_restarted_driver_adopts_leftover_processes_and_ends_them_on_cancel(tmp_path):
+    replica = start_replica(tmp_path)
+    try:
+        pids = wait_for(lambda: (p := processes.find(processes.tag(tmp_path, JOB))) and len(p) == 2 and p)
+        assert replica.pid in pids
+        assert processes.find(processes.tag(tmp_path, "label-other")) == []
+        # A new driver (the old one was SIGKILLed): it has no TorchX handle of the job.
+        backend = TorchXJobBackend("local_cwd", local_root=tmp_path)
+        record, context = JobStatus(name=JOB, stage=TEACHER, generation=0), JobContext(run="demo", namespace="ml")
+        seen = backend.observe([record], context)[JOB]
+        assert seen.state is JobState.RUNNING and "adopted" in seen.message
+        request = JobRequest(name=JOB, stage=Stage(0, TEACHER), attempt=0, component="train")
+        assert backend.submit(request, context) == f"adopted://{JOB}"  # nothing started
+        assert sorted(processes.find(processes.tag(tmp_path, JOB))) == pids
+        backend.cancel(record, context)
+        replica.wait(timeout=20)
+        wait_for(lambda: processes.find(processes.tag(tmp_path, JOB)) == [])  # the worker too
+        assert backend.observe([record], context)[JOB].state is JobState.MISSING
+    finally:
+        processes.end([replica.pid], 9)
+        replica.wait(timeout=20)
