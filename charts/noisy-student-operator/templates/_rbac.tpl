@@ -30,8 +30,9 @@ namespace.
 - apiGroups: [batch.volcano.sh]
   resources: [jobs]
   verbs: [create, get, list, watch, delete]
-# A failed Job's message names the failed pod, its exit code and reason: the
-# Job's pods are listed (by Volcano's job-name label) when it fails.
+# A failed Job's message names the failed pod, its exit code and reason, and
+# a waiting Job's says why it waits: the Job's pods are listed (by Volcano's
+# job-name label) when it fails or is Pending.
 - apiGroups: [""]
   resources: [pods]
   verbs: [list]
