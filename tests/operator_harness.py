@@ -421,6 +421,24 @@ class Harness:
             self.core.patch_namespaced_pod(pod["metadata"]["name"], namespace,
                                            {"metadata": {"annotations": annotations}})
 
+    def evict_pods(self, namespace: str, job: str) -> None:
+        """What a kubelet under memory pressure does: every running pod Failed/Evicted, with the
+        `DisruptionTarget` condition (reason TerminationByKubelet) and its containers killed (137)."""
+        now = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+        for pod in self.running_pods(namespace, job):
+            containers = [{"name": c["name"], "image": c["image"], "ready": False, "restartCount": 0,
+                           "imageID": c.get("imageID", ""), "containerID": c.get("containerID"),
+                           "state": {"terminated": {"exitCode": 137, "reason": "Error", "finishedAt": now,
+                                                    "startedAt": (c.get("state") or {}).get("running", {}).get(
+                                                        "startedAt", now)}}}
+                          for c in pod["status"]["containerStatuses"]]
+            body = {"status": {
+                "phase": "Failed", "reason": "Evicted", "message": "The node was low on resource: memory.",
+                "conditions": [{"type": "DisruptionTarget", "status": "True", "reason": "TerminationByKubelet",
+                                "message": "The node was low on resource: memory.", "lastTransitionTime": now}],
+                "containerStatuses": containers}}
+            self.core.patch_namespaced_pod_status(pod["metadata"]["name"], namespace, body)
+
     def hold_pods(self, namespace: str, job: str, hold: bool = True) -> None:
         """Keep the Job's pods in the API after they are deleted (a finalizer), as a slow node does.
 

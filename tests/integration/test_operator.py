@@ -688,3 +688,104 @@ def test_audit_log_sees_the_operator(h, cluster):
     assert ("noisystudent.dev", "noisystudentruns", "watch") in permissions
     assert ("batch.volcano.sh", "jobs", "create") in permissions
     assert not any(resource.startswith("secrets") for _, resource, _ in permissions)
+
+
+# ----------------------------------------------------------------------------- (f) disruptions and chaos
+
+
+FINISHED_PHASES = ("Completed", "Failed", "Aborted", "Terminated")
+
+
+def test_evicted_job_is_retried_without_using_the_retry_limit(h, ns, s3_prefix):
+    run = "evicted"
+    h.create_run(ns, run, spec(s3_prefix, students=1, retry={"limit": 0, "backoffSeconds": 1}))
+    seen: set[str] = set()
+    first = h.next_job(ns, run, seen, STEP)["metadata"]["name"]
+    h.running_pods(ns, first)
+    h.evict_pods(ns, first)
+    second = h.next_job(ns, run, seen, STEP)
+    assert second["metadata"]["name"] == h.job_name(ns, run, Stage(0, TEACHER), 1)
+    status = h.status(ns, run)
+    evicted = next(j for j in status["jobs"] if j["name"] == first)
+    assert evicted["state"] == "Failed" and evicted["reason"] == "Disrupted", evicted
+    assert "was disrupted (TerminationByKubelet: The node was low on resource: memory.)" in evicted["message"]
+    assert not is_true(status, "Failed")
+    h.complete(ns, second)
+    for _ in range(3):  # label, balance, student
+        h.complete(ns, h.next_job(ns, run, seen, STEP))
+    h.wait_run(ns, run, lambda s: s.get("stage") == "Succeeded", STEP, "Succeeded")
+    assert Counter(e.reason for e in h.events(ns, run))["JobDisrupted"] == 1
+
+
+def test_chaos_operator_killed_20_times_with_failures_and_evictions(h, ns, s3_prefix):
+    """Several runs, the operator SIGKILLed at random moments, injected failures and evictions:
+    every run Succeeds, no stage ever has two live jobs, attempts = injected failures + evictions + 1."""
+    import random
+    import threading
+
+    rng = random.Random(11)
+    runs = [f"chaos-{i}" for i in range(3)]
+    for i, run in enumerate(runs):
+        h.create_run(ns, run, spec(s3_prefix, students=1, training={"seed": i},
+                                   retry={"limit": 3, "backoffSeconds": 1, "maxBackoffSeconds": 1}))
+    expected_jobs = {run: h.job_names(ns, run) for run in runs}
+    assert len({name for names in expected_jobs.values() for name in names}) == 4 * len(runs)
+
+    kills = 0
+    stop = threading.Event()
+
+    def chaos() -> None:
+        nonlocal kills
+        while not stop.is_set():
+            time.sleep(rng.uniform(0.3, 2.0))
+            h.operator.kill()
+            kills += 1
+            time.sleep(rng.uniform(0.0, 0.5))
+            h.operator.start()
+
+    killer = threading.Thread(target=chaos, daemon=True)
+    killer.start()
+    injected: Counter[str] = Counter()  # by stage key
+    handled: set[str] = set()
+    deadline = time.monotonic() + 15 * STEP
+    try:
+        while True:
+            assert time.monotonic() < deadline, f"chaos: runs not done; kills {kills}\n{h.operator.log_tail()}"
+            jobs = h.jobs(ns)
+            live = Counter(j["metadata"]["labels"]["noisystudent.dev/stage-key"] for j in jobs
+                           if job_phase(j) not in FINISHED_PHASES)
+            assert max(live.values(), default=0) <= 1, f"a stage has two live jobs: {live}"
+            statuses = {run: h.status(ns, run) for run in runs}
+            if all(s.get("stage") == "Succeeded" for s in statuses.values()):
+                break
+            for job in jobs:
+                name = job["metadata"]["name"]
+                if name in handled or job_phase(job) != "Running":
+                    continue
+                key = job["metadata"]["labels"]["noisystudent.dev/stage-key"]
+                handled.add(name)
+                roll = rng.random()
+                if injected[key] < 2 and roll < 0.2:
+                    injected[key] += 1
+                    h.exit_pods(ns, name, 1, "chaos: injected failure")
+                elif injected[key] < 2 and roll < 0.35:
+                    injected[key] += 1
+                    h.evict_pods(ns, name)
+                else:
+                    while kills < min(20, 2 * len(handled)):  # about two kills per job, 20 at least
+                        time.sleep(0.2)
+                    h.complete(ns, job)
+            time.sleep(0.2)
+    finally:
+        stop.set()
+        killer.join(timeout=STEP)
+        if not h.operator.running:
+            h.operator.start()
+    assert kills >= 20
+    assert sum(injected.values()) >= 3
+    per_key = Counter(j["metadata"]["labels"]["noisystudent.dev/stage-key"] for j in h.jobs(ns))
+    for run in runs:
+        for job in expected_jobs[run]:
+            key = next(j["metadata"]["labels"]["noisystudent.dev/stage-key"]
+                       for j in h.jobs(ns, run) if j["metadata"]["name"].startswith(job))
+            assert per_key[key] == injected[key] + 1, (job, per_key[key], injected[key])
