@@ -181,8 +181,10 @@ class Reconciler:
         status = plan.status
         for name, error in errors.items():
             status = record_submit_error(run.spec, status, name, error, observation.now)
+        # Planned again on what happened; its actions were this pass's already (nothing more is done).
         again = plan_run(dataclasses.replace(run, status=status), observation)
-        return Plan(again.status, plan.actions + again.actions, plan.events + again.events, again.requeue_after)
+        done = [a for a in plan.actions if not (isinstance(a, Submit) and a.request.name in errors)]
+        return Plan(again.status, done, plan.events + again.events, again.requeue_after)
 
     def act(self, plan: Plan, context: JobContext) -> dict[str, JobSubmitError]:
         """Carry out the plan; returns the submissions that failed, by job name."""
