@@ -446,10 +446,11 @@ class Harness:
         foreground propagation stays too (with its deletion timestamp):
         what a cluster shows while a cancelled job's pods are still stopping.
         """
-        finalizers = [HOLD_FINALIZER] if hold else []
         for pod in self.pods(namespace, job):
-            self.core.patch_namespaced_pod(pod["metadata"]["name"], namespace,
-                                           {"metadata": {"finalizers": finalizers}})
+            # Finalizers merge under a strategic merge patch: removing one needs its directive.
+            patch = ({"metadata": {"finalizers": [HOLD_FINALIZER]}} if hold
+                     else {"metadata": {"$deleteFromPrimitiveList/finalizers": [HOLD_FINALIZER]}})
+            self.core.patch_namespaced_pod(pod["metadata"]["name"], namespace, patch)
 
     def events(self, namespace: str, name: str) -> list[Any]:
         """The Events about object `name` (the run), oldest first."""

@@ -44,7 +44,10 @@ def controller() -> RunController:
 
 
 def _event(body: Any, type_: str, reason: str, message: str) -> None:
-    kopf.event(body, type=type_, reason=reason, message=message)
+    try:
+        kopf.event(body, type=type_, reason=reason, message=message)
+    except LookupError:  # outside kopf's context (no event queue): never fail the pass for it
+        log.warning("could not post Event %s: %s", reason, message)
 
 
 class Requeuer:

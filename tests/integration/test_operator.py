@@ -359,6 +359,9 @@ def test_quick_suspend_resume_waits_until_the_cancelled_job_is_gone(h, ns, s3_pr
     assert [j["state"] for j in status["jobs"]] == ["Cancelling"], status["jobs"]
     assert [j["metadata"]["name"] for j in h.jobs(ns, run)] == [first]  # no second attempt while it stops
     h.hold_pods(ns, first, hold=False)
+    wait_for(lambda: h.job(ns, first) is None, STEP, f"{first} gone once its pods are",
+             detail=lambda: json.dumps({"job": (h.job(ns, first) or {}).get("metadata"),
+                                        "pods": [p["metadata"] for p in h.pods(ns, first)]}, indent=1))
     second = h.next_job(ns, run, {first}, STEP)["metadata"]["name"]
     assert second == h.job_name(ns, run, Stage(0, TEACHER), 1)
     status = h.wait_run(ns, run, lambda s: [j["state"] for j in s["jobs"]][:1] == ["Cancelled"], STEP, "Cancelled")
@@ -398,7 +401,8 @@ def test_failed_stage_is_retried_with_backoff_then_the_run_fails(h, ns, s3_prefi
     assert f"pod {last}-" in failed["message"] and "exited with code 1 (Error): harness: the workload failed" in failed["message"]
     assert f"kubectl logs -n {ns} {last}-" in failed["message"] and "<NONE>" not in json.dumps(status)
     # One JobFailed Event per failed attempt, not one per pass while the retry waits.
-    assert Counter(e.reason for e in h.events(ns, run))["JobFailed"] == 2
+    events = [(e.reason, e.message) for e in h.events(ns, run)]
+    assert Counter(r for r, _ in events)["JobFailed"] == 2, events
     assert status["stage"] == "Failed" and not is_true(status, "Progressing")
     time.sleep(2)
     assert len(h.jobs(ns, run)) == 4  # teacher + three label attempts, no fourth

@@ -279,3 +279,22 @@ def test_status_write_that_meets_a_newer_run_is_done_again_from_a_fresh_read(set
     assert backend.submissions == [name(layout, TEACHER_0)] * 3  # create-if-absent: one job
     assert len(backend.jobs) == 1
     assert [r for _, r, _ in events] == ["JobSubmitted"]  # Events of the pass that was written, once
+
+
+def test_requeued_pass_runs_in_the_context_that_scheduled_it():
+    """kopf.event needs kopf's context variables (its event queue) in whatever thread posts."""
+    import contextvars
+
+    marker = contextvars.ContextVar("marker")
+    seen = []
+    done = threading.Event()
+
+    def callback(namespace, name):
+        seen.append(marker.get(None))
+        done.set()
+
+    requeuer = Requeuer(callback)
+    marker.set("kopf's context")
+    requeuer.schedule("ml", "demo", 0.01)
+    assert done.wait(10)
+    assert seen == ["kopf's context"]
