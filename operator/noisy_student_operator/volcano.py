@@ -47,16 +47,17 @@ MAX_LABEL = 63
 def check_names(resource: dict[str, Any]) -> None:
     """Refuse, before submitting, a Job whose derived names Volcano or Kubernetes would refuse.
 
-    Volcano names pods `<job>-<task>-<index>` (a DNS-1123 label, at most 63
-    characters: its admission webhook checks the last index), its `svc`
+    Volcano names pods `<job>-<task>-<replica index>` (at most 63 characters);
+    its admission webhook (`admit_job.go`, `validateK8sPodNameLength`) checks
+    `<job>-<task>-<position of the task>`, so both are checked. Its `svc`
     plugin names a Service and host names after the Job (a DNS-1035 label).
     """
     name = resource["metadata"]["name"]
     problems = []
     if len(name) > MAX_LABEL or not re.match(api.DNS_LABEL_1035, name):
         problems.append(f"job name {name!r} is not a DNS-1035 label of at most {MAX_LABEL} characters")
-    for task in resource["spec"]["tasks"]:
-        pod = f"{name}-{task['name']}-{max(int(task.get('replicas', 1)) - 1, 0)}"
+    for position, task in enumerate(resource["spec"]["tasks"]):
+        pod = f"{name}-{task['name']}-{max(int(task.get('replicas', 1)) - 1, position)}"
         if len(pod) > MAX_LABEL or not DNS_LABEL_1123.match(pod):
             problems.append(f"pod name {pod!r} is not a DNS-1123 label of at most {MAX_LABEL} characters")
     if problems:

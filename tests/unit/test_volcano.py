@@ -98,6 +98,12 @@ def test_names_volcano_derives_are_checked_before_submit():
     assert refused.value.permanent
     with pytest.raises(JobSubmitError, match="pod name 'x+-label-1023'"):
         check_names(volcano_resource("x" * 53, [("label", 1024)]))
+    # TorchX makes one task per replica (`label-<i>`, 1 replica); the webhook names the pod after
+    # the task's position: `<job>-label-1023-1023`.
+    torchx_tasks = [(f"label-{i}", 1) for i in range(1024)]
+    check_names(volcano_resource("label-0123456789abcdef-12", torchx_tasks))
+    with pytest.raises(JobSubmitError, match="pod name 'x+-label-1023-1023'"):
+        check_names(volcano_resource("x" * 48, torchx_tasks))
 
 
 def test_every_job_name_fits_for_any_admitted_run_name_and_large_attempts():
