@@ -205,7 +205,9 @@ def test_an_edit_reruns_only_what_it_changes_and_says_what_it_kept(tmp_path):
     document["spec"]["students"][0]["epochs"] = 2
     second = run_cli("run", str(write(tmp_path, document)), "--artifacts", str(artifacts), "--output", "json")
     assert second.returncode == 0, second.stderr[-4000:]
-    assert "1 stage(s) to run (student of generation 1); kept data preparation, teacher training" in second.stderr
+    # The export reads every generation's model, so it runs again after any of them does.
+    assert ("2 stage(s) to run (student of generation 1, export of the best model); "
+            "kept data preparation, teacher training") in second.stderr
     status = json.loads(second.stdout)
     assert (teacher / "_DONE.json").stat().st_mtime == teacher_marker
     assert stage_dir(prefix, "teacher") == teacher and stage_dir(prefix, "student", 1) != old_student
@@ -238,7 +240,7 @@ def test_another_run_with_the_same_teacher_reuses_it_and_says_from_which_run(tmp
     assert states[("teacher", 0)] == ("Reused", "default/first")
     assert states[("balance", 1)] == ("Reused", "default/first")
     assert states[("student", 1)] == ("Complete", "default/second")
-    assert [j["stage"] for j in status["jobs"]] == ["student"]
+    assert [j["stage"] for j in status["jobs"]] == ["student", "export"]
 
 
 def test_two_invocations_of_one_file_never_run_a_stage_twice(tmp_path):
