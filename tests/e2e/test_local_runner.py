@@ -256,4 +256,4 @@ def test_two_invocations_of_one_file_never_run_a_stage_twice(tmp_path):
     # Every job that ran left its log directory under the run's local root: one per stage.
     logs = sorted(p.name for p in (artifacts / "default" / "twice" / "local" / "logs").glob("*/*"))
     kinds = [name.split("-")[0] for name in logs]
-    assert sorted(kinds) == sorted(["prepare", "teacher", "label", "balance", "student"]), logs
+    assert sorted(kinds) == sorted(["prepare", "teacher", "label", "balance", "student", "export"]), logs
