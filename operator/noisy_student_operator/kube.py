@@ -17,6 +17,20 @@ def load_kube_config() -> None:
         config.load_kube_config()
 
 
+def get_custom_object(
+    objects: Any, group: str, version: str, namespace: str, plural: str, name: str
+) -> dict[str, Any] | None:
+    """One namespaced custom object through a `CustomObjectsApi`, or None when it does not exist."""
+    from kubernetes.client.rest import ApiException
+
+    try:
+        return objects.get_namespaced_custom_object(group, version, namespace, plural, name)
+    except ApiException as error:
+        if error.status == 404:
+            return None
+        raise
+
+
 class Conflict(Exception):
     """The run changed since it was read (HTTP 409 on a write with its resourceVersion)."""
 
@@ -30,14 +44,7 @@ class RunsApi:
         self.api = client.CustomObjectsApi(api_client)
 
     def get(self, namespace: str, name: str) -> dict[str, Any] | None:
-        from kubernetes.client.rest import ApiException
-
-        try:
-            return self.api.get_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, name)
-        except ApiException as error:
-            if error.status == 404:
-                return None
-            raise
+        return get_custom_object(self.api, GROUP, VERSION, namespace, PLURAL, name)
 
     def patch_status(
         self, namespace: str, name: str, status: dict[str, Any], resource_version: str | None = None

@@ -21,6 +21,7 @@ from typing import Any
 from . import api
 from .core import reasons
 from .core.planner import JobObservation, JobState, JobSubmitError
+from .kube import get_custom_object
 
 GROUP, VERSION, PLURAL = "batch.volcano.sh", "v1alpha1", "jobs"
 #: The label Volcano's job controller puts on every pod of a Job.
@@ -168,14 +169,7 @@ class VolcanoJobs:
         self.core = client.CoreV1Api(api_client)
 
     def get(self, namespace: str, name: str) -> dict[str, Any] | None:
-        from kubernetes.client.rest import ApiException
-
-        try:
-            return self.objects.get_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, name)
-        except ApiException as error:
-            if error.status == 404:
-                return None
-            raise
+        return get_custom_object(self.objects, GROUP, VERSION, namespace, PLURAL, name)
 
     def pods(self, namespace: str, name: str) -> list[dict[str, Any]]:
         api_client = self.core.api_client

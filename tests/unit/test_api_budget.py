@@ -66,22 +66,3 @@ def test_the_operators_s3_calls_fail_fast_and_a_pass_has_a_deadline(monkeypatch)
     assert config.retries["total_max_attempts"] == 2
     assert reader.deadline == PASS_DEADLINE <= 10
     assert reader.store_for("file:///tmp/x/") is not reader.store_for("s3://bucket/runs/")
-
-
-def test_a_hinted_pass_runs_in_the_context_of_the_handler_that_asked():
-    """kopf.event reads kopf's settings from a context variable: a pass on a bare timer thread
-    could not post its Events (the RunSucceeded Event of a hinted pass was lost)."""
-    import contextvars
-
-    var = contextvars.ContextVar("handler")
-    seen = []
-    fired = threading.Event()
-
-    def callback(namespace, name):
-        seen.append(var.get(None))
-        fired.set()
-
-    hints = Requeuer(callback)
-    var.set("kopf handler")
-    hints.hint("ml", "a", 0.01)
-    assert fired.wait(5) and seen == ["kopf handler"]

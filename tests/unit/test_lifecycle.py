@@ -281,8 +281,10 @@ def test_status_write_that_meets_a_newer_run_is_done_again_from_a_fresh_read(set
     assert [r for _, r, _ in events] == ["JobSubmitted"]  # Events of the pass that was written, once
 
 
-def test_requeued_pass_runs_in_the_context_that_scheduled_it():
-    """kopf.event needs kopf's context variables (its event queue) in whatever thread posts."""
+@pytest.mark.parametrize("method", ["schedule", "hint"])
+def test_requeued_or_hinted_pass_runs_in_the_context_that_asked_for_it(method):
+    """kopf.event needs kopf's context variables (its event queue) in whatever thread posts: a pass
+    on a bare timer thread could not post its Events (a hinted pass's RunSucceeded was lost)."""
     import contextvars
 
     marker = contextvars.ContextVar("marker")
@@ -295,6 +297,6 @@ def test_requeued_pass_runs_in_the_context_that_scheduled_it():
 
     requeuer = Requeuer(callback)
     marker.set("kopf's context")
-    requeuer.schedule("ml", "demo", 0.01)
+    getattr(requeuer, method)("ml", "demo", 0.01)
     assert done.wait(10)
     assert seen == ["kopf's context"]
