@@ -214,7 +214,7 @@ def main() -> None:
                                                            "output": out + "balance/"}, log)
             student = {"role": "student", "epochs": 1, "output": out + "student/",
                        "noise": {"rand_augment": {"ops": 2, "magnitude": 9}, "dropout": 0.5, "stochastic_depth": 0.2},
-                       "pseudo": {"manifest": out + "balance/manifest.npz", "unlabeled": pattern,
+                       "pseudo": {"manifest": out + "balance/manifest.json", "unlabeled": pattern,
                                   "ratio": args.ratio}, **base}
             if args.train_up_to is None or n <= args.train_up_to:
                 train_s, train_rss = run_stage("train", student, log)

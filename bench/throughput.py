@@ -165,7 +165,7 @@ def main() -> None:
                                           output=out + "balance/"))
                 student = TrainConfig(
                     role="student", epochs=1, output=out + "student/", noise=noise,
-                    pseudo={"manifest": out + "balance/manifest.npz", "unlabeled": patterns["unlabeled"],
+                    pseudo={"manifest": out + "balance/manifest.json", "unlabeled": patterns["unlabeled"],
                             "ratio": args.ratio}, **base)
                 metrics = train.run(student)
                 resolved = Path(root, f"run-{round_}/student/config.json").read_text()

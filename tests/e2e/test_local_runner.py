@@ -152,7 +152,7 @@ def test_run_with_artifacts_on_a_real_s3_server(tmp_path, s3_prefix):
     store = open_store(s3_prefix)
     stages = {(s["stage"], s["generation"]): s["uri"]
               for s in store.get_json(f"{s3_prefix}default/on-s3/stages.json")["stages"]}
-    for (kind, generation), name in {("teacher", 0): "_DONE.json", ("balance", 1): "manifest.npz",
+    for (kind, generation), name in {("teacher", 0): "_DONE.json", ("balance", 1): "manifest.json",
                                      ("student", 1): "checkpoint.pt"}.items():
         assert stages[(kind, generation)].startswith(f"{s3_prefix}default/stages/{kind}/")
         assert store.exists(stages[(kind, generation)] + name), (kind, name)

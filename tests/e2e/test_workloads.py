@@ -15,6 +15,7 @@ import pytest
 import torch
 
 from noisy_student_workloads import balance, components, label, predictions, train
+from noisy_student_workloads.manifest import Manifest
 from noisy_student_workloads.datasets import pack_dataset
 from noisy_student_workloads.store import open_store
 
@@ -104,23 +105,23 @@ def test_teacher_label_balance_student(digits, tmp_path, monkeypatch):
     marker = read_json(balanced / "_DONE.json")
     per_class = marker["metrics"]["per_class"]  # a 1-epoch teacher may never predict some classes
     assert set(per_class) <= {0, 50} and sum(per_class) >= 50
-    with np.load(balanced / "manifest.npz") as manifest:
-        # streamed part by part, the same as balancing every prediction in memory
-        sel = balance.select(labeled["classes"], labeled["confidences"], 10, 0.0, 50, seed=0,
-                             histograms=predictions.read_histograms(uri(labels) + "/"))
-        assert manifest["keys"].tolist() == labeled["keys"][sel.indices].tolist()
-        assert manifest["copies"].tolist() == sel.copies.tolist()
-        np.testing.assert_array_equal(manifest["probs"], labeled["probs"][sel.indices])
-        assert int(manifest["copies"].sum()) == sum(per_class)
-        assert manifest["probs"].shape == (len(manifest["keys"]), 10)
-        # which unlabeled shard each key is in, so that training streams the shards
-        assert manifest["shard"].shape == manifest["keys"].shape
-        assert sorted(manifest["shard_names"]) == [f"unlabeled-{i:06d}.tar" for i in range(4)]
+    # streamed part by part, the same as balancing every prediction in memory; one block per unlabeled shard
+    sel = balance.select(labeled["classes"], labeled["confidences"], 10, 0.0, 50, seed=0,
+                         histograms=predictions.read_histograms(uri(labels) + "/"))
+    index = Manifest.open(uri(balanced / "manifest.json"))
+    assert index.images == sum(per_class) and index.rows == len(sel.indices)
+    assert set(index.shards) <= {f"unlabeled-{i:06d}.tar" for i in range(4)}
+    blocks = [index.block(name) for name in index.shards]
+    kept = {k: v for b in blocks for k, v in zip(b["keys"].tolist(), b["copies"].tolist())}
+    assert kept == dict(zip(labeled["keys"][sel.indices].tolist(), sel.copies.tolist()))
+    probs = {k: p for b in blocks for k, p in zip(b["keys"].tolist(), b["probs"])}
+    np.testing.assert_array_equal(np.stack([probs[k] for k in labeled["keys"][sel.indices].tolist()]),
+                                  labeled["probs"][sel.indices])
     assert len(read_json(balanced / "thresholds.json")["classes"]) == 10
 
     student_cfg = train_config(
         digits, run / "gen-1/student", role="student",
-        pseudo={"manifest": uri(balanced / "manifest.npz"), "unlabeled": digits["unlabeled"], "type": "soft",
+        pseudo={"manifest": uri(balanced / "manifest.json"), "unlabeled": digits["unlabeled"], "type": "soft",
                 "temperature": 1.0, "ratio": 2},
         noise={"rand_augment": {"ops": 2, "magnitude": 9}, "dropout": 0.5, "stochastic_depth": 0.2},
         teacher={"model": MODEL, "parameters": teacher["metrics"]["parameters"]},

@@ -4,7 +4,8 @@ import numpy as np
 import pytest
 
 from noisy_student_workloads.balance import (Picker, auto_target, class_thresholds, histogram, plan_selection, select,
-                                             write_manifest)
+                                             shard_rows, write_manifest)
+from noisy_student_workloads.manifest import Manifest
 from noisy_student_workloads.config import BalanceConfig, ConfigError, parse_config
 
 
@@ -167,27 +168,45 @@ def totals_of(classes, rows, copies, num_classes):
 
 
 def test_manifest_written_part_by_part_equals_the_selection(tmp_path):
-    """Parts large enough to flush file buffers, keys of different widths per part (the widest wins)."""
+    """Shards interleaved across parts (as a label replica's data workers write them), keys of different widths:
+    each shard's block holds the selection's rows of that shard in label (tar) order, and the writer holds only
+    the kept rows of the shards still open."""
     rng = np.random.default_rng(3)
-    parts = []
-    for start, rows in ((0, 20000), (20000, 30000), (50000, 7)):
-        parts.append({"keys": np.asarray([f"k{i}".encode() for i in range(start, start + rows)]),
-                      "classes": rng.integers(0, 4, rows).astype(np.int32),
-                      "confidences": rng.random(rows).astype(np.float32),
-                      "shard": (np.arange(start, start + rows) // 1000).astype(np.int32),
-                      "probs": rng.random((rows, 4)).astype(np.float16),
-                      "shard_names": np.asarray([f"u-{i:06d}.tar" for i in range(51)])})
+    n, per_shard = 50007, 1000
+    # two workers each reading every other shard, batches of 250 taken from them in turn
+    order = np.concatenate([np.arange(s * per_shard, min(n, (s + 1) * per_shard)) for s in range(51)])
+    shard_of = order // per_shard
+    worker_rows = [order[shard_of % 2 == w] for w in (0, 1)]
+    batches = [b for pair in zip(*[np.array_split(r, -(-len(r) // 250)) for r in worker_rows]) for b in pair]
+    label_order = np.concatenate(batches + [r[sum(len(b) for b in batches[w::2]):] for w, r in enumerate(worker_rows)])
+    assert sorted(label_order.tolist()) == list(range(n))
+    every = {"keys": np.asarray([f"k{i}".encode() for i in label_order]),
+             "classes": rng.integers(0, 4, n).astype(np.int32), "confidences": rng.random(n).astype(np.float32),
+             "shard": (label_order // per_shard).astype(np.int32), "probs": rng.random((n, 4)).astype(np.float16)}
+    names = np.asarray([f"u-{i:06d}.tar" for i in range(51)])
+    cuts = [0, 20000, 50000, n]
+    parts = [{**{k: v[a:b] for k, v in every.items()}, "shard_names": names} for a, b in zip(cuts, cuts[1:])]
     plan = plan_selection(lambda: ((p["classes"], p["confidences"]) for p in parts), 4, 0.1, 9000, seed=2)
     digests = {}
-    write_manifest(f"file://{tmp_path}/manifest.npz", iter(parts), plan, digests)
+    out = f"file://{tmp_path}/"
+    names_read, rows = shard_rows(iter(parts))
+    writer = write_manifest(out, iter(parts), plan, names_read, rows, 4, digests)
 
-    every = {k: np.concatenate([p[k] for p in parts]) for k in ("keys", "classes", "confidences", "shard", "probs")}
     sel = select(every["classes"], every["confidences"], 4, 0.1, 9000, seed=2)
-    with np.load(tmp_path / "manifest.npz") as manifest:
-        assert manifest["keys"].dtype == np.dtype("S6")
-        assert manifest["keys"].tolist() == every["keys"][sel.indices].tolist()
-        assert manifest["copies"].tolist() == sel.copies.tolist()
-        for k in ("classes", "shard", "probs"):
-            np.testing.assert_array_equal(manifest[k], every[k][sel.indices])
-        assert manifest["shard_names"].tolist() == parts[0]["shard_names"].tolist()
-    assert list(digests) == [f"file://{tmp_path}/manifest.npz"]
+    manifest = Manifest.open(out + "manifest.json")
+    assert manifest.rows == len(sel.indices) and manifest.images == int(sel.copies.sum())
+    for s, name in enumerate(names):
+        in_shard = every["shard"][sel.indices] == s
+        block = manifest.block(name)
+        if not in_shard.any():
+            assert block is None
+            continue
+        assert block["keys"].tolist() == every["keys"][sel.indices][in_shard].tolist()
+        assert block["copies"].tolist() == sel.copies[in_shard].tolist()
+        np.testing.assert_array_equal(block["probs"], every["probs"][sel.indices][in_shard])
+        assert manifest.copies(name) == int(sel.copies[in_shard].sum())
+        manifest.release(block)
+    assert manifest.peak_rows_held <= per_shard and manifest.rows_held == 0
+    # carried from part to part: at most the two shards the two workers have open
+    assert writer.peak_held <= 2 * per_shard
+    assert set(digests) == {out + "manifest.json"} | {out + f"manifest/{n}.npz" for n in manifest.shards}

@@ -20,12 +20,12 @@ from noisy_student_workloads.pipeline import (
     ShardCatalog,
     Stream,
     TrainBatches,
-    count_shards,
     even_counts,
     segments_of,
     split_range,
     stream_samples,
 )
+from noisy_student_workloads.manifest import Manifest, ManifestWriter
 from noisy_student_workloads.shards import ShardWriter, encode_png
 from noisy_student_workloads.store import FileStore
 
@@ -52,16 +52,21 @@ def _existing(tmp_path: Path, field: str) -> dict:
 def stream_of(uris: list[str], copies: Copies | None = None, shuffle: bool = True) -> Stream:
     catalog = ShardCatalog.of(uris)
     copies = copies or Copies()
-    return Stream(uris, copies.sizes(uris, count_shards(uris, catalog)), copies, catalog, shuffle, shuffle_buffer=50)
+    return Stream(uris, copies.sizes(uris, catalog), copies, catalog, shuffle, shuffle_buffer=50)
 
 
 def manifest_copies(uris: list[str], keys: list[str], copies: list[int], per_shard: int) -> Copies:
-    blocks = {}
-    for s, uri in enumerate(uris):
-        rows = [i for i in range(s * per_shard, min(len(keys), (s + 1) * per_shard)) if copies[i] > 0]
-        blocks[uri] = (np.asarray([keys[i].encode() for i in rows], dtype=np.bytes_),
-                       np.asarray([copies[i] for i in rows], dtype=np.int64), np.asarray(rows, dtype=np.int64))
-    return Copies(blocks)
+    """A real balance manifest (per-shard blocks and index, written by the balance stage's writer) of ``copies``
+    per key; every kept key's class is its index modulo 10."""
+    out = uris[0].rsplit("/", 1)[0] + "/balance/"
+    shard = np.arange(len(keys)) // per_shard
+    writer = ManifestWriter(out, [u.rsplit("/", 1)[-1] for u in uris], np.bincount(shard, minlength=len(uris)), 10)
+    kept = np.flatnonzero(np.asarray(copies) > 0)
+    writer.add(shard, kept, {"keys": np.asarray([keys[i].encode() for i in kept]),
+                             "copies": np.asarray(copies, np.int32)[kept], "classes": (kept % 10).astype(np.int32),
+                             "probs": np.eye(10, dtype=np.float16)[kept % 10]})
+    writer.close()
+    return Copies(Manifest.open(out + "manifest.json"))
 
 
 def epoch_keys(data: TrainBatches, epoch: int, world: int, workers: int, source: int) -> list[Counter]:
@@ -107,6 +112,81 @@ def test_every_key_is_seen_its_copies_per_epoch_across_ranks(tmp_path: Path, wor
         assert all(sum(1 for r in per_rank if r[k]) == 1 for k in singles)
 
 
+class WholeManifest(Manifest):
+    """The old behaviour behind the same interface: every block read up front and held for the whole epoch."""
+
+    def __init__(self, streamed: Manifest) -> None:
+        super().__init__(streamed.uri, streamed.index)
+        self.blocks = {name: Manifest.block(self, name) for name in self.shards}
+
+    def block(self, shard_name: str) -> dict | None:
+        return self.blocks.get(shard_name)
+
+    def release(self, block: dict | None) -> None:
+        pass
+
+
+class FetchLog(Manifest):
+    """The streamed reader, recording which shards' blocks it fetched."""
+
+    def __init__(self, streamed: Manifest) -> None:
+        super().__init__(streamed.uri, streamed.index)
+        self.fetched: list[str] = []
+
+    def block(self, shard_name: str) -> dict | None:
+        self.fetched.append(shard_name)
+        return super().block(shard_name)
+
+
+def draws(copies: Copies, uris: list[str], world: int, workers: int, epoch: int,
+          ranks: list[int] | None = None) -> dict[tuple[int, int], list]:
+    """Per (rank, worker): the keys and targets it draws in ``epoch``, in order (one epoch over the pseudo set)."""
+    catalog = ShardCatalog.of(uris)
+    stream = Stream(uris, copies.sizes(uris, catalog), copies, catalog, shuffle=True, shuffle_buffer=20)
+    steps = -(-stream.total // 12)
+    data = TrainBatches([stream], [12], steps, 0, world, seed=7, first_epoch=0, image_size=8, targets=[None])
+    out = {}
+    for rank in range(world) if ranks is None else ranks:
+        data.rank = rank
+        for worker in range(workers):
+            out[rank, worker] = [(s["__key__"], int(s["pseudo"]["classes"]), s["pseudo"]["probs"].tolist())
+                                 for b in data.epoch_items(epoch, worker, workers)[0] for s in b]
+    return out
+
+
+@pytest.mark.parametrize("world,workers", [(1, 1), (2, 2)])
+def test_the_manifest_is_read_per_shard_by_each_rank_and_draws_what_the_whole_manifest_did(
+        tmp_path: Path, world: int, workers: int) -> None:
+    """Entries held at once by the reader stay one shard's whatever the manifest size; each rank fetches only the
+    blocks of its own shards; the draws of an epoch equal, in order, those of the whole manifest held in memory."""
+    peaks = {}
+    for n in (300, 3000):
+        uris, keys = write_shards(tmp_path / str(n), "u", n, 50)
+        copies = [int(c) for c in np.random.default_rng(n).choice([0, 1, 2, 3], size=n)]
+        streamed = manifest_copies(uris, keys, copies, 50).manifest
+        whole = WholeManifest(streamed)
+        assert whole.peak_rows_held == streamed.rows > 3 * n // 5  # the old behaviour held every entry
+        expected = draws(Copies(whole), uris, world, workers, epoch=1)
+
+        fetched = {}
+        for rank in range(world):
+            log = FetchLog(streamed)
+            got = draws(Copies(log), uris, world, workers, epoch=1, ranks=[rank])
+            assert all(got[rank, w] == expected[rank, w] for w in range(workers))
+            assert log.rows_held == 0
+            peaks[n] = max(peaks.get(n, 0), log.peak_rows_held)
+            fetched[rank] = set(log.fetched)
+        seen = Counter(k for d in expected.values() for k, _, _ in d)
+        # one epoch: every key its copies, plus the last step's rounding drawn again
+        assert all(seen[k] >= c for k, c in zip(keys, copies)) and not any(seen[k] for k, c in zip(keys, copies) if not c)
+        assert sum(seen.values()) - sum(copies) < 12
+        assert all(int(k.rsplit("-", 1)[1]) % 10 == cls for d in expected.values() for k, cls, _ in d)
+        if world > 1 and n > 300:  # a rank's share: about 1/world of the shards (a boundary shard is shared)
+            assert all(len(f) <= len(uris) // world + 2 for f in fetched.values())
+    # at most one shard's entries (50 samples per shard) at both sizes, not the manifest's 10× more rows
+    assert max(peaks.values()) <= 50
+
+
 def test_epochs_reshuffle_and_are_reproducible(tmp_path: Path) -> None:
     uris, keys = write_shards(tmp_path, "u", 200, 40)
     data = TrainBatches([stream_of(uris)], [20], 10, 0, 2, seed=1, first_epoch=0, image_size=8, targets=[None])
@@ -138,7 +218,7 @@ def test_train_batches_decode_and_target_real_images(tmp_path: Path) -> None:
     uuris, ukeys = write_shards(tmp_path, "u", 30, 10)
     copies = manifest_copies(uuris, ukeys, [1] * 30, 10)
     targets = [lambda samples: torch.tensor([float(s["label"]) for s in samples])[:, None].expand(-1, 3),
-               lambda samples: torch.tensor([float(s["row"]) for s in samples])[:, None].expand(-1, 3)]
+               lambda samples: torch.tensor([float(s["pseudo"]["classes"]) for s in samples])[:, None].expand(-1, 3)]
     data = TrainBatches([stream_of(luris), stream_of(uuris, copies)], [4, 8], 4, 0, 1, seed=0, first_epoch=0,
                         image_size=16, targets=targets, padding=2)
     steps = list(data)
@@ -146,7 +226,7 @@ def test_train_batches_decode_and_target_real_images(tmp_path: Path) -> None:
     for x, y, n_labeled in steps:
         assert x.shape == (12, 3, 16, 16) and x.dtype == torch.uint8 and n_labeled == 4
         assert y.shape == (12, 3)
-        assert ((y[:4] >= 0) & (y[:4] < 10)).all() and ((y[4:] >= 0) & (y[4:] < 30)).all()
+        assert ((y[:4] >= 0) & (y[:4] < 10)).all() and ((y[4:] >= 0) & (y[4:] < 10)).all()
 
 
 def test_corrupt_png_names_shard_and_key(tmp_path: Path) -> None:
@@ -205,16 +285,20 @@ def test_digest_mismatch_names_the_shard(tmp_path: Path) -> None:
 
 def test_manifest_key_missing_from_its_shard_names_both(tmp_path: Path) -> None:
     uris, keys = write_shards(tmp_path, "u", 10, 10)
-    blocks = {uris[0]: (np.asarray([b"u-00002", b"gone-1"]), np.asarray([1, 2]), np.asarray([0, 1]))}
+    copies = manifest_copies(uris, keys[:3] + ["gone-1"] + keys[4:], [0, 0, 1, 2] + [0] * 6, 10)
     with pytest.raises(DataError, match=r"u-000000\.tar: sample 'gone-1' of the pseudo-label manifest is not in"):
-        list(stream_of(uris, Copies(blocks)).items(0, 3, None, 0, 0))
+        list(stream_of(uris, copies).items(0, 3, None, 0, 0))
 
 
 class RowTargets:
-    """The manifest row of each sample, as the target (picklable for worker processes)."""
+    """The key's number of each sample, as the target (picklable for worker processes)."""
 
     def __call__(self, samples: list[dict]) -> torch.Tensor:
-        return torch.tensor([[float(s["row"])] for s in samples])
+        return torch.tensor([[float(row(s))] for s in samples])
+
+
+def row(sample: dict) -> int:
+    return int(sample["__key__"].rsplit("-", 1)[1])
 
 
 def test_persistent_workers_draw_each_epochs_planned_samples(tmp_path: Path) -> None:
@@ -226,7 +310,7 @@ def test_persistent_workers_draw_each_epochs_planned_samples(tmp_path: Path) -> 
     sequences = []
     for epoch in (4, 5):  # resumed at epoch 4: the workers count their epochs from there
         drawn = [int(r) for _, y, _ in loader for r in y[:, 0]]
-        per_worker = [[[s["row"] for s in b] for b in data.epoch_items(epoch, w, 2)[0]] for w in range(2)]
+        per_worker = [[[row(s) for s in b] for b in data.epoch_items(epoch, w, 2)[0]] for w in range(2)]
         planned = [r for pair in zip(*per_worker) for b in pair for r in b]  # the loader takes workers in turn
         assert drawn == planned and len(drawn) == 120
         sequences.append(drawn)

@@ -126,7 +126,7 @@ def test_happy_path_walks_every_stage_and_promotes():
     student = plan.actions[0].request
     assert student.name == world.name(Stage(1, STUDENT))
     assert student.config["teacher"] == {"model": "resnet18", "parameters": 100}
-    assert student.config["pseudo"]["manifest"] == world.uri(Stage(1, BALANCE), "manifest.npz")
+    assert student.config["pseudo"]["manifest"] == world.uri(Stage(1, BALANCE), "manifest.json")
     assert student.config["noise"]["rand_augment"] == {"ops": 2, "magnitude": 9, "magnitude_max": 30, "fill": "mean"}
 
     world.finish(world.name(Stage(1, STUDENT)), Stage(1, STUDENT), top1=0.85)

@@ -36,9 +36,9 @@ def test_label_smoothing_as_tensorflow_for_labels_and_hard_pseudo_labels_not_sof
     targets = LabeledTargets(4, "labeled", 0.1)([{"label": 2, "__url__": "u", "__key__": "k"}])
     assert targets[0].tolist() == pytest.approx([0.025, 0.025, 0.925, 0.025])
     manifest = {"classes": np.array([1]), "probs": np.array([[0.1, 0.7, 0.1, 0.1]], dtype=np.float16)}
-    hard = manifest_targets(manifest, np.array([0]), 4, "hard", 1.0, 0.1)
+    hard = manifest_targets(manifest, 4, "hard", 1.0, 0.1)
     assert hard[0].tolist() == pytest.approx([0.025, 0.925, 0.025, 0.025])
-    soft = manifest_targets(manifest, np.array([0]), 4, "soft", 1.0, 0.1)
+    soft = manifest_targets(manifest, 4, "soft", 1.0, 0.1)
     assert soft[0].tolist() == pytest.approx([0.1, 0.7, 0.1, 0.1], abs=1e-3)
 
 

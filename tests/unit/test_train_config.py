@@ -22,7 +22,7 @@ def teacher_config(**overrides) -> dict:
 def student_config(**overrides) -> dict:
     return teacher_config(
         role="student",
-        pseudo={"manifest": "file:///r/balance/manifest.npz", "unlabeled": "file:///d/unlabeled-000000.tar",
+        pseudo={"manifest": "file:///r/balance/manifest.json", "unlabeled": "file:///d/unlabeled-000000.tar",
                 "type": "soft", "temperature": 1.0, "ratio": 3},
         noise={"rand_augment": {"ops": 2, "magnitude": 9}, "dropout": 0.5, "stochastic_depth": 0.2},
         **overrides,
@@ -129,30 +129,42 @@ def test_new_train_keys_have_defaults_so_older_configs_still_parse():
         parse_config(teacher_config(keep_checkpoints=0), TrainConfig)
 
 
-@pytest.mark.parametrize("with_shard_index", [True, False])
-def test_manifest_copies_follow_tar_order_per_shard(tmp_path, with_shard_index):
-    # A manifest from an older balance stage has no shard index: training finds each key's shard by reading.
+def test_the_manifest_index_is_checked_against_the_config_and_the_shards(tmp_path):
     import numpy as np
 
+    from noisy_student_workloads.manifest import ManifestWriter
     from noisy_student_workloads.shards import ShardWriter, encode_png
     from noisy_student_workloads.store import FileStore
-    from noisy_student_workloads.train import load_manifest
+    from noisy_student_workloads.train import open_manifest
 
     with ShardWriter(FileStore(), f"file://{tmp_path}/unlabeled-%06d.tar", 4) as w:
         for i in range(10):
             w.write(f"u-{i:02d}", encode_png(np.zeros((4, 4), np.uint8)))
-    rows = [1, 2, 5, 8, 9]  # kept by balancing, in label (tar) order
-    manifest = {"keys": np.asarray([f"u-{i:02d}" for i in rows]), "classes": np.zeros(5, np.int32),
-                "copies": np.asarray([1, 2, 1, 3, 1]), "probs": np.full((5, 10), 0.1, np.float16)}
-    if with_shard_index:
-        manifest["shard"] = np.asarray([0, 0, 1, 2, 2], np.int32)
-        manifest["shard_names"] = np.asarray([f"unlabeled-{i:06d}.tar" for i in range(3)])
-    np.savez(tmp_path / "manifest.npz", **manifest)
+    kept = np.asarray([1, 2, 5, 8, 9])  # kept by balancing, in label (tar) order
+    writer = ManifestWriter(f"file://{tmp_path}/balance/", [u.rsplit("/", 1)[-1] for u in w.uris],
+                            np.asarray([4, 4, 2]), 10)
+    writer.add(np.arange(10) // 4, kept, {"keys": np.asarray([f"u-{i:02d}".encode() for i in kept]),
+                                          "copies": np.asarray([1, 2, 1, 3, 1], np.int32),
+                                          "classes": np.zeros(5, np.int32), "probs": np.full((5, 10), 0.1, np.float16)})
+    writer.close()
     raw = student_config()
-    raw["pseudo"] = {**raw["pseudo"], "manifest": f"file://{tmp_path}/manifest.npz",
+    raw["pseudo"] = {**raw["pseudo"], "manifest": f"file://{tmp_path}/balance/manifest.json",
                      "unlabeled": f"file://{tmp_path}/unlabeled-{{000000..000002}}.tar"}
     cfg = parse_config(raw, TrainConfig)
-    _, copies = load_manifest(cfg.pseudo, cfg)
-    assert copies.sizes(w.uris, []) == [3, 1, 4]
-    keys, n, manifest_rows = copies.blocks[w.uris[2]]
-    assert keys.tolist() == [b"u-08", b"u-09"] and n.tolist() == [3, 1] and manifest_rows.tolist() == [3, 4]
+    copies = open_manifest(cfg.pseudo, cfg)
+    assert copies.sizes(w.uris, None) == [3, 1, 4]
+    block = copies.manifest.block("unlabeled-000002.tar")
+    assert block["keys"].tolist() == [b"u-08", b"u-09"] and block["copies"].tolist() == [3, 1]
+    with pytest.raises(ConfigError, match="num_classes: 5 but the pseudo-label manifest has 10 classes"):
+        open_manifest(cfg.pseudo, parse_config({**raw, "num_classes": 5}, TrainConfig))
+    fewer = parse_config({**raw, "pseudo": {**raw["pseudo"], "unlabeled": f"file://{tmp_path}/unlabeled-000000.tar"}},
+                         TrainConfig)
+    with pytest.raises(ConfigError, match=r"pseudo.unlabeled: the manifest's shard 'unlabeled-000001.tar' is not in"):
+        open_manifest(fewer.pseudo, fewer)
+    (tmp_path / "balance" / "manifest" / "unlabeled-000002.tar.npz").write_bytes(b"changed")
+    with pytest.raises(ConfigError, match=r"pseudo.manifest: .*unlabeled-000002.tar.npz does not match the sha256"):
+        copies.manifest.block("unlabeled-000002.tar")
+    old = parse_config({**raw, "pseudo": {**raw["pseudo"], "manifest": f"file://{tmp_path}/balance/manifest.npz"}},
+                       TrainConfig)
+    with pytest.raises(ConfigError, match="an older balance stage"):
+        open_manifest(old.pseudo, old)

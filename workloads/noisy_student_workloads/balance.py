@@ -22,17 +22,18 @@ are trimmed to their most confident images and half duplicated, so the
 student sees the balanced label distribution without throwing away most of
 the data or repeating a rare class hundreds of times.
 
-Writes ``manifest.npz`` (``keys``, ``classes``, ``copies``, the soft
-targets ``probs`` or ``topk_indices``/``topk_values``, and ``shard`` with
-``shard_names``: which unlabeled shard each key is in, in tar order per
-shard, so that training streams the shards and applies the copies), ``thresholds.json``
-(per class: threshold, counts before and after) and ``_DONE.json``.
+Writes the manifest (:mod:`.manifest`): per unlabeled shard a block
+``manifest/<shard>.npz`` of the images kept, in tar order, with their
+``copies`` and soft targets, and the index ``manifest.json`` — so that
+training streams the shards and reads each shard's entries with it;
+``thresholds.json`` (per class: threshold, counts before and after) and
+``_DONE.json``.
 
 Memory does not grow with the number of predictions: the selection is
 decided in a few passes over the parts, one part in memory at a time
 (:func:`plan_selection`: counts, then each crowded class's cut-off by radix
-selection), and the manifest is written column by column through local
-files (:func:`write_manifest`).
+selection), and a shard's block is written as soon as its last prediction
+has gone past (:func:`write_manifest`).
 
 Command line::
 
@@ -42,11 +43,7 @@ Command line::
 
 from __future__ import annotations
 
-import hashlib
-import os
 import sys
-import tempfile
-import zipfile
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -54,9 +51,10 @@ from typing import Any
 import numpy as np
 
 from .config import BalanceConfig, ConfigError
+from .manifest import TARGET_COLUMNS, ManifestWriter
 from .predictions import BINS, histogram, read_histograms, read_parts
 from .stage import event, put_json, run_entry_point, write_done
-from .store import join_uri, open_store
+from .store import join_uri
 
 # Bits of a confidence resolved per pass when finding a crowded class's cut-off (4096 counters per class).
 RADIX_BITS = 12
@@ -313,57 +311,34 @@ def select(
     return Selection(rows, copies, plan.target, plan.classes)
 
 
-class Column:
-    """One manifest column, spooled part by part to a local file, then stored as one ``.npy`` zip member."""
-
-    def __init__(self, path: str) -> None:
-        self.path = path
-        self.file = open(path, "wb")  # noqa: SIM115 - closed in store()
-        self.blocks: list[tuple[np.dtype[Any], tuple[int, ...]]] = []
-
-    def append(self, values: np.ndarray) -> None:
-        values = np.ascontiguousarray(values)
-        self.file.write(values.tobytes())
-        self.blocks.append((values.dtype, values.shape))
-
-    def store(self, zf: zipfile.ZipFile, name: str) -> None:
-        self.file.close()
-        dtype = np.result_type(*[d for d, _ in self.blocks])  # keys: the widest part's width
-        shape = (sum(s[0] for _, s in self.blocks), *self.blocks[0][1][1:])
-        with zf.open(f"{name}.npy", "w", force_zip64=True) as out, open(self.path, "rb") as f:
-            np.lib.format.write_array_header_1_0(
-                out, {"descr": np.lib.format.dtype_to_descr(dtype), "fortran_order": False, "shape": shape})
-            for d, s in self.blocks:
-                block = np.frombuffer(f.read(d.itemsize * int(np.prod(s))), dtype=d).reshape(s)
-                out.write(block.astype(dtype).tobytes())
+def shard_rows(parts: Iterable[dict[str, np.ndarray]]) -> tuple[np.ndarray, np.ndarray]:
+    """The unlabeled shards' file names and how many predictions each has (one pass over the ``shard`` column)."""
+    names, rows = None, None
+    for part in parts:
+        if "shard" not in part:
+            raise ConfigError("labels: predictions without a shard column (an older label stage): label again")
+        names = part["shard_names"] if names is None else names
+        counts = np.bincount(part["shard"], minlength=len(names))
+        rows = counts if rows is None else rows + counts
+    if names is None or rows is None:
+        raise ConfigError("labels: the label stage wrote no parts")
+    return names, rows
 
 
-def write_manifest(uri: str, parts: Iterable[dict[str, np.ndarray]], plan: Plan, digests: dict[str, str]) -> None:
-    """Stream the kept rows of ``parts`` (and their copies) into ``manifest.npz`` at ``uri``, one part in memory."""
+def write_manifest(output: str, parts: Iterable[dict[str, np.ndarray]], plan: Plan, shard_names: Sequence[str],
+                   rows_per_shard: np.ndarray, num_classes: int, digests: dict[str, str]) -> ManifestWriter:
+    """Stream the kept rows of ``parts`` (and their copies) into the per-shard manifest under ``output``
+    (:mod:`.manifest`), one part and the open shards' kept rows in memory; returns the writer."""
     picker = Picker(plan)
-    with tempfile.TemporaryDirectory(prefix="balance-") as tmp:
-        cols: dict[str, Column] = {}
-        shard_names = None
-        for part in parts:
-            rows, copies = picker.pick(part["classes"], part["confidences"])
-            kept = {k: part[k][rows] for k in ("keys", "classes", "probs", "topk_indices", "topk_values", "shard")
-                    if k in part}
-            kept["copies"] = copies
-            for k, v in kept.items():
-                if k not in cols:
-                    cols[k] = Column(os.path.join(tmp, k))
-                cols[k].append(v)
-            shard_names = part.get("shard_names", shard_names)
-        path = os.path.join(tmp, "manifest.npz")
-        with zipfile.ZipFile(path, "w", compression=zipfile.ZIP_DEFLATED, allowZip64=True) as zf:
-            for k, col in cols.items():
-                col.store(zf, k)
-            if shard_names is not None:
-                with zf.open("shard_names.npy", "w") as out:
-                    np.lib.format.write_array(out, shard_names, allow_pickle=False)
-        open_store(uri).put_file(uri, path)
-        with open(path, "rb") as f:
-            digests[uri] = hashlib.file_digest(f, "sha256").hexdigest()
+    writer = ManifestWriter(output, shard_names, rows_per_shard, num_classes)
+    for part in parts:
+        rows, copies = picker.pick(part["classes"], part["confidences"])
+        kept = {k: part[k][rows] for k in ("keys", *TARGET_COLUMNS) if k in part}
+        kept["copies"] = copies.astype(np.int32)
+        writer.add(part["shard"], rows, kept)
+    writer.close()
+    digests.update(writer.digests)
+    return writer
 
 
 def run(cfg: BalanceConfig) -> dict[str, Any]:
@@ -382,7 +357,8 @@ def run(cfg: BalanceConfig) -> dict[str, Any]:
         raise ConfigError(f"confidence_threshold: {cfg.confidence_threshold} keeps no image")
 
     digests: dict[str, str] = {}
-    write_manifest(join_uri(out, "manifest.npz"), read_parts(cfg.labels), plan, digests)
+    names, rows = shard_rows(read_parts(cfg.labels, ("shard",)))
+    write_manifest(out, read_parts(cfg.labels), plan, names, rows, cfg.num_classes, digests)
     put_json(join_uri(out, "thresholds.json"), {
         "confidence_threshold": cfg.confidence_threshold, "target": plan.target, "classes": plan.classes}, digests)
     metrics = {

@@ -48,6 +48,7 @@ import webdataset as wds
 from PIL import Image
 
 from .config import ConfigError
+from .manifest import TARGET_COLUMNS, Manifest
 from .store import ArtifactStore, join_uri, open_store
 
 try:  # the training and eval datasets are torch's; reading shards works without torch
@@ -278,41 +279,47 @@ def even_counts(total: int, parts: int) -> list[int]:
 
 
 class Copies:
-    """Copies (and soft targets) per sample: 1 each for labeled data, the balance manifest's for pseudo-labels.
+    """Copies per sample: 1 each for labeled data, the balance manifest's for pseudo-labels.
 
-    ``blocks`` maps a shard URI to its manifest entries in tar order
-    (``keys`` as bytes, ``copies``, ``rows`` of the manifest); samples of
-    the shard that the manifest does not list get no copy, the others their
-    manifest ``row``.
+    With a :class:`~.manifest.Manifest`, a shard's entries are fetched when
+    the shard is read and dropped after it (the stream never holds more of
+    the manifest than the blocks of the shards it reads); samples of the
+    shard that the manifest does not list get no copy, the others carry
+    their entry's target columns under ``pseudo``.
     """
 
-    def __init__(self, blocks: dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]] | None = None) -> None:
-        self.blocks = blocks
+    def __init__(self, manifest: Manifest | None = None) -> None:
+        self.manifest = manifest
 
     def walk(self, uri: str, samples: Iterable[dict[str, Any]]) -> Iterator[tuple[dict[str, Any], int]]:
         """``(sample, copies)`` for each sample of one shard, in tar order."""
-        if self.blocks is None:
+        if self.manifest is None:
             for s in samples:
                 yield s, 1
             return
-        keys, copies, rows = self.blocks.get(uri, (np.zeros(0, "S1"), np.zeros(0, np.int64), np.zeros(0, np.int64)))
-        row = 0
-        for s in samples:
-            if row < len(keys) and s["__key__"].encode() == keys[row]:
-                s["row"] = int(rows[row])
-                yield s, int(copies[row])
-                row += 1
-            else:
-                yield s, 0
-        if row < len(keys):
-            raise DataError(f"{uri}: sample {keys[row].decode()!r} of the pseudo-label manifest is not in this "
-                            "shard (in tar order)")
+        block = self.manifest.block(_basename(uri))
+        try:
+            keys = block["keys"] if block is not None else ()
+            targets = [k for k in TARGET_COLUMNS if block is not None and k in block]
+            row = 0
+            for s in samples:
+                if row < len(keys) and s["__key__"].encode() == keys[row]:
+                    s["pseudo"] = {k: block[k][row].copy() for k in targets}  # a copy: the block is dropped
+                    yield s, int(block["copies"][row])
+                    row += 1
+                else:
+                    yield s, 0
+            if row < len(keys):
+                raise DataError(f"{uri}: sample {keys[row].decode()!r} of the pseudo-label manifest is not in "
+                                "this shard (in tar order)")
+        finally:
+            self.manifest.release(block)
 
-    def sizes(self, uris: Sequence[str], counts: Sequence[int]) -> list[int]:
-        """Positions of each shard: its sample count, or its manifest copies."""
-        if self.blocks is None:
-            return list(counts)
-        return [int(self.blocks[u][1].sum()) if u in self.blocks else 0 for u in uris]
+    def sizes(self, uris: Sequence[str], catalog: ShardCatalog | None) -> list[int]:
+        """Positions of each shard: its sample count (:func:`count_shards`), or its manifest copies."""
+        if self.manifest is None:
+            return count_shards(uris, catalog)
+        return [self.manifest.copies(_basename(u)) for u in uris]
 
 
 def take_segments(

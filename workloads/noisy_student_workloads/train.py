@@ -14,7 +14,9 @@ Recipe:
   set. Each epoch shuffles the shard order, each process reads only its
   contiguous share of the (shuffled) positions and shuffles it with a
   buffer of ``shuffle_buffer`` samples; balanced pseudo-labels take as
-  many positions as their copy count.
+  many positions as their copy count. The balance manifest is read the
+  same way: its index first, then each unlabeled shard's block of entries
+  (copies and soft targets) as that shard is read (:mod:`.manifest`).
 * **Steps.** Each step draws a labeled batch of ``batch_size`` images and,
   for a student, a pseudo-labeled batch of ``ratio × batch_size`` images.
   An epoch is as many steps as it takes to see the larger of the two sets
@@ -95,9 +97,10 @@ import torch.nn.functional as F
 from . import images as imgs
 from .config import ConfigError, PseudoConfig, TrainConfig
 from .corruptions import CORRUPTIONS, SEVERITIES, corrupt
+from .manifest import Manifest
 from .models import count_parameters, create_model, normalization, save_final
 from .pipeline import (
-    Copies, DataError, ImageBatches, ShardCatalog, Stream, TrainBatches, count_shards, decode, stream_samples, unwrap,
+    Copies, DataError, ImageBatches, ShardCatalog, Stream, TrainBatches, decode, unwrap,
 )
 from .runtime import CoreShare
 from .stage import ProgressFile, event, put, put_json, run_entry_point, sha256, write_done
@@ -167,8 +170,7 @@ def open_set(pattern: str, field: str, cfg: TrainConfig, shuffle: bool, copies: 
         raise ConfigError(f"{field}: {pattern} names no shards")
     catalog = ShardCatalog.of(uris)
     copies = copies or Copies()
-    stream = Stream(uris, copies.sizes(uris, count_shards(uris, catalog) if copies.blocks is None else []),
-                    copies, catalog, shuffle, cfg.shuffle_buffer)
+    stream = Stream(uris, copies.sizes(uris, catalog), copies, catalog, shuffle, cfg.shuffle_buffer)
     if stream.total == 0:
         raise ConfigError(f"{field}: no images in {pattern}")
     return stream
@@ -206,86 +208,52 @@ def tempered(probs: np.ndarray, temperature: float) -> np.ndarray:
     return (p / p.sum(axis=1, keepdims=True)).astype(np.float32)
 
 
-def manifest_targets(manifest: dict[str, np.ndarray], rows: np.ndarray, num_classes: int, kind: str,
-                     temperature: float, smoothing: float = 0.0) -> np.ndarray:
-    """Targets (len(rows)×K float) of manifest rows: smoothed one-hot for ``hard``, re-tempered for ``soft``."""
-    classes = manifest["classes"][rows].astype(np.int64)
+def manifest_targets(columns: dict[str, np.ndarray], num_classes: int, kind: str, temperature: float,
+                     smoothing: float = 0.0) -> np.ndarray:
+    """Targets (N×K float) of N manifest entries (their ``classes`` and ``probs`` or ``topk_*`` columns):
+    smoothed one-hot for ``hard``, re-tempered for ``soft``."""
+    classes = columns["classes"].astype(np.int64)
     if kind == "hard":
         return smoothed(np.eye(num_classes, dtype=np.float32)[classes], smoothing).astype(np.float32)
-    if "probs" in manifest:
-        probs = manifest["probs"][rows].astype(np.float32)
+    if "probs" in columns:
+        probs = columns["probs"].astype(np.float32)
     else:  # top-k only (many classes): the rest of the mass is unknown, renormalise over the top k
-        probs = np.zeros((len(rows), num_classes), dtype=np.float32)
-        np.put_along_axis(probs, manifest["topk_indices"][rows].astype(np.int64),
-                          manifest["topk_values"][rows].astype(np.float32), 1)
+        probs = np.zeros((len(classes), num_classes), dtype=np.float32)
+        np.put_along_axis(probs, columns["topk_indices"].astype(np.int64), columns["topk_values"].astype(np.float32),
+                          1)
     return tempered(probs, temperature)
 
 
 class PseudoTargets:
-    """Targets of pseudo-labeled samples, from their manifest rows."""
+    """Targets of pseudo-labeled samples, from the manifest entry each carries (``sample["pseudo"]``)."""
 
-    def __init__(self, manifest: dict[str, np.ndarray], num_classes: int, kind: str, temperature: float,
-                 smoothing: float = 0.0) -> None:
-        self.manifest, self.num_classes, self.kind = manifest, num_classes, kind
+    def __init__(self, num_classes: int, kind: str, temperature: float, smoothing: float = 0.0) -> None:
+        self.num_classes, self.kind = num_classes, kind
         self.temperature, self.smoothing = temperature, smoothing
 
     def __call__(self, samples: Sequence[dict[str, Any]]) -> torch.Tensor:
-        rows = np.fromiter((s["row"] for s in samples), dtype=np.int64, count=len(samples))
-        return torch.from_numpy(manifest_targets(self.manifest, rows, self.num_classes, self.kind, self.temperature,
+        columns = {k: np.stack([s["pseudo"][k] for s in samples]) for k in samples[0]["pseudo"]}
+        return torch.from_numpy(manifest_targets(columns, self.num_classes, self.kind, self.temperature,
                                                  self.smoothing))
 
 
-def load_manifest(pseudo: PseudoConfig, cfg: TrainConfig) -> tuple[dict[str, np.ndarray], Copies]:
-    """The balance manifest and, per unlabeled shard, the copies of its samples in tar order."""
-    try:
-        raw = open_store(pseudo.manifest).get_bytes(pseudo.manifest)
-    except FileNotFoundError as exc:
-        raise ConfigError(f"pseudo.manifest: {exc}") from None
-    with np.load(io.BytesIO(raw), allow_pickle=False) as z:
-        manifest = {k: z[k] for k in z.files}
-    if len(manifest.get("keys", ())) == 0:
+def open_manifest(pseudo: PseudoConfig, cfg: TrainConfig) -> Copies:
+    """The balance manifest's index, checked against the config and the unlabeled shards (its blocks are read
+    as the shards are streamed)."""
+    manifest = Manifest.open(pseudo.manifest)
+    if manifest.rows == 0:
         raise ConfigError(f"pseudo.manifest: {pseudo.manifest} selects no images")
-    width = manifest["probs"].shape[1] if "probs" in manifest else None
-    if width is not None and width != cfg.num_classes:
-        raise ConfigError(f"num_classes: {cfg.num_classes} but the pseudo-label manifest has {width} classes")
+    if manifest.num_classes != cfg.num_classes:
+        raise ConfigError(f"num_classes: {cfg.num_classes} but the pseudo-label manifest has "
+                          f"{manifest.num_classes} classes")
     try:
-        uris = expand_shards(pseudo.unlabeled)
+        names = {u.rsplit("/", 1)[-1] for u in expand_shards(pseudo.unlabeled)}
     except (FileNotFoundError, ValueError) as exc:
         raise ConfigError(f"pseudo.unlabeled: {exc}") from None
-    by_name = {u.rsplit("/", 1)[-1]: u for u in uris}
-    keys = manifest.pop("keys")
-    keys = np.char.encode(keys, "utf-8") if keys.dtype.kind == "U" else keys
-    if "shard" not in manifest:
-        locate_keys(manifest, keys, uris, pseudo.unlabeled)
-    names = [str(n) for n in manifest["shard_names"]]
-    missing = [n for n in names if n not in by_name]
+    missing = sorted(set(manifest.shards) - names)
     if missing:
         raise ConfigError(f"pseudo.unlabeled: the manifest's shard {missing[0]!r} is not in {pseudo.unlabeled}")
-    order = np.argsort(manifest["shard"], kind="stable")  # per shard, in tar order (the label stage's order)
-    starts = np.searchsorted(manifest["shard"][order], np.arange(len(names) + 1))
-    blocks = {}
-    for i, name in enumerate(names):
-        rows = order[starts[i] : starts[i + 1]]
-        if len(rows):
-            blocks[by_name[name]] = (keys[rows], manifest["copies"][rows].astype(np.int64), rows)
-    return manifest, Copies(blocks)
-
-
-def locate_keys(manifest: dict[str, np.ndarray], keys: np.ndarray, uris: Sequence[str], pattern: str) -> None:
-    """Add ``shard``/``shard_names`` to a manifest from an older balance stage, by reading the shards' keys once."""
-    row_of = {k: i for i, k in enumerate(keys.tolist())}
-    shard = np.full(len(keys), -1, dtype=np.int64)
-    index = {u: i for i, u in enumerate(uris)}
-    for s in stream_samples(uris, catalog=ShardCatalog.of(uris)):
-        row = row_of.get(s["__key__"].encode())
-        if row is not None:
-            shard[row] = index[s["__url__"]]
-    if (shard < 0).any():
-        missing = keys[int(np.flatnonzero(shard < 0)[0])].decode()
-        raise ConfigError(f"pseudo.unlabeled: {int((shard < 0).sum())} manifest keys not found in {pattern}, "
-                          f"e.g. {missing!r}")
-    manifest["shard"] = shard
-    manifest["shard_names"] = np.asarray([u.rsplit("/", 1)[-1] for u in uris])
+    return Copies(manifest)
 
 
 FILLS = {"black": [0, 0, 0], "grey": [128, 128, 128], "white": [255, 255, 255]}
@@ -572,11 +540,10 @@ def run(cfg: TrainConfig) -> dict[str, Any]:
     streams, batches = [labeled], [cfg.batch_size]
     targets: list[Any] = [LabeledTargets(cfg.num_classes, "labeled", cfg.label_smoothing)]
     if cfg.pseudo is not None:
-        manifest, copies = load_manifest(cfg.pseudo, cfg)
+        copies = open_manifest(cfg.pseudo, cfg)
         streams.append(open_set(cfg.pseudo.unlabeled, "pseudo.unlabeled", cfg, shuffle=True, copies=copies))
         batches.append(cfg.pseudo.ratio * cfg.batch_size)
-        targets.append(PseudoTargets(manifest, cfg.num_classes, cfg.pseudo.type, cfg.pseudo.temperature,
-                                     cfg.label_smoothing))
+        targets.append(PseudoTargets(cfg.num_classes, cfg.pseudo.type, cfg.pseudo.temperature, cfg.label_smoothing))
     steps = max(math.ceil(s.total / b) for s, b in zip(streams, batches))
     augment = None
     if cfg.noise.rand_augment is not None:

@@ -9,7 +9,7 @@ belongs to the run::
       stages/prepare/<key>/{labeled-*.tar, unlabeled-*.tar, validation-*.tar, _DONE.json}
       stages/teacher/<key>/{checkpoint.pt, checkpoints/epoch-*.pt, metrics.json, config.json, _DONE.json}
       stages/label/<key>/{part-00000-00000.npz, ..., stats-00000.json, part-00000.done.json, ..., _DONE.json}
-      stages/balance/<key>/{manifest.npz, thresholds.json, _DONE.json}
+      stages/balance/<key>/{manifest.json, manifest/*.npz, thresholds.json, _DONE.json}
       stages/student/<key>/{checkpoint.pt, checkpoints/epoch-*.pt, metrics.json, _DONE.json}
       stages/export/<key>/{model/{config.json, model.safetensors, README.md}, report.html, _DONE.json}
       <run>/{stages.json, status.json, spec.json, top1.png}   (local runner), report.html (export stage)

@@ -44,7 +44,7 @@ def render_train_config(
     teacher = None
     if student:
         pseudo = {
-            "manifest": layout.stage_uri(Stage(generation, BALANCE), "manifest.npz"),
+            "manifest": layout.stage_uri(Stage(generation, BALANCE), "manifest.json"),
             "unlabeled": urls["unlabeled"],
             "type": spec.pseudo_labels.type,
             "temperature": spec.pseudo_labels.temperature,
