@@ -470,7 +470,13 @@ class Harness:
             self.exit_pods(namespace, name, 1, "harness: the workload failed")
         elif phase != "Running":
             raise ValueError(f"set_phase: {phase!r} is not something pods can do")
-        wait_for(lambda: job_phase(self.job(namespace, name) or {}) == phase, timeout,
+
+        def reached() -> bool:
+            job = self.job(namespace, name)
+            # A finished Job may already be deleted (spec.scheduler.ttlSecondsAfterFinished: 0).
+            return job_phase(job) == phase if job is not None else phase != "Running"
+
+        wait_for(reached, timeout,
                  f"Volcano Job {namespace}/{name} {phase}", detail=lambda: self._job_detail(namespace, name))
 
     def _job_detail(self, namespace: str, name: str) -> str:

@@ -666,6 +666,13 @@ class SchedulerSpec(ApiModel):
         pattern=DNS_SUBDOMAIN,
         description="Volcano queue (for a Kueue queue, see `placement.labels`).",
     )
+    ttl_seconds_after_finished: int = Field(
+        default=86400,
+        ge=0,
+        le=2**31 - 1,
+        description="Delete each finished job (its Volcano Job, pods and Service) this many seconds after "
+        "the operator recorded its end in status.jobs; 0: at once. Failure messages stay in status.",
+    )
 
 
 class RetrySpec(ApiModel):
@@ -804,6 +811,10 @@ class JobStatus(ApiModel):
     )
     submit_failures: int = Field(
         default=0, description="Submissions that failed with a transient error (retried with backoff)."
+    )
+    removed_at: datetime | None = Field(
+        default=None,
+        description="When the finished job's object was deleted (spec.scheduler.ttlSecondsAfterFinished).",
     )
 
 

@@ -7,8 +7,9 @@
   deterministic job name before `schedule`, labelled, owned by the run, and its
   pod templates receive the run's S3 Secret by reference (`envFrom`); an
   AlreadyExists answer means the job was submitted before.
-  Jobs are observed (one GET each) and cancelled (DELETE, confirmed when
-  gone) through `volcano.VolcanoJobs`, not TorchX's describe and cancel.
+  Jobs are observed (one GET each), cancelled (DELETE, confirmed when gone)
+  and, once their end is recorded, removed (the same DELETE) through
+  `volcano.VolcanoJobs`, not TorchX's describe and cancel.
 * `local_cwd` — processes on this host, for the local runner. Handles are only
   valid in the process that launched them; a job this process does not know
   is adopted while processes tagged with its name still run (`processes`:
@@ -84,6 +85,9 @@ class JobBackend(Protocol):
 
     def cancel(self, job: JobRecord, context: JobContext) -> None:
         """Stop a job; a job that no longer exists is not an error."""
+
+    def remove(self, job: JobRecord, context: JobContext) -> None:
+        """Delete a finished job's object; a job that no longer exists is not an error."""
 
     def log_tail(self, job: JobRecord, lines: int = 40) -> str | None:
         """The end of the job's log, when the backend can read it."""
@@ -384,6 +388,12 @@ class TorchXJobBackend:
             self.runner.cancel(handle)
         processes.end(processes.find(self._local_tag(job.name)))  # adopted ones too
 
+    def remove(self, job: JobRecord, context: JobContext) -> None:
+        """Delete a finished Volcano Job with its pods and Service; finished local processes leave
+        nothing but their logs, which are kept."""
+        if self.scheduler == "kubernetes":
+            self.volcano.delete(context.namespace, job.name)
+
     def log_tail(self, job: JobRecord, lines: int = 40) -> str | None:
         log_dir = self._log_dirs.get(job.name)
         if not log_dir or not os.path.isdir(log_dir):
@@ -405,6 +415,7 @@ class InMemoryJobBackend:
         self.requests: dict[str, JobRequest] = {}
         self.submissions: list[str] = []
         self.cancelled: list[str] = []
+        self.removed: list[str] = []
 
     def submit(self, request: JobRequest, context: JobContext) -> str:
         self.submissions.append(request.name)
@@ -420,6 +431,10 @@ class InMemoryJobBackend:
         self.cancelled.append(job.name)
         if job.name in self.jobs:
             self.jobs[job.name] = JobState.CANCELLED
+
+    def remove(self, job: JobRecord, context: JobContext) -> None:
+        self.removed.append(job.name)
+        self.jobs.pop(job.name, None)
 
     def log_tail(self, job: JobRecord, lines: int = 40) -> str | None:
         return None

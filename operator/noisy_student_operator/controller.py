@@ -24,15 +24,16 @@ import threading
 import time
 from collections import defaultdict
 from collections.abc import Callable
+from datetime import datetime, timedelta
 from typing import Any
 
 from . import metrics
-from .api import RunFileError, RunSpec, RunStatus, parse_run, validate_tolerant
+from .api import RunFileError, RunSpec, RunStatus, SchedulerSpec, parse_run, validate_tolerant
 from .backend import JobBackend, JobContext
 from .core import reasons
 from .core.conditions import is_true, set_condition
 from .core.keys import workload_identity
-from .core.planner import ACTIVE_STATES, CANCELLING, Plan, RunRef, Submit
+from .core.planner import ACTIVE_STATES, CANCELLING, FINISHED_STATES, Plan, RunRef, Submit
 from .kube import Conflict
 from .reconcile import ArtifactStoreError, Reconciler, utcnow
 
@@ -40,6 +41,7 @@ log = logging.getLogger(__name__)
 
 EventFn = Callable[[Any, str, str, str], None]
 RequeueFn = Callable[[str, str, float], None]
+DEFAULT_TTL = SchedulerSpec.model_fields["ttl_seconds_after_finished"].default
 #: Passes done again after a status write met a newer run, before the error is reported.
 CONFLICT_RETRIES = 3
 
@@ -54,6 +56,15 @@ class SchedulerNotServed(InvalidRun):
     """The run asks for a scheduler this operator was not started to serve."""
 
     reason = reasons.SCHEDULER_NOT_SERVED
+
+
+def _removals(body: Any) -> list[datetime]:
+    """When each finished job of the run that still has its object is due to be removed."""
+    scheduler = (body.get("spec") or {}).get("scheduler") or {}
+    ttl = timedelta(seconds=int(scheduler.get("ttlSecondsAfterFinished", DEFAULT_TTL)))
+    return [datetime.fromisoformat(job["finishedAt"]) + ttl
+            for job in (body.get("status") or {}).get("jobs") or []
+            if job.get("state") in FINISHED_STATES and job.get("finishedAt") and not job.get("removedAt")]
 
 
 def _no_events(body: Any, type_: str, reason: str, message: str) -> None:
@@ -119,7 +130,18 @@ class RunController:
         )
 
     def settled(self, body: Any) -> bool:
-        """Finished (Succeeded or Failed), no spec change since, no cancel to confirm: nothing to do."""
+        """Finished (Succeeded or Failed), no spec change since, no cancel to confirm, no finished
+        job left to remove: nothing to do."""
+        return self._finished_and_unchanged(body) and not _removals(body)
+
+    def idle(self, body: Any, now: datetime | None = None) -> bool:
+        """Settled but for finished jobs whose removal is not due yet: a timer tick has nothing to do
+        (their pass is requeued at the due time; after a restart the resume pass requeues it)."""
+        now = now or utcnow()
+        return self._finished_and_unchanged(body) and all(due > now for due in _removals(body))
+
+    @staticmethod
+    def _finished_and_unchanged(body: Any) -> bool:
         status = body.get("status") or {}
         conditions = {c.get("type"): c.get("status") for c in status.get("conditions") or []}
         finished = conditions.get(reasons.SUCCEEDED) == "True" or conditions.get(reasons.FAILED) == "True"

@@ -127,7 +127,9 @@ def unsettled(body: Any, **_: Any) -> bool:
     return not controller().settled(body)
 
 
-def on_timer(namespace: str, name: str, **_: Any) -> None:
+def on_timer(namespace: str, name: str, body: Any, **_: Any) -> None:
+    if controller().idle(body):  # only finished jobs whose removal is not due yet
+        return
     reconcile(namespace, name)
 
 

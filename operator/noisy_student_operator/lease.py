@@ -174,5 +174,8 @@ class LeasedBackend:
             self.inner.cancel(job, context)
             self._release(job.name)
 
+    def remove(self, job: JobRecord, context: JobContext) -> None:
+        self.inner.remove(job, context)
+
     def log_tail(self, job: JobRecord, lines: int = 40) -> str | None:
         return self.inner.log_tail(job, lines)

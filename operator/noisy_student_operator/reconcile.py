@@ -3,7 +3,7 @@
 The kopf handlers and the local runner call `Reconciler.reconcile(run)`; it
 reads completion markers from the artifact store, asks the job backend for
 the state of active jobs, calls the pure planner, and carries out the plan
-(submit or cancel). A submission that fails never loses the pass: it is
+(submit, cancel, or remove a finished job). A submission that fails never loses the pass: it is
 recorded on its job (`record_submit_error`) and the run is planned again, so
 the returned status says what happened (a refused job fails the run with the
 server's message; a transient error waits for its retry). Writing the
@@ -34,6 +34,7 @@ from .core.planner import (
     JobSubmitError,
     Observation,
     Plan,
+    Remove,
     RunRef,
     Submit,
     plan_run,
@@ -217,6 +218,15 @@ class Reconciler:
                     records[action.job.name].message = f"cancel requested; the backend answered: {error}"
                 else:
                     log.info("asked to cancel %s", action.job.name)
+            elif isinstance(action, Remove):
+                try:
+                    self.backend.remove(action.job, context)
+                except Exception as error:  # not removed: the next pass tries again
+                    log.warning("removing finished job %s failed: %s", action.job.name, error)
+                    if action.job.name in records:
+                        records[action.job.name].removed_at = None
+                else:
+                    log.info("removed finished job %s", action.job.name)
         return errors
 
     def cancel_all(self, run: RunRef, context: JobContext) -> list[str]:

@@ -302,6 +302,37 @@ def test_delete_with_running_jobs_cancels_them_and_the_run_disappears(h, ns, s3_
     assert h.jobs(ns, run) == []
 
 
+# ----------------------------------------------------------------------------- (c2) finished jobs
+
+
+def test_finished_jobs_are_deleted_with_their_pods_after_their_end_is_recorded(h, ns, s3_prefix):
+    """spec.scheduler.ttlSecondsAfterFinished: 0 — each finished Volcano Job (a failed attempt too)
+    goes with its pods once status records its end; none is submitted again because it is gone."""
+    run = "ttl"
+    h.create_run(ns, run, spec(s3_prefix, students=1, scheduler={"ttlSecondsAfterFinished": 0}))
+    names = h.job_names(ns, run)
+    first = h.next_job(ns, run, set(), STEP)["metadata"]["name"]
+    h.set_phase(ns, first, "Running")
+    h.set_phase(ns, first, "Failed")
+    h.wait_run(ns, run, lambda s: any(j["name"] == first and j["state"] == "Failed" for j in s["jobs"]),
+               STEP, f"{first} recorded Failed")
+    wait_for(lambda: h.job(ns, first) is None, STEP, f"the failed job {first} to be deleted")
+    retry = h.job_name(ns, run, Stage(0, TEACHER), 1)
+    drive_to_end(h, ns, run, len(names))  # the retry, then every later stage
+    status = h.wait_run(ns, run, lambda s: s.get("stage") == "Succeeded", STEP, "Succeeded")
+    wait_for(lambda: h.jobs(ns, run) == [], STEP, "every finished Volcano Job of the run to be deleted",
+             detail=lambda: json.dumps([j["metadata"]["name"] for j in h.jobs(ns, run)]))
+    assert all(not h.pods(ns, job) for job in [first, *names[1:], retry])
+    status = h.wait_run(ns, run, lambda s: all(j.get("removedAt") for j in s["jobs"]), STEP, "removals recorded")
+    assert [(j["name"], j["state"]) for j in status["jobs"]] == (
+        [(first, "Failed"), (retry, "Succeeded")] + [(n, "Succeeded") for n in names[1:]])
+    assert is_true(status, "Succeeded") and is_true(status, "Ready")
+    time.sleep(3)  # a few passes later: nothing came back
+    assert h.jobs(ns, run) == []
+    reasons = Counter(e.reason for e in h.events(ns, run))
+    assert reasons["JobSubmitted"] == len(names) + 1 and reasons["JobResubmitted"] == 0
+
+
 # ----------------------------------------------------------------------------- (d) suspend
 
 

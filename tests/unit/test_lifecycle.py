@@ -300,3 +300,79 @@ def test_requeued_or_hinted_pass_runs_in_the_context_that_asked_for_it(method):
     getattr(requeuer, method)("ml", "demo", 0.01)
     assert done.wait(10)
     assert seen == ["kopf's context"]
+
+
+# ----------------------------------------------------------------------------- removal of finished jobs
+
+
+def set_ttl(api, seconds):
+    api.objects[("ml", "demo")]["spec"]["scheduler"] = {"ttlSecondsAfterFinished": seconds}
+
+
+def test_finished_job_is_removed_ttl_after_its_end_and_never_resubmitted(setup):
+    api, _, _, _, _, layout = setup
+    set_ttl(api, 30)
+    backend = InMemoryJobBackend()
+    clock, events, requeues = Clock(), [], []
+    controller = make_controller(api, backend, clock, events, requeues)
+    controller.reconcile("ml", "demo")
+    first, second = name(layout, TEACHER_0), name(layout, TEACHER_0, 1)
+    backend.jobs[first] = JobState.FAILED
+    clock.now += timedelta(seconds=1)
+    controller.reconcile("ml", "demo")  # records the failure (ended at T0+1 s)
+    assert requeues[-1] == 10.0  # the retry's backoff comes before the removal (T0+31 s)
+    clock.now += timedelta(seconds=10)
+    controller.reconcile("ml", "demo")  # the retry
+    assert backend.submissions == [first, second] and backend.removed == []
+    assert requeues[-1] == 20.0  # the pass that removes attempt 0
+    clock.now += timedelta(seconds=20)
+    controller.reconcile("ml", "demo")
+    assert backend.removed == [first]
+    jobs = api.objects[("ml", "demo")]["status"]["jobs"]
+    assert jobs[0]["state"] == "Failed" and jobs[0]["removedAt"] and not jobs[1].get("removedAt")
+    for _ in range(3):
+        clock.now += timedelta(seconds=5)
+        controller.reconcile("ml", "demo")  # gone, and never looked at again
+    assert backend.submissions == [first, second] and backend.removed == [first]
+
+
+def test_a_job_that_ends_in_a_pass_is_removed_by_the_next_one_never_the_same(setup):
+    """A job is deleted only once the status read for the pass records its end: if the pass's
+    status write were lost, the next pass still finds the job and records it."""
+    api, _, _, _, _, layout = setup
+    set_ttl(api, 0)
+    backend = InMemoryJobBackend()
+    clock, events, requeues = Clock(), [], []
+    controller = make_controller(api, backend, clock, events, requeues)
+    controller.reconcile("ml", "demo")
+    first = name(layout, TEACHER_0)
+    backend.jobs[first] = JobState.FAILED
+    snapshot = json.loads(json.dumps(api.objects[("ml", "demo")]))
+    controller.reconcile("ml", "demo")
+    assert backend.removed == [] and requeues[-1] == 0.0
+    api.objects[("ml", "demo")] = snapshot  # that pass's status write was lost
+    controller.reconcile("ml", "demo")
+    assert backend.removed == []  # observed and recorded again, not removed
+    controller.reconcile("ml", "demo")
+    assert backend.removed == [first]
+    assert api.objects[("ml", "demo")]["status"]["jobs"][0]["state"] == "Failed"
+
+
+def test_a_finished_run_is_settled_once_its_jobs_are_removed_and_idle_until_then():
+    from noisy_student_operator.controller import RunController
+
+    controller = RunController(None, {})
+    body = {
+        "metadata": {"generation": 2},
+        "spec": {"scheduler": {"ttlSecondsAfterFinished": 60}},
+        "status": {"observedGeneration": 2,
+                   "conditions": [{"type": "Succeeded", "status": "True"}],
+                   "jobs": [{"name": "a", "state": "Succeeded", "finishedAt": T0.isoformat()},
+                            {"name": "b", "state": "Cancelled", "finishedAt": T0.isoformat(),
+                             "removedAt": T0.isoformat()}]},
+    }
+    assert not controller.settled(body)  # resumed after a restart: its removal is still to do
+    assert controller.idle(body, T0 + timedelta(seconds=59))  # timer ticks cost nothing until it is due
+    assert not controller.idle(body, T0 + timedelta(seconds=60))
+    body["status"]["jobs"][0]["removedAt"] = (T0 + timedelta(seconds=60)).isoformat()
+    assert controller.settled(body) and controller.idle(body, T0)

@@ -28,6 +28,9 @@ Rules it follows:
 * A cancel counts as done when the backend confirms it: the job stays
   `Cancelling` (observed every pass, the cancel asked again) until the backend
   reports it gone or finished; no new attempt of its stage starts before.
+* A finished job's object is deleted `spec.scheduler.ttlSecondsAfterFinished`
+  after its end, by the first pass whose read status already records that end
+  (never before its state is known); finished jobs are not observed again.
 * `spec.suspend` cancels the running job and launches nothing; on resume the
   interrupted stage is submitted again as a new attempt (not counted as a
   failure) once the cancelled one has stopped.
@@ -76,6 +79,8 @@ CANCELLING = "Cancelling"
 LIVE_STATES = (*ACTIVE_STATES, CANCELLING)
 #: A failed attempt that no longer counts against the retry limit (the spec changed since).
 SUPERSEDED = "Superseded"
+#: Ended: never observed again; their objects are deleted `ttlSecondsAfterFinished` after the end was recorded.
+FINISHED_STATES = ("Succeeded", "Failed", "Cancelled", SUPERSEDED)
 
 
 @dataclass(frozen=True)
@@ -136,6 +141,13 @@ class Cancel:
 
 
 @dataclass(frozen=True)
+class Remove:
+    """Delete a finished job's object (its pods and Service go with it)."""
+
+    job: JobStatus
+
+
+@dataclass(frozen=True)
 class Event:
     type: str  # Normal or Warning
     reason: str
@@ -147,7 +159,7 @@ class Plan:
     """What to do this pass and the status to write afterwards."""
 
     status: RunStatus
-    actions: list[Submit | Cancel] = field(default_factory=list)
+    actions: list[Submit | Cancel | Remove] = field(default_factory=list)
     events: list[Event] = field(default_factory=list)
     requeue_after: float | None = None
 
@@ -162,6 +174,8 @@ class Plan:
         for action in self.actions:
             if isinstance(action, Submit):
                 lines.append(f"submit {action.request.name} ({action.request.component})")
+            elif isinstance(action, Remove):
+                lines.append(f"remove {action.job.name}")
             else:
                 lines.append(f"cancel {action.job.name}")
         for event in self.events:
@@ -276,7 +290,7 @@ class _Pass:
         self.progress: ProgressStatus | None = None
         self.conditions = list(previous.conditions)
         self.events: list[Event] = []
-        self.actions: list[Submit | Cancel] = []
+        self.actions: list[Submit | Cancel | Remove] = []
         self.requeue_after: float | None = None
         self.next_retry_at: datetime | None = None
         self.failed_now: set[str] = set()  # jobs that failed in this pass (their Event is posted once)
@@ -331,6 +345,8 @@ class _Pass:
         if seen.state is JobState.MISSING or not seen.state.active:
             job.state = "Cancelled"
             job.finished_at = self.now
+            if seen.state is JobState.MISSING:
+                job.removed_at = self.now  # gone already: nothing left to remove
             return
         self.actions.append(Cancel(job.model_copy()))
 
@@ -452,7 +468,36 @@ class _Pass:
 
     def wait_until(self, retry_at: datetime) -> None:
         self.next_retry_at = retry_at
-        self.requeue_after = max((retry_at - self.now).total_seconds(), 0.0)
+        self.look_again(retry_at)
+
+    def look_again(self, at: datetime) -> None:
+        """Ask for a pass at `at` (the earliest of the pass's wishes)."""
+        seconds = max((at - self.now).total_seconds(), 0.0)
+        self.requeue_after = seconds if self.requeue_after is None else min(self.requeue_after, seconds)
+
+    def remove_finished(self) -> None:
+        """Delete finished jobs' objects `spec.scheduler.ttlSecondsAfterFinished` after their end.
+
+        Only a job whose end the status read for this pass already records is removed: its
+        state is never lost with its object, and a finished job is never observed again, so it is
+        never resubmitted because it is gone. A job that ended in this pass waits for the next one.
+        """
+        ttl = timedelta(seconds=self.spec.scheduler.ttl_seconds_after_finished)
+        recorded = {j.name for j in self.run.status.jobs if j.state in FINISHED_STATES}
+        for job in self.jobs:
+            if job.state not in FINISHED_STATES or job.removed_at is not None or job.finished_at is None:
+                continue
+            due = job.finished_at + ttl
+            if job.name in recorded and due <= self.now:
+                self.actions.append(Remove(job.model_copy()))
+                job.removed_at = self.now
+            else:
+                self.look_again(due)
+
+    def plan(self, stage_summary: str, generation: int) -> Plan:
+        """This pass's plan, finished jobs' removals included."""
+        self.remove_finished()
+        return Plan(self.status(stage_summary, generation), self.actions, self.events, self.requeue_after)
 
     def drive(self, stage: Stage) -> str | None:
         """Act on the current stage; returns a failure message when the run has failed."""
@@ -632,8 +677,9 @@ def plan_run(run: RunRef, observation: Observation) -> Plan:
         if run.generation is None or run.status.observed_generation == run.generation:
             # A failed run stays failed until its spec changes (its cancels are still confirmed).
             work.refresh_jobs()
+            work.remove_finished()
             update = {"observed_generation": run.generation, "jobs": work.jobs[-50:]}
-            return Plan(status=run.status.model_copy(update=update), actions=work.actions)
+            return Plan(run.status.model_copy(update=update), work.actions, requeue_after=work.requeue_after)
         work.retry_after_spec_change()
     work.refresh_jobs()
     work.report_spec_change()
@@ -665,16 +711,16 @@ def plan_run(run: RunRef, observation: Observation) -> Plan:
         work.conditions_for("Succeeded", None, detail)
         if not is_true(run.status.conditions, reasons.SUCCEEDED):
             work.event("Normal", reasons.RUN_SUCCEEDED, f"The run has ended; the best model is {work.model}.")
-        return Plan(work.status("Succeeded", last), work.actions, work.events)
+        return work.plan("Succeeded", last)
 
     failure = work.drive(current)
     if failure is not None:
         work.conditions_for("Failed", current, failure)
         work.event("Warning", reasons.RUN_FAILED, failure)
-        return Plan(work.status("Failed", current.generation), work.actions, work.events)
+        return work.plan("Failed", current.generation)
     if run.spec.suspend:
         work.conditions_for("Suspended", current, f"Suspended before {current.describe()}.")
-        return Plan(work.status("Suspended", current.generation), work.actions, work.events)
+        return work.plan("Suspended", current.generation)
     detail = f"Running {current.describe()}."
     if work.next_retry_at is not None:
         detail = f"Waiting to retry {current.describe()}."
@@ -684,9 +730,4 @@ def plan_run(run: RunRef, observation: Observation) -> Plan:
         work.progress = plan_progress(current, observation.progress.get(current))
     work.conditions_for("Running", current, detail)
     generation = max(work.generations, default=0) if current.kind == EXPORT else current.generation
-    return Plan(
-        work.status(STAGE_SUMMARY[current.kind], generation),
-        work.actions,
-        work.events,
-        work.requeue_after,
-    )
+    return work.plan(STAGE_SUMMARY[current.kind], generation)
