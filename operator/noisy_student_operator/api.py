@@ -848,14 +848,22 @@ class StageStatus(ApiModel):
 
 
 class ProgressStatus(ApiModel):
-    """Progress of the training stage in progress, as its workload last wrote it (every few seconds)."""
+    """Progress of the training or label stage in progress, as its workload last wrote it (every few seconds)."""
 
-    stage: str = Field(description="teacher or student.")
-    generation: int = Field(description="0 = teacher, k = k-th student.")
-    epoch: float = Field(description="Epochs done, fractional (2.5 = half of the third epoch).")
-    epochs: int = Field(description="Epochs of the stage.")
-    percent: int = Field(description="Percent of the stage's epochs done.")
-    images_per_second: float | None = Field(default=None, description="Training throughput, all processes.")
+    stage: str = Field(description="teacher, student or label.")
+    generation: int = Field(description="0 = teacher, k = k-th student (and the labeling for it).")
+    epoch: float | None = Field(
+        default=None, description="Training: epochs done, fractional (2.5 = half of the third epoch)."
+    )
+    epochs: int | None = Field(default=None, description="Training: epochs of the stage.")
+    images: int | None = Field(default=None, description="Labeling: images labeled so far, all replicas.")
+    images_total: int | None = Field(
+        default=None, description="Labeling: images to label, all replicas (unknown without a packing marker)."
+    )
+    percent: int | None = Field(
+        default=None, description="Percent of the stage done: of its epochs (training) or images (labeling)."
+    )
+    images_per_second: float | None = Field(default=None, description="Throughput, all processes.")
     eta_seconds: int | None = Field(default=None, description="Estimated seconds until the stage ends.")
     eta: str | None = Field(default=None, description="`eta_seconds` for people, e.g. `4m12s`.")
     top1: float | None = Field(default=None, description="Latest validation top-1 of the model in training.")
@@ -884,7 +892,8 @@ class RunStatus(ApiModel):
         description="The generation after which the run stopped early (`spec.stopWhenGainBelow`).",
     )
     progress: ProgressStatus | None = Field(
-        default=None, description="Epochs, images/s, ETA and latest top-1 of the training stage in progress."
+        default=None, description="Epochs or images done, images/s, ETA (and training's latest top-1) of the "
+        "training or label stage in progress."
     )
     next_retry_at: datetime | None = Field(default=None, description="When a failed stage is retried.")
     jobs: list[JobStatus] = Field(default_factory=list, description="Submitted jobs.")

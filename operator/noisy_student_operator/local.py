@@ -72,7 +72,8 @@ def local_root(layout: RunLayout) -> Path:
 
 
 class RunProgress:
-    """One progress bar per stage; training stages count epochs (with images/s, ETA and top-1)."""
+    """One progress bar per stage; training stages count epochs (with images/s, ETA and top-1), labeling the
+    fraction of its images (with images/s and ETA)."""
 
     def __init__(self, console: Console, run: NoisyStudentRun):
         self.progress = Progress(
@@ -115,11 +116,14 @@ class RunProgress:
             if progress is None or (progress.stage, progress.generation) != (stage.kind, stage.generation):
                 self.progress.update(task, completed=0, note="")
                 continue
-            # The same progress as `status.progress` (and `kubectl get nsr`): epochs, images/s, ETA, top-1.
-            note = [f"{progress.images_per_second:.0f} img/s" if progress.images_per_second else "",
+            # The same progress as `status.progress` (and `kubectl get nsr`): epochs (labeling: images),
+            # images/s, ETA, top-1.
+            note = [f"{progress.images:,}/{progress.images_total or '?'} images" if progress.images is not None else "",
+                    f"{progress.images_per_second:.0f} img/s" if progress.images_per_second else "",
                     f"ETA {progress.eta}" if progress.eta else "",
                     f"top-1 {progress.top1:.3f}" if progress.top1 is not None else ""]
-            self.progress.update(task, completed=progress.epoch, note="  ".join(n for n in note if n))
+            done = progress.epoch if progress.epoch is not None else (progress.percent or 0) / 100
+            self.progress.update(task, completed=done, note="  ".join(n for n in note if n))
 
 
 class StatusFile:

@@ -24,7 +24,7 @@ from typing import Any
 from noisy_student_workloads.store import ArtifactStore, open_store
 
 from .backend import JobBackend, JobContext
-from .core.layout import PROGRESS_FILE, Stage, plan_stages
+from .core.layout import LABEL, LABEL_PROGRESS_PREFIX, PROGRESS_FILE, Stage, plan_stages
 from .core import reasons
 from .core.planner import (
     ACTIVE_STATES,
@@ -158,19 +158,28 @@ class Reconciler:
                            progress=self.read_progress(run, markers))
 
     def read_progress(self, run: RunRef, markers: Mapping[Stage, Any]) -> dict[Stage, Mapping[str, Any]]:
-        """`progress.json` of the training stage whose job runs, if any (never fails the pass)."""
+        """What the training or label stage whose job runs wrote of its progress, if any (never fails the pass).
+
+        Training: its `progress.json`; labeling: `{"replicas": [...]}`, each replica's `progress-RRRRR.json`
+        (one listing and a GET per replica).
+        """
         stage = next((s for s in plan_stages(run.spec) if s not in markers), None)
-        if stage is None or not stage.is_training:
+        if stage is None or not (stage.is_training or stage.kind == LABEL):
             return {}
         key = run.layout.key(stage)
         if not any(j.key == key and j.stage == stage.kind and j.state in ACTIVE_STATES for j in run.status.jobs):
             return {}
-        uri = run.layout.stage_uri(stage, PROGRESS_FILE)
         try:
+            if stage.kind == LABEL:
+                prefix = run.layout.stage_uri(stage, LABEL_PROGRESS_PREFIX)
+                store = self.markers.store_for(prefix)
+                uris = [u for u in store.list(prefix) if u.endswith(".json")]
+                return {stage: {"replicas": [store.get_json(u) for u in uris]}} if uris else {}
+            uri = run.layout.stage_uri(stage, PROGRESS_FILE)
             store = self.markers.store_for(uri)
             return {stage: store.get_json(uri)} if store.exists(uri) else {}
         except Exception as error:  # progress is a nicety: a pass never fails for it
-            log.debug("cannot read %s: %s", uri, error)
+            log.debug("cannot read the progress of %s: %s", stage.describe(), error)
             return {}
 
     def reconcile(self, run: RunRef, context: JobContext) -> Plan:

@@ -84,6 +84,12 @@ def test_teacher_label_balance_student(digits, tmp_path, monkeypatch):
     assert label.main(["--config", label_cfg, "--replica-id", "0", "--num-replicas", "2"]) == 0
     done = read_json(labels / "_DONE.json")
     assert done["metrics"]["images"] == 1397 and done["metrics"]["replicas"] == 2
+    # each replica's progress (images of its own total, the stage's total from the packing marker): finished
+    progress = [read_json(labels / f"progress-0000{r}.json") for r in (0, 1)]
+    assert [p["images"] for p in progress] == [p["images_total"] for p in progress]
+    assert sum(p["images"] for p in progress) == 1397 and {p["stage_images_total"] for p in progress} == {1397}
+    assert all(p["done"] and p["eta_seconds"] == 0 and p["images_per_second"] > 0 for p in progress)
+    assert not any("progress" in os.path.basename(u) for u in done["outputs"])  # not an output
     with np.load(labels / "part-00000-00000.npz") as part0, np.load(labels / "part-00001-00000.npz") as part1:
         assert not set(part0["keys"]) & set(part1["keys"])  # disjoint shards
         assert part0["probs"].dtype == np.float16 and part0["probs"].shape[1] == 10

@@ -134,6 +134,37 @@ def test_restart_mid_run_never_duplicates_or_redoes(setup):
     assert len([n for n in backend.jobs if n.startswith(name(layout, Stage(1, LABEL)))]) == 1
 
 
+def test_status_progress_of_a_running_label_stage_sums_its_replicas_files(setup):
+    """What the label workload writes (one `progress-RRRRR.json` per replica, by `ImageProgress`) reaches
+    `status.progress` and the Progress and ETA columns."""
+    from noisy_student_workloads.predictions import progress_name
+    from noisy_student_workloads.stage import ImageProgress
+
+    api, backend, controller, events, store, layout = setup
+    controller.reconcile("ml", "demo")
+    backend.jobs[name(layout, TEACHER_0)] = JobState.SUCCEEDED
+    write_marker(store, layout, TEACHER_0, {"top1": 0.6, "parameters": 10})
+    controller.reconcile("ml", "demo")
+    controller.reconcile("ml", "demo")  # the label job runs, nothing written yet
+    status = api.objects[("ml", "demo")]["status"]
+    assert status["stage"] == "Labeling" and "progress" not in status
+    label = Stage(1, LABEL)
+    first = ImageProgress(layout.stage_uri(label, progress_name(0)), 600, 1000)
+    first.started -= 10  # ten seconds in: 60 images/s
+    first.update_images(600, done=True)
+    second = ImageProgress(layout.stage_uri(label, progress_name(1)), 400, 1000)
+    second.started -= 10
+    second.update_images(100)  # 10 images/s, 300 to go
+    controller.reconcile("ml", "demo")
+    progress = api.objects[("ml", "demo")]["status"]["progress"]
+    assert {k: progress[k] for k in ("stage", "generation", "images", "imagesTotal", "percent")} == {
+        "stage": "label", "generation": 1, "images": 700, "imagesTotal": 1000, "percent": 70}
+    # the finished replica adds its images, not its rate: 300 images left at 10/s
+    assert progress["imagesPerSecond"] == pytest.approx(10, rel=0.01)
+    assert progress["etaSeconds"] == pytest.approx(30, abs=1) and progress["eta"].endswith("s")
+    assert progress.get("epoch") is None and progress.get("epochs") is None
+
+
 def test_delete_cancels_running_jobs(setup):
     api, backend, controller, events, store, layout = setup
     controller.reconcile("ml", "demo")

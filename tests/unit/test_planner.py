@@ -399,7 +399,7 @@ def test_status_carries_the_progress_of_the_running_training_stage():
     assert (progress.stage, progress.generation, progress.epoch, progress.epochs) == (TEACHER, 0, 2.5, 10)
     assert (progress.percent, progress.eta, progress.images_per_second, progress.top1) == (25, "4m12s", 812.4, 0.61)
     assert plan.status.to_api()["progress"]["etaSeconds"] == 252
-    # Once the stage is complete, the next stage (labeling) has no epochs: no progress.
+    # Once the stage is complete, the next stage (labeling) has written no progress yet: none.
     world.finish(world.name(teacher), teacher, top1=0.7)
     plan = plan_run(RunRef("demo", "ml", world.spec, plan.status, world.generation),
                     Observation(world.now, dict(world.jobs), world.markers(), progress={teacher: written}))

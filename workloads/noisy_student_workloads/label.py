@@ -7,7 +7,9 @@ read-ahead (:mod:`.pipeline`), and the predictions are written as they
 come, in parts of bounded size (:mod:`.predictions` has the format and its
 readers), so memory does not grow with the number of unlabeled images. It
 writes under ``output`` the replica's parts ``part-NNNNN-PPPPP.npz``, its
-histograms ``stats-NNNNN.json`` and, last, its marker ``part-NNNNN.done.json``.
+histograms ``stats-NNNNN.json`` and, last, its marker ``part-NNNNN.done.json``;
+while it runs, ``progress-NNNNN.json`` (at most every 5 s: images done of
+the replica's total, images/s, ETA), which drivers put in the run's status.
 
 Then, if all N part markers exist, it writes the stage marker ``_DONE.json``
 from the part markers alone, so its content is the same whichever replica
@@ -35,9 +37,9 @@ from . import images as imgs
 from .config import ConfigError, LabelConfig
 from .models import load_final
 from .pipeline import Copies, DataError, ImageBatches, ShardCatalog, Stream, unwrap
-from .predictions import PartWriter, columns, marker_name
+from .predictions import PartWriter, columns, marker_name, progress_name
 from .runtime import CoreShare
-from .stage import event, now, put_json, run_entry_point, write_done
+from .stage import ImageProgress, event, now, put_json, run_entry_point, write_done
 from .store import expand_shards, join_uri, open_store
 
 # Batches between re-reading how many label replicas share this host's cores.
@@ -47,8 +49,9 @@ RETHREAD_EVERY = 20
 @torch.inference_mode()
 def predict(model: torch.nn.Module, batches: Iterable[tuple[list[dict[str, Any]], torch.Tensor]],
             meta: dict[str, Any], device: torch.device, shard_index: dict[str, int], writer: PartWriter,
-            cores: CoreShare | None = None, workers: int = 0) -> None:
-    """Softmax predictions of the model (eval mode, eval transform only) for every streamed batch, into ``writer``."""
+            cores: CoreShare | None = None, workers: int = 0, progress: ImageProgress | None = None) -> None:
+    """Softmax predictions of the model (eval mode, eval transform only) for every streamed batch, into ``writer``;
+    ``progress`` counts the images done."""
     model.eval().to(device, memory_format=torch.channels_last)
     for i, (samples, x) in enumerate(batches):
         if cores is not None and device.type == "cpu" and i % RETHREAD_EVERY == 0:
@@ -57,6 +60,8 @@ def predict(model: torch.nn.Module, batches: Iterable[tuple[list[dict[str, Any]]
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
             logits = model(x.contiguous(memory_format=torch.channels_last))
         writer.add(columns(samples, torch.softmax(logits.float(), dim=1).cpu(), shard_index, writer.topk))
+        if progress is not None:
+            progress.update_images(writer.images)
 
 
 def finish_stage(output: str, num_replicas: int) -> dict[str, Any] | None:
@@ -104,7 +109,8 @@ def run(cfg: LabelConfig, replica_id: int, num_replicas: int) -> dict[str, Any] 
         if previous.get("shards") == mine and previous.get("num_replicas") == num_replicas:
             event("skip", replica=replica_id, reason="part already labeled")  # a retried replica
             return finish_stage(out, num_replicas)
-    stream = Stream(mine, [], Copies(), ShardCatalog.of(mine))
+    catalog = ShardCatalog.of(shards)
+    stream = Stream(mine, [], Copies(), catalog)
     batches = ImageBatches(stream, cfg.batch_size, int(meta["image_size"]))
     _, workers = cores.plan(1) if device.type == "cpu" else (0, 1)
     loader = torch.utils.data.DataLoader(batches, batch_size=None, num_workers=workers if len(mine) > 1 else 0,
@@ -114,13 +120,17 @@ def run(cfg: LabelConfig, replica_id: int, num_replicas: int) -> dict[str, Any] 
     # predict, writing parts as they fill, then this replica's marker, then (maybe) the stage marker
     num_classes = int(meta["num_classes"])
     writer = PartWriter(out, replica_id, num_classes, cfg.topk, [u.rsplit("/", 1)[-1] for u in shards])
+    progress = ImageProgress(join_uri(out, progress_name(replica_id)), catalog.count(mine), catalog.count(shards))
+    progress.update_images(0)
     tic = time.perf_counter()
     try:
-        predict(model, loader, meta, device, {u: i for i, u in enumerate(shards)}, writer, cores, loader.num_workers)
+        predict(model, loader, meta, device, {u: i for i, u in enumerate(shards)}, writer, cores, loader.num_workers,
+                progress)
     except DataError as exc:
         raise DataError(f"unlabeled: {unwrap(exc)}") from None
     seconds = time.perf_counter() - tic
     images = writer.images
+    progress.update_images(images, done=True)
     writer.close({"num_replicas": num_replicas, "shards": mine, "finished": now(),
                   "images_per_second": images / seconds if seconds > 0 else 0.0})
     event("labeled", replica=replica_id, images=images, parts=len(writer.parts),

@@ -123,6 +123,11 @@ class ShardCatalog:
     def digest(self, uri: str) -> str | None:
         return self.sha256.get(_basename(uri))
 
+    def count(self, uris: Sequence[str]) -> int | None:
+        """Samples in ``uris`` by the packing marker; None when it does not count every one of them."""
+        counts = [self.samples.get(_basename(u)) for u in uris]
+        return None if None in counts else sum(counts)  # type: ignore[arg-type]
+
 
 # ---------------------------------------------------------------------------
 # read: whole shards with read-ahead, checked

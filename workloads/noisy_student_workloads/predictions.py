@@ -13,6 +13,8 @@ holds more than one part:
   replica streamed its shards (tar order per shard);
 * ``stats-RRRRR.json``: per-class confidence histograms (100 bins over
   [0, 1]) and counts of the images predicted as each class;
+* ``progress-RRRRR.json``: while the replica labels, images done of its
+  total, images/s and ETA (:class:`.stage.ImageProgress`; not an output);
 * ``part-RRRRR.done.json``: the replica's marker, written last; it lists the
   replica's parts (``parts``) and their sha256 digests. A part that no
   marker lists is not part of the output (a replica that died mid-way).
@@ -51,6 +53,11 @@ PART_ROWS = 16384
 def marker_name(replica: int) -> str:
     """``part-00003.done.json``: replica 3's marker."""
     return f"part-{replica:05d}.done.json"
+
+
+def progress_name(replica: int) -> str:
+    """``progress-00003.json``: replica 3's progress while it labels (not an output; see :class:`.stage.ImageProgress`)."""
+    return f"progress-{replica:05d}.json"
 
 
 def stats_name(replica: int) -> str:

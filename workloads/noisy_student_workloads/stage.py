@@ -132,19 +132,50 @@ class ProgressFile:
         self.last = float("-inf")
         self.top1: float | None = None
 
-    def update(self, epoch: float, images_per_second: float, top1: float | None = None, force: bool = False) -> bool:
-        """Write unless the last write is younger than ``every`` seconds (``force``: always); True if written."""
+    def due(self, force: bool) -> bool:
+        """Whether to write now (the last write is ``every`` seconds old, or ``force``); marks it written."""
         clock = time.monotonic()
-        if top1 is not None:
-            self.top1 = top1
         if not force and clock - self.last < self.every:
             return False
         self.last = clock
+        return True
+
+    def update(self, epoch: float, images_per_second: float, top1: float | None = None, force: bool = False) -> bool:
+        """Write unless the last write is younger than ``every`` seconds (``force``: always); True if written."""
+        if top1 is not None:
+            self.top1 = top1
+        if not self.due(force):
+            return False
         done = epoch - self.start_epoch
-        elapsed = clock - self.started
+        elapsed = self.last - self.started
         eta = elapsed * (self.epochs - epoch) / done if done > 0 else None
         put_json(self.uri, {
             "epoch": round(epoch, 3), "epochs": self.epochs, "images_per_second": round(images_per_second, 1),
             "eta_seconds": None if eta is None else round(eta), "top1": self.top1, "updated": now(),
+        })
+        return True
+
+
+class ImageProgress(ProgressFile):
+    """A label replica's ``progress-RRRRR.json``, rewritten at most every ``every`` seconds: ``images`` done of
+    ``images_total`` (this replica's; None when the shards' packing marker does not count them),
+    ``stage_images_total`` (all replicas'), ``images_per_second``, ``eta_seconds``, ``done`` and ``updated``.
+    Drivers sum the replicas' files into the run's progress."""
+
+    def __init__(self, uri: str, total: int | None, stage_total: int | None, every: float = 5.0) -> None:
+        super().__init__(uri, 0, every=every)
+        self.total, self.stage_total = total, stage_total
+
+    def update_images(self, images: int, done: bool = False) -> bool:
+        """Write ``images`` done (``done``: the replica has finished; always written)."""
+        if not self.due(done):
+            return False
+        elapsed = self.last - self.started
+        rate = images / elapsed if elapsed > 0 else 0.0
+        eta = (self.total - images) / rate if self.total is not None and rate > 0 else None
+        put_json(self.uri, {
+            "images": images, "images_total": self.total, "stage_images_total": self.stage_total,
+            "images_per_second": round(rate, 1), "eta_seconds": 0 if done else None if eta is None else round(eta),
+            "done": done, "updated": now(),
         })
         return True

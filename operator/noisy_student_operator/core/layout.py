@@ -30,6 +30,8 @@ STATUS_FILE = "status.json"
 MANIFEST_FILE = "stages.json"
 #: A running training stage's progress (see `noisy_student_workloads.stage.ProgressFile`).
 PROGRESS_FILE = "progress.json"
+#: A running label replica's progress, `progress-RRRRR.json` (see `noisy_student_workloads.stage.ImageProgress`).
+LABEL_PROGRESS_PREFIX = "progress-"
 STAGES_DIR = "stages"
 #: Stands for a stage's own key while the key is being computed (see `keys`).
 PENDING_KEY = "<self>"

@@ -45,7 +45,7 @@ from __future__ import annotations
 
 import enum
 import functools
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
@@ -53,7 +53,7 @@ from typing import Any
 from ..api import GenerationStatus, JobStatus, ProgressStatus, RunSpec, RunStatus, StageStatus
 from . import reasons
 from .conditions import is_true, set_condition
-from .layout import BALANCE, EXPORT, STAGE_SUMMARY, STUDENT, RunLayout, Stage, plan_stages
+from .layout import BALANCE, EXPORT, LABEL, STAGE_SUMMARY, STUDENT, RunLayout, Stage, plan_stages
 from .render import JobRequest, render_job
 
 
@@ -224,8 +224,16 @@ def duration(seconds: float) -> str:
 
 
 def plan_progress(stage: Stage, progress: Mapping[str, Any] | None) -> ProgressStatus | None:
-    """The status's progress of a running training stage, from its `progress.json`."""
-    if progress is None or not stage.is_training:
+    """The status's progress of a running training or label stage, from what its workload wrote.
+
+    Training: its `progress.json`. Labeling: `{"replicas": [...]}`, the `progress-RRRRR.json` of every replica
+    that wrote one; images and rates are summed (a finished replica adds its images, not its rate).
+    """
+    if progress is None:
+        return None
+    if stage.kind == LABEL:
+        return _label_progress(stage, progress.get("replicas") or [])
+    if not stage.is_training:
         return None
     try:
         epoch, epochs = float(progress["epoch"]), int(progress["epochs"])
@@ -243,6 +251,33 @@ def plan_progress(stage: Stage, progress: Mapping[str, Any] | None) -> ProgressS
         eta=duration(eta) if eta is not None else None,
         top1=progress.get("top1"),
         updated_at=progress.get("updated"),
+    )
+
+
+def _label_progress(stage: Stage, replicas: Sequence[Mapping[str, Any]]) -> ProgressStatus | None:
+    try:
+        images = sum(int(r["images"]) for r in replicas)
+        rate = sum(float(r.get("images_per_second") or 0) for r in replicas if not r.get("done"))
+        totals = {r.get("stage_images_total") for r in replicas}
+    except (KeyError, TypeError, ValueError):
+        return None  # not written by this version's workload
+    if not replicas:
+        return None
+    total = next(iter(totals)) if len(totals) == 1 and None not in totals else None
+    total = int(total) if total is not None else None
+    eta = round((total - images) / rate) if total is not None and rate > 0 else None
+    if total is not None and images >= total:
+        eta = 0
+    return ProgressStatus(
+        stage=stage.kind,
+        generation=stage.generation,
+        images=images,
+        images_total=total,
+        percent=min(100, int(100 * images / total)) if total else None,
+        images_per_second=round(rate, 1),
+        eta_seconds=eta,
+        eta=duration(eta) if eta is not None else None,
+        updated_at=max(str(r.get("updated") or "") for r in replicas) or None,
     )
 
 
