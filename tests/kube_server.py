@@ -18,6 +18,7 @@ import shutil
 import subprocess
 import tempfile
 import time
+import uuid
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -61,9 +62,13 @@ class ApiServer:
         return config.new_client_from_config(config_file=str(self.kubeconfig))
 
 
-def _dev_cluster(args: Sequence[str], run_dir: Path | None, timeout: float) -> subprocess.CompletedProcess[str]:
+def _dev_cluster(
+    args: Sequence[str], run_dir: Path | None, timeout: float, kubelet: str | None = None
+) -> subprocess.CompletedProcess[str]:
     # The server goes down with this process even when it is killed.
     env = {**os.environ, "NSO_DEV_CLUSTER_OWNER_PID": str(os.getpid())}
+    if kubelet is not None:
+        env["NSO_DEV_KUBELET"] = kubelet
     if run_dir is not None:
         env["NSO_DEV_CLUSTER_DIR"] = str(run_dir)
     return subprocess.run(
@@ -93,16 +98,17 @@ def volcano_crd_dir() -> Path:
     return build_api_server() / "volcano-crds"
 
 
-def start_api_server(tmp_path: Path, extra_args: Sequence[str] = ()) -> ApiServer:
+def start_api_server(tmp_path: Path, extra_args: Sequence[str] = (), kubelet: str = "fast") -> ApiServer:
     """Start a private cluster with its state under ``tmp_path/dev-cluster``.
 
-    ``extra_args`` go to kube-apiserver (e.g. audit log flags). Raises
-    `ApiServerUnavailable` when the binaries cannot be built or etcd is missing,
-    and `RuntimeError` when a built cluster fails to start.
+    ``extra_args`` go to kube-apiserver (e.g. audit log flags); ``kubelet`` is
+    the test kubelet's mode (``fast``, or ``podman`` to run real containers).
+    Raises `ApiServerUnavailable` when the binaries cannot be built or etcd is
+    missing, and `RuntimeError` when a built cluster fails to start.
     """
     build_api_server()
     run_dir = Path(tmp_path) / "dev-cluster"
-    done = _dev_cluster(["up", "--", *extra_args], run_dir, timeout=START_TIMEOUT)
+    done = _dev_cluster(["up", "--", *extra_args], run_dir, timeout=START_TIMEOUT, kubelet=kubelet)
     if done.returncode != 0:
         message = f"scripts/dev-cluster up failed:\n{_tail(done.stderr)}"
         if "etcd is not installed" in done.stderr:
@@ -179,6 +185,38 @@ def apply_crd(api_client: Any, manifest: dict[str, Any], timeout: float = 30.0) 
         metadata = {**manifest["metadata"], "resourceVersion": current.metadata.resource_version}
         extensions.replace_custom_resource_definition(name, {**manifest, "metadata": metadata})
     wait_for_crd_established(api_client, name, timeout)
+
+
+def container_logs(server: ApiServer, namespace: str) -> str:
+    """The logs the podman kubelet kept of every container of the namespace's pods (for failure messages)."""
+    parts = []
+    for path in sorted((server.run_dir / "kubelet" / "logs").glob(f"{namespace}_*/*/*.log")):
+        lines = [line.split(" ", 3)[-1] for line in path.read_text(errors="replace").splitlines()]
+        pod = path.parent.parent.name.split("_")[1]  # <namespace>_<pod>_<uid>: DNS names have no "_"
+        parts.append(f"--- {pod}/{path.parent.name} ({path.name})\n" + "\n".join(lines))
+    return "\n".join(parts) or f"(no container logs of namespace {namespace})"
+
+
+def kubectl_runner(server: ApiServer) -> Callable[..., subprocess.CompletedProcess[str]]:
+    """``run(*args, input=None)``: kubectl against the server (check=False); skips (fails under CI) without kubectl."""
+    from conftest import skip_or_fail
+
+    binary = find_kubectl()
+    if binary is None:
+        skip_or_fail("no kubectl (not on PATH, and scripts/get-kube-tools could not fetch one)")
+    env = {**os.environ, "KUBECONFIG": str(server.kubeconfig)}
+
+    def run(*args: str, input: str | None = None) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([str(binary), *args], env=env, input=input, capture_output=True, text=True, timeout=120)
+
+    return run
+
+
+def fresh_namespace(api_client: Any, labels: dict[str, str] | None = None) -> str:
+    """A new namespace with a unique name, its ``default`` ServiceAccount ready."""
+    name = f"t-{uuid.uuid4().hex[:8]}"
+    ensure_namespace(api_client, name, labels)
+    return name
 
 
 def find_kubectl() -> str | None:

@@ -26,8 +26,8 @@ from kube_server import (
     ApiServer,
     ApiServerUnavailable,
     apply_crd,
-    ensure_namespace,
-    find_kubectl,
+    fresh_namespace,
+    kubectl_runner,
     retry_while_initialising,
     start_api_server,
     volcano_crd_dir,
@@ -104,12 +104,6 @@ def client(kube_api: ApiServer) -> Any:
     return kube_api.api_client()
 
 
-def fresh_namespace(client: Any, labels: dict[str, str] | None = None) -> str:
-    name = f"t-{uuid.uuid4().hex[:8]}"
-    ensure_namespace(client, name, labels)
-    return name
-
-
 @pytest.fixture(scope="module")
 def widgets(client: Any) -> str:
     """The Widget CRD applied and usable; yields a fresh namespace name."""
@@ -120,15 +114,7 @@ def widgets(client: Any) -> str:
 @pytest.fixture(scope="module")
 def kubectl(kube_api: ApiServer):
     """Run kubectl against the cluster; returns the finished process (check=False)."""
-    binary = find_kubectl()
-    if binary is None:
-        skip_or_fail("no kubectl (not on PATH, and scripts/get-kube-tools could not fetch one)")
-    env = {**os.environ, "KUBECONFIG": str(kube_api.kubeconfig)}
-
-    def run(*args: str, input: str | None = None) -> subprocess.CompletedProcess[str]:
-        return subprocess.run([binary, *args], env=env, input=input, capture_output=True, text=True, timeout=120)
-
-    return run
+    return kubectl_runner(kube_api)
 
 
 def get(client: Any, server: ApiServer, path: str) -> bytes:

@@ -27,6 +27,10 @@ import (
 	"k8s.io/client-go/util/workqueue"
 )
 
+// The test kubelet registers nodes and runs the pods bound to them, in one of
+// two modes (--runtime): fast (below) or podman, which runs the pods'
+// containers for real (podman.go); node registration and leases are shared.
+//
 // The fast kubelet runs no container. It registers nodes (capacity for cpu,
 // memory, pods and nvidia.com/gpu; a Lease renewed like a kubelet's), and for
 // every pod bound to one of them plays the kubelet's part of the pod
@@ -58,6 +62,8 @@ type fastKubelet struct {
 	queue     workqueue.TypedRateLimitingInterface[string]
 	mu        sync.Mutex
 	nextIP    int
+	// real runs the pods' containers with podman (--runtime podman); nil: the fast mode.
+	real *podmanRuntime
 }
 
 func kubelet(args []string) error {
@@ -69,7 +75,9 @@ func kubelet(args []string) error {
 	memory := flags.String("memory", "64Gi", "memory capacity of each node")
 	gpus := flags.String("gpus", "8", "nvidia.com/gpu capacity of each node")
 	maxPods := flags.String("pods", "110", "pod capacity of each node")
-	exitAfter := flags.Duration("exit-after", 0, "containers exit with 0 after running this long (0: only when annotated)")
+	exitAfter := flags.Duration("exit-after", 0, "fast: containers exit with 0 after running this long (0: only when annotated)")
+	runtimeName := flags.String("runtime", "fast", "fast (no containers) or podman (run the pods' containers, see podman.go)")
+	rootDir := flags.String("root-dir", "", "podman: where pods' volumes and container logs are kept (required)")
 	_ = flags.Parse(args)
 
 	config, err := clientcmd.BuildConfigFromFlags("", *kubeconfig)
@@ -102,10 +110,24 @@ func kubelet(args []string) error {
 		}
 		capacity[name] = quantity
 	}
+	runtimeVersion := "nso-dev://fast"
+	switch *runtimeName {
+	case "fast":
+	case "podman":
+		if *rootDir == "" {
+			return fmt.Errorf("--runtime podman needs --root-dir")
+		}
+		if k.real, err = newPodmanRuntime(ctx, k, *rootDir, config.Host, capacity); err != nil {
+			return err
+		}
+		runtimeVersion = k.real.version()
+	default:
+		return fmt.Errorf("--runtime %q: fast or podman", *runtimeName)
+	}
 	for i := range *count {
 		name := fmt.Sprintf("%s%d", *prefix, i)
 		k.nodes[name] = true
-		if err := k.register(ctx, name, capacity); err != nil {
+		if err := k.register(ctx, name, capacity, runtimeVersion); err != nil {
 			return fmt.Errorf("register node %s: %w", name, err)
 		}
 	}
@@ -131,13 +153,17 @@ func kubelet(args []string) error {
 	for range 4 {
 		go k.work(ctx)
 	}
-	log.Printf("fast kubelet: %d nodes registered (%s0..), running pods", *count, *prefix)
+	log.Printf("%s kubelet: %d nodes registered (%s0..), running pods", *runtimeName, *count, *prefix)
 	<-ctx.Done()
 	k.queue.ShutDown()
+	if k.real != nil {
+		log.Printf("stopping and removing the pods' containers")
+		k.real.shutdown()
+	}
 	return nil
 }
 
-func (k *fastKubelet) register(ctx context.Context, name string, capacity corev1.ResourceList) error {
+func (k *fastKubelet) register(ctx context.Context, name string, capacity corev1.ResourceList, runtimeVersion string) error {
 	node := &corev1.Node{ObjectMeta: metav1.ObjectMeta{Name: name, Labels: map[string]string{
 		"kubernetes.io/hostname": name, "kubernetes.io/os": "linux", "kubernetes.io/arch": "amd64",
 		"node.kubernetes.io/instance-type": "nso-dev",
@@ -146,10 +172,10 @@ func (k *fastKubelet) register(ctx context.Context, name string, capacity corev1
 		return err
 	}
 	// The node controllers update a new node too (taints, annotations): retried on a conflict.
-	return retry.RetryOnConflict(retry.DefaultBackoff, func() error { return k.postStatus(ctx, name, capacity) })
+	return retry.RetryOnConflict(retry.DefaultBackoff, func() error { return k.postStatus(ctx, name, capacity, runtimeVersion) })
 }
 
-func (k *fastKubelet) postStatus(ctx context.Context, name string, capacity corev1.ResourceList) error {
+func (k *fastKubelet) postStatus(ctx context.Context, name string, capacity corev1.ResourceList, runtimeVersion string) error {
 	current, err := k.client.CoreV1().Nodes().Get(ctx, name, metav1.GetOptions{})
 	if err != nil {
 		return err
@@ -167,12 +193,12 @@ func (k *fastKubelet) postStatus(ctx context.Context, name string, capacity core
 			condition(corev1.NodeMemoryPressure, corev1.ConditionFalse, "KubeletHasSufficientMemory", "kubelet has sufficient memory available"),
 			condition(corev1.NodeDiskPressure, corev1.ConditionFalse, "KubeletHasNoDiskPressure", "kubelet has no disk pressure"),
 			condition(corev1.NodePIDPressure, corev1.ConditionFalse, "KubeletHasSufficientPID", "kubelet has sufficient PID available"),
-			condition(corev1.NodeReady, corev1.ConditionTrue, "KubeletReady", "fast test kubelet is posting ready status"),
+			condition(corev1.NodeReady, corev1.ConditionTrue, "KubeletReady", "nso-dev test kubelet is posting ready status"),
 		},
 		Addresses: []corev1.NodeAddress{{Type: corev1.NodeInternalIP, Address: "127.0.0.1"}, {Type: corev1.NodeHostName, Address: name}},
 		NodeInfo: corev1.NodeSystemInfo{
 			KubeletVersion: kubeletVersion, OperatingSystem: "linux", Architecture: "amd64",
-			ContainerRuntimeVersion: "nso-dev://fast", OSImage: "nso-dev fast kubelet",
+			ContainerRuntimeVersion: runtimeVersion, OSImage: "nso-dev test kubelet",
 		},
 	}
 	_, err = k.client.CoreV1().Nodes().UpdateStatus(ctx, current, metav1.UpdateOptions{})
@@ -242,12 +268,21 @@ func (k *fastKubelet) work(ctx context.Context) {
 
 func (k *fastKubelet) sync(ctx context.Context, key string) error {
 	obj, exists, err := k.pods.GetByKey(key)
-	if err != nil || !exists {
+	if err != nil {
 		return err
+	}
+	if !exists {
+		if k.real != nil {
+			return k.real.sync(ctx, key, nil)
+		}
+		return nil
 	}
 	pod := obj.(*corev1.Pod)
 	if !k.nodes[pod.Spec.NodeName] {
 		return nil
+	}
+	if k.real != nil {
+		return k.real.sync(ctx, key, pod)
 	}
 	pods := k.client.CoreV1().Pods(pod.Namespace)
 	if pod.DeletionTimestamp != nil {

@@ -3,7 +3,8 @@
 //	nso-dev port                      print a free loopback port (found by binding it)
 //	nso-dev apply --kubeconfig K F... server-side apply of YAML documents (CRDs first, then
 //	                                  the rest once the CRDs are Established)
-//	nso-dev kubelet --kubeconfig K    register nodes and run their pods, fast (see kubelet.go)
+//	nso-dev kubelet --kubeconfig K    register nodes and run their pods: fast (kubelet.go) or,
+//	  [--runtime podman --root-dir D] with podman (podman.go)
 package main
 
 import (

@@ -1,0 +1,269 @@
+"""The dev cluster's real kubelet (NSO_DEV_KUBELET=podman): pods that Volcano creates run as containers.
+
+A private control plane whose kubelet runs each pod's containers with podman
+(scripts/dev-cluster.d/nso-dev/podman.go), from Debian's bookworm-slim that
+scripts/images makes with debootstrap: a Volcano Job applied with kubectl gets
+real containers that reach each other by the host names Volcano's svc plugin
+gives them, read a Secret through envFrom and a ServiceAccount token that
+works against the API server, run as the securityContext says, and end the
+Job Completed or Failed through Volcano's own controller. Needs podman as
+root: skipped without it, a failure under CI=true.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+from conftest import skip_or_fail
+from kube_server import (
+    REPO_ROOT,
+    ApiServer,
+    ApiServerUnavailable,
+    container_logs,
+    fresh_namespace,
+    kubectl_runner,
+    start_api_server,
+)
+from operator_harness import free_port, wait_for
+
+pytestmark = [pytest.mark.integration, pytest.mark.containers]
+
+BASE_IMAGE = "docker.io/library/debian:bookworm-slim"
+RESTRICTED = {"pod-security.kubernetes.io/enforce": "restricted"}
+# What Pod Security's restricted level asks of a container, and a read-only root filesystem.
+SECURE = {"allowPrivilegeEscalation": False, "capabilities": {"drop": ["ALL"]}, "readOnlyRootFilesystem": True}
+POD_SECURITY = {"runAsUser": 1000, "runAsGroup": 1000, "runAsNonRoot": True, "seccompProfile": {"type": "RuntimeDefault"}}
+
+
+def podman(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(["podman", *args], capture_output=True, text=True, timeout=120)
+
+
+@pytest.fixture(scope="module")
+def base_image() -> str:
+    """Debian's bookworm-slim in podman's storage (scripts/images makes it; no registry is reachable)."""
+    if shutil.which("podman") is None or os.geteuid() != 0:
+        skip_or_fail("the podman kubelet needs podman as root")
+    if podman("image", "exists", BASE_IMAGE).returncode != 0:
+        made = subprocess.run([REPO_ROOT / "scripts" / "images", "base"], capture_output=True, text=True, timeout=1800)
+        assert made.returncode == 0, made.stderr[-3000:]
+    return BASE_IMAGE
+
+
+@pytest.fixture(scope="module")
+def cluster(base_image: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ApiServer]:
+    try:
+        server = start_api_server(tmp_path_factory.mktemp("podman-kubelet"), kubelet="podman")
+    except ApiServerUnavailable as error:
+        skip_or_fail(f"no Kubernetes control plane for tests: {error}")
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="module")
+def client(cluster: ApiServer) -> Any:
+    return cluster.api_client()
+
+
+@pytest.fixture(scope="module")
+def kubectl(cluster: ApiServer):
+    return kubectl_runner(cluster)
+
+
+def apply(kubectl, namespace: str, *documents: dict[str, Any]) -> None:
+    applied = kubectl("apply", "-n", namespace, "-f", "-", input=yaml.safe_dump_all(documents))
+    assert applied.returncode == 0, applied.stderr
+
+
+def get(kubectl, namespace: str, kind: str, name: str) -> dict[str, Any]:
+    got = kubectl("get", kind, name, "-n", namespace, "-o", "json")
+    return json.loads(got.stdout) if got.returncode == 0 else {}
+
+
+def volcano_job(name: str, replicas: int, script: str, image: str, **pod: Any) -> dict[str, Any]:
+    """A Volcano Job of one task `worker` whose containers run `script` with bash."""
+    return {
+        "apiVersion": "batch.volcano.sh/v1alpha1",
+        "kind": "Job",
+        "metadata": {"name": name},
+        "spec": {
+            "schedulerName": "volcano",
+            "queue": "default",
+            "minAvailable": replicas,
+            "plugins": {"svc": [], "env": []},
+            "tasks": [{"name": "worker", "replicas": replicas, "template": {"spec": {
+                "restartPolicy": "Never",
+                "securityContext": POD_SECURITY,
+                "containers": [{"name": "main", "image": image, "command": ["bash", "-c", script],
+                                "securityContext": SECURE, "resources": {"requests": {"cpu": "100m"}}}],
+                **pod,
+            }}}],
+        },
+    }
+
+
+def job_ends(kubectl, namespace: str, name: str, phase: str, cluster: ApiServer) -> dict[str, Any]:
+    return wait_for(
+        lambda: (job := get(kubectl, namespace, "vcjob", name)).get("status", {}).get("state", {}).get("phase") == phase
+        and job,
+        120, f"Volcano Job {name} {phase}",
+        detail=lambda: f"{kubectl('get', 'pods', '-n', namespace, '-o', 'wide').stdout}\n{container_logs(cluster, namespace)}",
+    )
+
+
+def log_lines(cluster: ApiServer, namespace: str, pod: str) -> list[str]:
+    return [line for block in container_logs(cluster, namespace).split("--- ") if block.startswith(f"{pod}/")
+            for line in block.splitlines()[1:]]
+
+
+PAIR = r"""
+set -eu
+echo "index=$VC_TASK_INDEX hosts=$VC_WORKER_HOSTS uid=$(id -u)"
+if touch /written 2>/dev/null; then echo "the root filesystem is writable"; exit 10; fi
+echo fine >/tmp/written && echo "tmp writable"
+echo "secret-sha256=$(printf %s "$ACCESS_KEY" | sha256sum | cut -d' ' -f1)"
+sa=/var/run/secrets/kubernetes.io/serviceaccount
+claims=$(cut -d. -f2 "$sa/token" | tr '_-' '/+'); while [ $((${#claims} % 4)) != 0 ]; do claims="$claims="; done
+echo "token-claims=$(printf %s "$claims" | base64 -d)"
+echo "namespace-file=$(cat $sa/namespace) api=$KUBERNETES_SERVICE_HOST:$KUBERNETES_SERVICE_PORT"
+exec 3<>"/dev/tcp/$KUBERNETES_SERVICE_HOST/$KUBERNETES_SERVICE_PORT" && exec 3>&- && echo "api reachable"
+first=${VC_WORKER_HOSTS%%,*}
+for host in ${VC_WORKER_HOSTS//,/ }; do getent hosts "$host.$NAMESPACE.svc.cluster.local" >/dev/null; done
+if [ "$VC_TASK_INDEX" = 0 ]; then
+  perl -MIO::Socket::INET -e '
+    my $s = IO::Socket::INET->new(LocalAddr => "127.0.0.1", LocalPort => $ENV{PORT}, Listen => 1, ReuseAddr => 1)
+      or die "listen: $!";
+    my $c = $s->accept; my $line = <$c>; print "got: $line";'
+else
+  for _ in $(seq 120); do exec 3<>"/dev/tcp/$first/$PORT" 2>/dev/null && break; sleep 0.5; done
+  echo "hello from $(hostname)" >&3 && echo "sent to $first"
+fi
+"""
+
+
+def test_a_volcano_jobs_pods_run_as_containers_and_reach_each_other(
+    cluster: ApiServer, client: Any, kubectl, base_image: str
+) -> None:
+    namespace = fresh_namespace(client, RESTRICTED)
+    key = uuid.uuid4().hex
+    job = volcano_job("pair", 2, PAIR, base_image, volumes=[{"name": "tmp", "emptyDir": {}}])
+    container = job["spec"]["tasks"][0]["template"]["spec"]["containers"][0]
+    container["volumeMounts"] = [{"name": "tmp", "mountPath": "/tmp"}]
+    container["envFrom"] = [{"secretRef": {"name": "creds"}}]
+    container["env"] = [{"name": "PORT", "value": str(free_port())},
+                        {"name": "NAMESPACE", "valueFrom": {"fieldRef": {"fieldPath": "metadata.namespace"}}}]
+    secret = {"apiVersion": "v1", "kind": "Secret", "metadata": {"name": "creds"}, "stringData": {"ACCESS_KEY": key}}
+    apply(kubectl, namespace, secret, job)
+
+    job_ends(kubectl, namespace, "pair", "Completed", cluster)
+    pods = {p: get(kubectl, namespace, "pod", p) for p in ("pair-worker-0", "pair-worker-1")}
+    for name, pod in pods.items():
+        assert pod["status"]["phase"] == "Succeeded"
+        assert pod["status"]["podIP"] == pod["status"]["hostIP"] == "127.0.0.1"
+        state = pod["status"]["containerStatuses"][0]
+        assert state["state"]["terminated"]["exitCode"] == 0 and state["containerID"].startswith("podman://")
+        lines = log_lines(cluster, namespace, name)
+        text = "\n".join(lines)
+        assert "uid=1000" in text and "tmp writable" in text and "api reachable" in text, text
+        assert f"secret-sha256={hashlib.sha256(key.encode()).hexdigest()}" in lines, text
+        claims = json.loads(next(line for line in lines if line.startswith("token-claims="))[len("token-claims="):])
+        assert claims["kubernetes.io"]["pod"]["name"] == name
+        assert claims["sub"] == f"system:serviceaccount:{namespace}:default"
+        assert f"namespace-file={namespace}" in text
+    # worker-1 reached worker-0 by the name Volcano's svc plugin gives it.
+    assert "sent to pair-worker-0.pair" in log_lines(cluster, namespace, "pair-worker-1")
+    assert "got: hello from pair-worker-1" in log_lines(cluster, namespace, "pair-worker-0")
+    assert podman("ps", "-a", "-q", "--filter", f"label=io.kubernetes.pod.namespace={namespace}").stdout == ""
+
+    # The mounted token, CA and API address are what an in-cluster client uses: they work.
+    from kubernetes import client as k8s
+
+    volume = next((cluster.run_dir / "kubelet" / "pods" / pods["pair-worker-0"]["metadata"]["uid"] / "volumes")
+                  .glob("kube-api-access-*"))
+    config = k8s.Configuration()
+    config.host = f"https://127.0.0.1:{cluster.url.rsplit(':', 1)[1]}"
+    config.ssl_ca_cert = str(volume / "ca.crt")
+    config.api_key = {"authorization": f"Bearer {(volume / 'token').read_text()}"}
+    review = k8s.AuthenticationV1Api(k8s.ApiClient(config)).create_self_subject_review({})
+    assert review.status.user_info.username == f"system:serviceaccount:{namespace}:default"
+
+
+def test_a_failing_container_fails_the_job_with_its_exit_code_and_message(
+    cluster: ApiServer, client: Any, kubectl, base_image: str
+) -> None:
+    namespace = fresh_namespace(client, RESTRICTED)
+    job = volcano_job("failing", 1, "echo 'stage failed: no space left' >/dev/termination-log; exit 3", base_image)
+    spec = job["spec"]["tasks"][0]["template"]["spec"]
+    spec["containers"].append({
+        "name": "logs", "image": base_image, "terminationMessagePolicy": "FallbackToLogsOnError",
+        "command": ["bash", "-c", "echo first; printf 'a partial '; sleep 0.2; echo line; exit 4"],
+        "securityContext": SECURE})
+    apply(kubectl, namespace, job)
+
+    job_ends(kubectl, namespace, "failing", "Failed", cluster)
+    pod = get(kubectl, namespace, "pod", "failing-worker-0")
+    assert pod["status"]["phase"] == "Failed"
+    terminated = {s["name"]: s["state"]["terminated"] for s in pod["status"]["containerStatuses"]}
+    assert (terminated["main"]["exitCode"], terminated["main"]["reason"]) == (3, "Error")
+    assert terminated["main"]["message"] == "stage failed: no space left\n"
+    assert (terminated["logs"]["exitCode"], terminated["logs"]["message"]) == (4, "first\na partial line")
+
+
+def test_missing_image_restarts_and_deletion_with_grace(cluster: ApiServer, client: Any, kubectl, base_image: str) -> None:
+    namespace = fresh_namespace(client)
+
+    def pod(name: str, script: str, image: str = base_image, **spec: Any) -> dict[str, Any]:
+        return {"apiVersion": "v1", "kind": "Pod", "metadata": {"name": name}, "spec": {
+            "schedulerName": "volcano", "containers": [{"name": "main", "image": image, "command": ["bash", "-c", script],
+                                                        "volumeMounts": [{"name": "scratch", "mountPath": "/scratch"}]}],
+            "volumes": [{"name": "scratch", "emptyDir": {}}], **spec}}
+
+    apply(kubectl, namespace,
+          pod("absent", "true", image="localhost/nso-dev-absent:1"),
+          # Fails once (its emptyDir outlives the container), then succeeds.
+          pod("flaky", "[ -e /scratch/tried ] && exit 0; touch /scratch/tried; exit 1", restartPolicy="OnFailure"),
+          pod("sleeper", "trap 'echo stopping gracefully; exit 0' TERM; echo up; while true; do sleep 0.1; done",
+              terminationGracePeriodSeconds=10))
+    detail = lambda: f"{kubectl('get', 'pods', '-n', namespace).stdout}\n{container_logs(cluster, namespace)}"  # noqa: E731
+
+    def waiting(name: str) -> dict[str, Any]:
+        statuses = get(kubectl, namespace, "pod", name).get("status", {}).get("containerStatuses") or [{}]
+        return statuses[0].get("state", {}).get("waiting") or {}
+
+    absent = wait_for(lambda: waiting("absent").get("reason") in ("ErrImagePull", "ImagePullBackOff")
+                      and waiting("absent"), 60, "the absent image's pull error", detail=detail)
+    assert "localhost/nso-dev-absent:1" in absent["message"] and "podman storage" in absent["message"]
+    assert get(kubectl, namespace, "pod", "absent")["status"]["phase"] == "Pending"
+
+    flaky = wait_for(lambda: (p := get(kubectl, namespace, "pod", "flaky"))["status"].get("phase") == "Succeeded" and p,
+                     60, "the flaky pod Succeeded after a restart", detail=detail)
+    status = flaky["status"]["containerStatuses"][0]
+    assert status["restartCount"] == 1 and status["lastState"]["terminated"]["exitCode"] == 1
+
+    wait_for(lambda: "up" in log_lines(cluster, namespace, "sleeper"), 60, "the sleeper running", detail=detail)
+    assert get(kubectl, namespace, "pod", "sleeper")["status"]["conditions"]
+    deleted = kubectl("delete", "pod", "sleeper", "-n", namespace, "--timeout=60s")
+    assert deleted.returncode == 0, deleted.stderr
+    assert "stopping gracefully" in log_lines(cluster, namespace, "sleeper")  # SIGTERM, not SIGKILL
+    assert podman("ps", "-a", "-q", "--filter", "label=io.kubernetes.pod.name=sleeper").stdout == ""
+
+
+def test_down_removes_every_container(cluster: ApiServer, client: Any, kubectl, base_image: str) -> None:
+    namespace = fresh_namespace(client)
+    apply(kubectl, namespace, {"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "forever"}, "spec": {
+        "schedulerName": "volcano", "containers": [{"name": "main", "image": base_image, "command": ["sleep", "infinity"]}]}})
+    label = f"label=io.kubernetes.pod.namespace={namespace}"
+    wait_for(lambda: podman("ps", "-q", "--filter", label).stdout.strip(), 60, "the pod's container running")
+    cluster.stop()
+    assert podman("ps", "-a", "-q", "--filter", label).stdout == ""
+    assert Path(cluster.run_dir / "kubelet" / "logs").is_dir()
