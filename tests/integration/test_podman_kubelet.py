@@ -258,6 +258,22 @@ def test_missing_image_restarts_and_deletion_with_grace(cluster: ApiServer, clie
     assert podman("ps", "-a", "-q", "--filter", "label=io.kubernetes.pod.name=sleeper").stdout == ""
 
 
+def test_a_deployments_pod_runs(cluster: ApiServer, client: Any, kubectl, base_image: str) -> None:
+    """Pods of the default scheduler (a Deployment's, like the operator's) are scheduled by Volcano and run."""
+    namespace = fresh_namespace(client, RESTRICTED)
+    labels = {"app": "web"}
+    apply(kubectl, namespace, {"apiVersion": "apps/v1", "kind": "Deployment", "metadata": {"name": "web"}, "spec": {
+        "replicas": 1, "selector": {"matchLabels": labels}, "template": {"metadata": {"labels": labels}, "spec": {
+            "securityContext": POD_SECURITY,
+            "containers": [{"name": "main", "image": base_image, "command": ["sleep", "infinity"],
+                            "securityContext": SECURE}]}}}})
+    rollout = kubectl("rollout", "status", "deployment/web", "-n", namespace, "--timeout=90s")
+    assert rollout.returncode == 0, f"{rollout.stderr}\n{kubectl('get', 'pods', '-n', namespace, '-o', 'yaml').stdout}"
+    pods = json.loads(kubectl("get", "pods", "-n", namespace, "-o", "json").stdout)["items"]
+    assert [p["spec"]["schedulerName"] for p in pods] == ["default-scheduler"]
+    assert [p["status"]["phase"] for p in pods] == ["Running"]
+
+
 def test_down_removes_every_container(cluster: ApiServer, client: Any, kubectl, base_image: str) -> None:
     namespace = fresh_namespace(client)
     apply(kubectl, namespace, {"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "forever"}, "spec": {
