@@ -15,6 +15,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from shard_data import read_shards
 from test_local_runner import CLI, run_cli, stage_dir, tiny_run, write
 
 pytestmark = pytest.mark.e2e
@@ -27,11 +28,9 @@ def top1_of_folder(folder: Path, validation: str) -> float:
     from PIL import Image
     from timm.data import create_transform, resolve_data_config
 
-    from noisy_student_workloads.shards import load_shards
-
     model = timm.create_model(f"local-dir:{folder}", pretrained=True).eval()
     transform = create_transform(**resolve_data_config({}, model=model))
-    _, images, labels = load_shards(validation)
+    _, images, labels = read_shards(validation)
     batch = torch.stack([transform(Image.fromarray(im[..., 0] if im.shape[-1] == 1 else im).convert("RGB"))
                          for im in images])
     with torch.inference_mode():
@@ -109,7 +108,7 @@ def test_the_exported_folder_loads_with_timm_and_scores_what_the_workload_report
 
 
 def test_export_of_any_generation_and_predict_on_pngs(stopped_run):
-    from noisy_student_workloads.shards import encode_png, load_shards
+    from noisy_student_workloads.shards import encode_png
 
     tmp_path, run_file, artifacts, status, _, _ = stopped_run
     out = tmp_path / "teacher-model"
@@ -121,7 +120,7 @@ def test_export_of_any_generation_and_predict_on_pngs(stopped_run):
                       "--artifacts", str(artifacts))
     assert missing.returncode == 2 and "--generation 2: not trained" in missing.stderr
 
-    _, images, labels = load_shards(validation)
+    _, images, labels = read_shards(validation)
     pngs = []
     for i in range(3):
         pngs.append(tmp_path / f"digit-{i}.png")

@@ -8,9 +8,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 from s3_server import S3Server
+from shard_data import read_shards
 
 from noisy_student_workloads.datasets import pack_dataset
-from noisy_student_workloads.shards import ShardWriter, encode_png, iter_samples, load_shards
+from noisy_student_workloads.pipeline import stream_samples
+from noisy_student_workloads.shards import ShardWriter, encode_png
 from noisy_student_workloads.store import S3Store, expand_shards, join_uri, open_store
 
 pytestmark = pytest.mark.integration
@@ -72,9 +74,9 @@ def test_streaming_shard_read_and_glob(s3_prefix: str) -> None:
     assert expand_shards(join_uri(s3_prefix, "unlabeled-{000000..000002}.tar")) == writer.uris
     with pytest.raises(FileNotFoundError, match="unlabeled-000003.tar: shard not found"):
         expand_shards(join_uri(s3_prefix, "unlabeled-{000000..000003}.tar"))
-    samples = list(iter_samples(store, writer.uris[1]))
-    assert [s.key for s in samples] == ["img-003", "img-004", "img-005"]
-    assert all(s.label is None for s in samples)
+    samples = list(stream_samples([writer.uris[1]], store))
+    assert [s["__key__"] for s in samples] == ["img-003", "img-004", "img-005"]
+    assert all(s["label"] is None for s in samples)
 
 
 def test_pack_to_s3_and_read_back(s3_prefix: str) -> None:
@@ -83,10 +85,10 @@ def test_pack_to_s3_and_read_back(s3_prefix: str) -> None:
     store = open_store(out)
     assert store.exists(join_uri(out, "_DONE.json"))
     assert store.get_json(join_uri(out, "dataset.json"))["counts"] == info["counts"]
-    keys, images, labels = load_shards(info["patterns"]["labeled"])
+    keys, images, labels = read_shards(info["patterns"]["labeled"])
     assert len(keys) == 50 and images.shape == (50, 8, 8, 1)
     assert np.bincount(labels).tolist() == [5] * 10
-    unlabeled = load_shards(info["patterns"]["unlabeled"])
+    unlabeled = read_shards(info["patterns"]["unlabeled"])
     assert len(unlabeled[0]) == info["counts"]["unlabeled"] and (unlabeled[2] == -1).all()
 
 

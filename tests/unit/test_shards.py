@@ -22,8 +22,10 @@ from noisy_student_workloads.datasets import (
     read_idx,
     split_stratified,
 )
-from noisy_student_workloads.shards import ShardWriter, count_samples, encode_png, iter_samples, load_shards
+from noisy_student_workloads.pipeline import DataError, count_samples, stream_samples
+from noisy_student_workloads.shards import ShardWriter, encode_png
 from noisy_student_workloads.store import FileStore, expand_shards
+from shard_data import read_shards
 
 
 @pytest.fixture(scope="module")
@@ -42,9 +44,9 @@ def test_writer_round_trip_and_shard_boundaries(tmp_path: Path) -> None:
     assert writer.uris == [f"file://{tmp_path}/s-000000.tar", f"file://{tmp_path}/s-000001.tar"]
     assert writer.counts == [2, 1]
     assert writer.sha256[0] == hashlib.sha256((tmp_path / "s-000000.tar").read_bytes()).hexdigest()
-    samples = [s for uri in writer.uris for s in iter_samples(store, uri)]
-    assert [(s.key, s.label) for s in samples] == [("k-0", 4), ("k-1", None), ("k-2", 0)]
-    keys, images, labels = load_shards(writer.uris)
+    samples = list(stream_samples(writer.uris, store))
+    assert [(s["__key__"], s["label"]) for s in samples] == [("k-0", 4), ("k-1", None), ("k-2", 0)]
+    keys, images, labels = read_shards(writer.uris)
     assert keys == ["k-0", "k-1", "k-2"]
     assert images.shape == (3, 2, 3, 3) and np.array_equal(images[2], rgb + 2)
     assert labels.tolist() == [4, -1, 0]
@@ -68,32 +70,32 @@ def test_writer_refuses_bad_samples(tmp_path: Path) -> None:
 def test_reading_bad_shards_names_the_shard(tmp_path: Path) -> None:
     store = FileStore()
     (tmp_path / "junk.tar").write_bytes(b"this is not a tar archive" * 40)
-    with pytest.raises(ValueError, match="junk.tar"):
-        list(iter_samples(store, str(tmp_path / "junk.tar")))
+    with pytest.raises(DataError, match="junk.tar: not a tar shard"):
+        list(stream_samples([str(tmp_path / "junk.tar")], store))
     buf = io.BytesIO()
     with tarfile.open(fileobj=buf, mode="w") as tar:
         info = tarfile.TarInfo("k-1.cls")
         info.size = 1
         tar.addfile(info, io.BytesIO(b"3"))
     (tmp_path / "noimg.tar").write_bytes(buf.getvalue())
-    with pytest.raises(ValueError, match=r"noimg.tar: sample 'k-1' has no image"):
-        list(iter_samples(store, str(tmp_path / "noimg.tar")))
+    with pytest.raises(DataError, match=r"noimg.tar: sample 'k-1' has no image"):
+        list(stream_samples([str(tmp_path / "noimg.tar")], store))
     with pytest.raises(FileNotFoundError, match="missing.tar"):
-        list(iter_samples(store, str(tmp_path / "missing.tar")))
+        list(stream_samples([str(tmp_path / "missing.tar")], store))
 
 
 def test_digits_round_trip_keys_labels_and_pixels(digits_pack: tuple[str, dict[str, Any]]) -> None:
     out, info = digits_pack
     source = load_digits_source()
     for split in ("labeled", "validation"):
-        keys, images, labels = load_shards(info["patterns"][split])
+        keys, images, labels = read_shards(info["patterns"][split])
         assert images.shape[1:] == (8, 8, 1) and images.dtype == np.uint8
         index = np.array([int(k.removeprefix("digits-")) for k in keys])
         assert np.array_equal(labels, source.labels[index])
         assert np.array_equal(images[..., 0], source.images[index])
-    keys, images, labels = load_shards(info["patterns"]["unlabeled"])
+    keys, images, labels = read_shards(info["patterns"]["unlabeled"])
     assert (labels == -1).all()
-    all_keys = [k for s in ("labeled", "unlabeled", "validation") for k in load_shards(info["patterns"][s])[0]]
+    all_keys = [k for s in ("labeled", "unlabeled", "validation") for k in read_shards(info["patterns"][s])[0]]
     assert len(all_keys) == len(set(all_keys)) == 1797
     assert source.images.max() == 255  # 0..16 scaled to 0..255
 
@@ -139,7 +141,7 @@ def test_same_seed_gives_identical_shards(tmp_path: Path, digits_pack: tuple[str
     again = pack_dataset("digits", str(tmp_path / "again"), labels_per_class=10, seed=3, shard_size=400)
     assert list(again["sha256"].values()) == list(first["sha256"].values())
     other = pack_dataset("digits", str(tmp_path / "other"), labels_per_class=10, seed=4, shard_size=400)
-    assert load_shards(other["shards"]["labeled"])[0] != load_shards(first["shards"]["labeled"])[0]
+    assert read_shards(other["shards"]["labeled"])[0] != read_shards(first["shards"]["labeled"])[0]
 
 
 def test_repacking_is_idempotent_and_refuses_other_parameters(tmp_path: Path) -> None:
@@ -204,11 +206,11 @@ def test_image_folder_source(tmp_path: Path) -> None:
     assert info["class_names"] == ["cat", "dog", "eel"]
     assert info["counts"] == {"labeled": 6, "unlabeled": 8, "validation": 4}
     assert info["image_shape"] == [5, 7, 3]
-    keys, images, labels = load_shards(info["shards"]["labeled"])
+    keys, images, labels = read_shards(info["shards"]["labeled"])
     assert images.shape == (6, 5, 7, 3) and sorted(labels.tolist()) == [0, 0, 1, 1, 2, 2]
     original = np.asarray(Image.open(tmp_path / "imgs" / "cat" / "0.png"))
-    _, val_images, _ = load_shards(info["shards"]["validation"] + info["shards"]["labeled"])
-    packed_all = load_shards(info["shards"]["unlabeled"])[1]
+    _, val_images, _ = read_shards(info["shards"]["validation"] + info["shards"]["labeled"])
+    packed_all = read_shards(info["shards"]["unlabeled"])[1]
     assert any(np.array_equal(original, im) for im in [*val_images, *packed_all, *images])
 
 
@@ -240,18 +242,18 @@ def test_fashion_mnist_from_idx_files_gzipped_or_not(tmp_path: Path) -> None:
     # tune on validation (10 % of the training images), report on the test split, never chosen by
     info = pack_dataset("fashion-mnist", str(tmp_path / "out"), 1, 0, 100, path=str(tmp_path))
     assert info["counts"] == {"labeled": 10, "unlabeled": 26, "validation": 4, "test": 20}
-    keys, images, labels = load_shards(info["shards"]["test"])
+    keys, images, labels = read_shards(info["shards"]["test"])
     assert all(k.startswith("fashion-mnist-test-") for k in keys)
     index = np.array([int(k.rsplit("-", 1)[1]) for k in keys])
     assert np.array_equal(images[..., 0], test_x[index]) and np.array_equal(labels, test_y[index])
-    validation = load_shards(info["shards"]["validation"])[0]
+    validation = read_shards(info["shards"]["validation"])[0]
     assert not any("test" in k for k in validation)  # carved from the training images
     assert info["patterns"]["test"].endswith("test-000000.tar")
     # without a test split: validation is (a stratified subset of) the test split, as before
     small = pack_dataset("fashion-mnist", str(tmp_path / "small"), 1, 0, 100, path=str(tmp_path), validation_size=10,
                          test_split=False)
     assert small["per_class"]["validation"] == [1] * 10 and "test" not in small["counts"]
-    assert all(k.startswith("fashion-mnist-test-") for k in load_shards(small["shards"]["validation"])[0])
+    assert all(k.startswith("fashion-mnist-test-") for k in read_shards(small["shards"]["validation"])[0])
 
 
 def test_fashion_mnist_missing_or_corrupt_idx_file(tmp_path: Path) -> None:

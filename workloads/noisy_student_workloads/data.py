@@ -19,7 +19,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from .datasets import SOURCES, pack_dataset
-from .shards import count_samples
+from .pipeline import count_samples
 from .store import expand_shards
 
 __all__ = ["build_parser", "main", "pack_dataset"]

@@ -41,7 +41,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .shards import ShardWriter, decode_image, encode_png
+from .pipeline import decode_image
+from .shards import ShardWriter, encode_png
 from .store import ArtifactStore, join_uri, open_store
 
 log = logging.getLogger(__name__)
@@ -445,7 +446,7 @@ def pack_dataset(
         **params,
         "num_classes": data.num_classes,
         "class_names": data.class_names,
-        # H×W×C like load_shards returns; None when image sizes differ.
+        # H×W×C (C = 1 for grayscale); None when image sizes differ.
         "image_shape": _image_shape(data.images),
         "counts": {s: int(true_labels[s].size) for s in splits},
         # Unlabeled shards carry no labels; their true class counts are kept for analysis.

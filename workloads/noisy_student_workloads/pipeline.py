@@ -354,11 +354,17 @@ def take_segments(
 # decode and batch
 
 
+def decode_image(data: bytes) -> Image.Image:
+    """Image bytes (PNG, JPEG) as a fully loaded PIL image in its own mode and size."""
+    img = Image.open(io.BytesIO(data))
+    img.load()
+    return img
+
+
 def decode(sample: dict[str, Any], image_size: int) -> Image.Image:
     """The sample's image as an RGB PIL image of ``image_size`` pixels; a corrupt image names shard and key."""
     try:
-        img = Image.open(io.BytesIO(sample["image"]))
-        img.load()
+        img = decode_image(sample["image"])
     except Exception as exc:  # PIL raises OSError, SyntaxError, ValueError... for bad bytes
         raise DataError(f"{sample['__url__']}: sample {sample['__key__']!r}: cannot decode image: {exc}") from exc
     if img.mode != "RGB":
@@ -444,6 +450,27 @@ def count_shards(uris: Sequence[str], catalog: ShardCatalog, store: ArtifactStor
     unknown = [u for u in uris if _basename(u) not in catalog.samples]
     read = Counter(s["__url__"] for s in stream_samples(unknown, store, catalog)) if unknown else Counter()
     return [catalog.samples.get(_basename(u), read[u]) for u in uris]
+
+
+def count_samples(uris: Iterable[str], store: ArtifactStore | None = None) -> dict[str, Any]:
+    """Counts of a set of shards, read whole (``noisy-student data inspect``): shards, samples, labeled, and
+    samples per class."""
+    uris = list(uris)
+    if not uris:
+        raise ValueError("no shards to count")
+    per_class: Counter[int] = Counter()
+    total = labeled = 0
+    for s in stream_samples(uris, store, ShardCatalog.of(uris, store)):
+        total += 1
+        if s["label"] is not None:
+            labeled += 1
+            per_class[s["label"]] += 1
+    return {
+        "shards": len(uris),
+        "samples": total,
+        "labeled": labeled,
+        "per_class": {str(k): v for k, v in sorted(per_class.items())},
+    }
 
 
 def batched(items: Iterable[Any], size: int) -> Iterator[list[Any]]:

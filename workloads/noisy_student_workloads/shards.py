@@ -1,18 +1,20 @@
-"""WebDataset-style tar shards of images, written and read through an ArtifactStore.
+"""Writing WebDataset-style tar shards of images through an ArtifactStore.
 
 Each sample is a pair of tar members sharing a key: ``<key>.png`` (the
 image) and ``<key>.cls`` (the class index as ASCII text). Unlabeled shards
 have no ``.cls`` members. Keys are unique strings without dots or slashes,
 such as ``mnist-000123``. Shards are written whole (one PUT per shard);
-reading is :mod:`.pipeline`'s (this module's readers are thin conveniences
-over it).
+reading is :mod:`.pipeline`'s, the one data path of every stage and of
+``noisy-student data inspect``.
 
 This module does not import torch.
 
 Example::
 
-    python -c "from noisy_student_workloads.shards import load_shards; \
-print(load_shards(['file:///tmp/digits/labeled-000000.tar'])[2])"
+    python -c "import numpy as np; from noisy_student_workloads.store import FileStore; \
+from noisy_student_workloads.shards import ShardWriter, encode_png; \
+w = ShardWriter(FileStore(), 'file:///tmp/demo/s-%06d.tar', 10); w.write('k-1', encode_png(np.zeros((8, 8), np.uint8)), 3); \
+print(w.close())"
 """
 
 from __future__ import annotations
@@ -21,29 +23,14 @@ import hashlib
 import io
 import logging
 import tarfile
-from collections import Counter
-from collections.abc import Iterable, Iterator, Sequence
-from dataclasses import dataclass
-from typing import Any
 
 import numpy as np
 from PIL import Image
 
-from .pipeline import IMAGE_EXTENSIONS, ShardCatalog, stream_samples
-from .store import ArtifactStore, expand_shards
+from .pipeline import IMAGE_EXTENSIONS
+from .store import ArtifactStore
 
 log = logging.getLogger(__name__)
-
-UNLABELED = -1
-
-
-@dataclass(frozen=True)
-class Sample:
-    """One image of a shard: its key, encoded image bytes and class (None if unlabeled)."""
-
-    key: str
-    image: bytes
-    label: int | None
 
 
 def encode_png(image: np.ndarray) -> bytes:
@@ -55,13 +42,6 @@ def encode_png(image: np.ndarray) -> bytes:
     buf = io.BytesIO()
     Image.fromarray(image).save(buf, format="PNG")
     return buf.getvalue()
-
-
-def decode_image(data: bytes) -> Image.Image:
-    """Decode image bytes into a fully loaded PIL image."""
-    img = Image.open(io.BytesIO(data))
-    img.load()
-    return img
 
 
 def _check_key(key: str) -> None:
@@ -153,58 +133,3 @@ class ShardWriter:
     def __exit__(self, exc_type: object, exc: object, tb: object) -> None:
         if exc_type is None:
             self.close()
-
-
-def iter_samples(store: ArtifactStore, shard_uri: str) -> Iterator[Sample]:
-    """Stream the samples of one shard in tar order (checked: see :mod:`.pipeline`)."""
-    for s in stream_samples([shard_uri], store, ShardCatalog.of([shard_uri], store)):
-        yield Sample(s["__key__"], s["image"], s["label"])
-
-
-def load_shards(
-    uris: str | Sequence[str], store: ArtifactStore | None = None
-) -> tuple[list[str], Any, np.ndarray]:
-    """Decode small data sets whole, for inspection and tests (the stages stream instead).
-
-    ``uris`` is a list of shard URIs or a pattern for :func:`expand_shards`.
-    Returns ``(keys, images, labels)``: ``images`` is a uint8 array N×H×W×C
-    when all images share size and mode, otherwise a list of PIL images;
-    ``labels`` is an int64 array with ``-1`` for unlabeled samples.
-    """
-    if isinstance(uris, str):
-        uris = expand_shards(uris, store)
-    uris = list(uris)
-    if not uris:
-        raise ValueError("no shards to load")
-    rows = [(s["__key__"], decode_image(s["image"]), UNLABELED if s["label"] is None else s["label"])
-            for s in stream_samples(uris, store, ShardCatalog.of(uris, store))]
-    keys = [k for k, _, _ in rows]
-    labels = np.asarray([y for _, _, y in rows], dtype=np.int64)
-    images = [img for _, img, _ in rows]
-    if len(set(keys)) != len(keys):
-        dup = next(k for k, n in Counter(keys).items() if n > 1)
-        raise ValueError(f"duplicate sample key {dup!r} across shards {uris[0]} ...")
-    if images and len({(im.size, im.mode) for im in images}) == 1:
-        stacked = np.stack([np.asarray(im, dtype=np.uint8) for im in images])
-        return keys, stacked[..., None] if stacked.ndim == 3 else stacked, labels
-    return keys, images, labels
-
-
-def count_samples(uris: Iterable[str], store: ArtifactStore | None = None) -> dict[str, Any]:
-    """Counts of a set of shards: shards, samples, labeled, and samples per class."""
-    uris = list(uris)
-    if not uris:
-        raise ValueError("no shards to count")
-    per_class: dict[int, int] = {}
-    total = labeled = 0
-    for s in stream_samples(uris, store, ShardCatalog.of(uris, store)):
-        total += 1
-        if s["label"] is not None:
-            labeled += 1
-            per_class[s["label"]] = per_class.get(s["label"], 0) + 1
-    return {
-        "shards": len(uris),
-        "samples": total,
-        "labeled": labeled,
-        "per_class": {str(k): v for k, v in sorted(per_class.items())},
-    }
