@@ -83,6 +83,25 @@ def test_a_field_changes_exactly_the_keys_of_the_stages_it_affects(path, value, 
     assert changed(keys(spec), keys(edit(spec, **{path: value}))) == sorted(expected)
 
 
+@pytest.mark.parametrize("change", ["levels", "images", "set"])
+def test_the_robustness_checks_corruptions_enter_the_keys_of_the_stages_that_score_them(monkeypatch, change):
+    """The corruption table and image count are workload defaults that the operator renders into every training
+    config: changing them (a new workload version, or an edit) reruns the training stages and what follows."""
+    from noisy_student_operator.core import render
+    from noisy_student_workloads import config
+
+    spec = make_run()
+    before = keys(spec)
+    if change == "levels":
+        monkeypatch.setitem(config.CORRUPTIONS, "gaussian_noise", (0.1, 0.2, 0.4))
+    elif change == "images":
+        monkeypatch.setattr(render, "CORRUPTION_IMAGES", 500)
+    else:
+        monkeypatch.delitem(config.CORRUPTIONS, "pixelate")
+    assert changed(before, keys(spec)) == sorted(
+        [(0, TEACHER), (1, LABEL), (1, BALANCE), (1, STUDENT), *ALL_OF_GEN_2, *EXPORTED])
+
+
 def test_keys_are_namespace_scoped_and_ignore_the_run_name():
     spec = make_run()
     assert keys(spec, name="one") == keys(spec, name="two")

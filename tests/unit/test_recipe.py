@@ -122,3 +122,4 @@ def test_rand_augment_magnitudes_above_ten_are_not_clipped_and_the_fill_is_confi
     rotate.prob, rotate.magnitude_std = 1.0, 0.0
     corner = np.asarray(rotate(Image.new("RGB", (28, 28), (255, 255, 255))))[0, 0]
     assert corner.tolist() == [0, 0, 0]  # a black background stays black where the rotation uncovers it
+

@@ -48,6 +48,8 @@ def test_full_contract_parses_from_json_string():
         ({"warmup_epochs": 5}, "warmup_epochs"),
         ({"learning_rate": 0.1}, "learning_rate"),
         ({"pseudo": {"manifest": "m", "unlabeled": "u"}}, "pseudo"),
+        ({"corruptions": {"fog": [0.5]}}, "corruptions"),
+        ({"corruptions": {"contrast": []}}, "corruptions"),
     ],
 )
 def test_validation_errors_name_the_field(overrides, field):

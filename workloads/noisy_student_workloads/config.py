@@ -86,6 +86,20 @@ class TeacherRef(_Strict):
     parameters: int = Field(ge=1)
 
 
+#: The robustness check's corruptions (:mod:`.corruptions`): name → its parameter at severities 1, 2, 3. The
+#: operator renders this table and :data:`CORRUPTION_IMAGES` into every training config, so that a change of
+#: either changes the keys of the stages that score them.
+CORRUPTIONS: dict[str, tuple[float, ...]] = {
+    "gaussian_noise": (0.08, 0.18, 0.38),  # ImageNet-C's sigma at levels 1, 3, 5
+    "gaussian_blur": (0.5, 1.0, 1.5),  # pixels at 28 px (ImageNet-C: 1, 3, 6 at 224 px)
+    "contrast": (0.4, 0.2, 0.05),  # ImageNet-C's factor at levels 1, 3, 5
+    "brightness": (1.5, 2.0, 3.0),  # multiplies every pixel (saturates bright ones)
+    "pixelate": (0.6, 0.4, 0.25),  # ImageNet-C's resize factor at levels 1, 3, 5
+}
+#: Images whose corrupted copies the final model is scored on.
+CORRUPTION_IMAGES = 2000
+
+
 class TrainConfig(_Strict):
     """Config of ``noisy_student_workloads.train`` (teacher or student)."""
 
@@ -114,8 +128,11 @@ class TrainConfig(_Strict):
     allow_smaller_student: bool = False
     workers: int = Field(2, ge=0, description="most data-loader worker processes (fewer when cores are short)")
     eval_images: int = Field(500, ge=1, description="validation images scored after each epoch but the last")
-    corruption_images: int = Field(2000, ge=0, description="validation images whose corrupted copies the final "
-                                   "model is scored on (0: none)")
+    corruption_images: int = Field(CORRUPTION_IMAGES, ge=0, description="test (else validation) images whose "
+                                   "corrupted copies the final model is scored on (0: none)")
+    corruptions: dict[str, list[float]] = Field(
+        default_factory=lambda: {k: list(v) for k, v in CORRUPTIONS.items()},
+        description="the robustness check's corruptions: name → its parameter at each severity")
     keep_checkpoints: int = Field(2, ge=1, description="epoch checkpoints kept (the latest ones)")
     shuffle_buffer: int = Field(1000, ge=1, description="samples in the training shuffle buffer")
     compile: bool = Field(False, description="torch.compile the model (pays on a GPU for long runs)")
@@ -134,6 +151,11 @@ class TrainConfig(_Strict):
                 raise ValueError(f"model_args: {name!r} is set by the workload ({RESERVED_MODEL_ARGS[name]})")
         if self.warmup_epochs >= self.epochs and self.warmup_epochs > 0:
             raise ValueError(f"warmup_epochs: {self.warmup_epochs} must be less than epochs ({self.epochs})")
+        for name, levels in self.corruptions.items():
+            if name not in CORRUPTIONS:
+                raise ValueError(f"corruptions: {name!r} is not one of {sorted(CORRUPTIONS)}")
+            if not levels:
+                raise ValueError(f"corruptions: {name!r} has no severity")
         return self
 
 

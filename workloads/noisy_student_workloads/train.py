@@ -96,7 +96,7 @@ import torch.nn.functional as F
 
 from . import images as imgs
 from .config import ConfigError, PseudoConfig, TrainConfig
-from .corruptions import CORRUPTIONS, SEVERITIES, corrupt
+from .corruptions import corrupt
 from .manifest import Manifest
 from .models import count_parameters, create_model, normalization, save_final
 from .pipeline import (
@@ -431,9 +431,9 @@ def to_input(x: torch.Tensor, mean: list[float], std: list[float], d: Dist) -> t
 @torch.inference_mode()
 def evaluate(model: torch.nn.Module, validation: Stream, images: int, image_size: int, targets: LabeledTargets,
              mean: list[float], std: list[float], d: Dist,
-             corruption: tuple[str, int] | None = None) -> dict[str, float]:
+             corruption: tuple[str, int, Sequence[float]] | None = None) -> dict[str, float]:
     """Top-1/top-5 (fractions) on the first ``images`` validation images; each rank scores its 1/W of them.
-    ``corruption`` (name, severity) scores corrupted copies of them instead (:mod:`.corruptions`)."""
+    ``corruption`` (name, severity, levels) scores corrupted copies of them instead (:mod:`.corruptions`)."""
     was_training = model.training
     model.eval()
     lo, hi = _rank_range(min(images, validation.total), d.world, d.rank)
@@ -441,7 +441,8 @@ def evaluate(model: torch.nn.Module, validation: Stream, images: int, image_size
     position = lo
     for samples, x in ImageBatches(validation, EVAL_BATCH, image_size, positions=(lo, hi)):
         if corruption is not None:
-            x = corrupt(x, *corruption, position)
+            name, severity, levels = corruption
+            x = corrupt(x, name, severity, position, levels)
         position += len(samples)
         y = targets.labels(samples).to(d.device)
         with torch.autocast(d.device.type, dtype=torch.bfloat16, enabled=d.device.type == "cuda"):
@@ -457,11 +458,12 @@ def evaluate(model: torch.nn.Module, validation: Stream, images: int, image_size
 
 
 def corruption_scores(model: torch.nn.Module, validation: Stream, images: int, image_size: int,
-                      targets: LabeledTargets, mean: list[float], std: list[float], d: Dist) -> dict[str, Any]:
-    """Top-1 on corrupted copies of the first ``images`` validation images: per corruption, one value per
-    severity, and their mean over everything (``corruption_top1``)."""
-    per = {name: [evaluate(model, validation, images, image_size, targets, mean, std, d, (name, severity))["top1"]
-                  for severity in range(1, SEVERITIES + 1)] for name in CORRUPTIONS}
+                      targets: LabeledTargets, mean: list[float], std: list[float], d: Dist,
+                      corruptions: dict[str, list[float]]) -> dict[str, Any]:
+    """Top-1 on corrupted copies of the first ``images`` validation images: per corruption (name → its
+    parameter per severity), one value per severity, and their mean over everything (``corruption_top1``)."""
+    per = {name: [evaluate(model, validation, images, image_size, targets, mean, std, d, (name, severity, levels))
+                  ["top1"] for severity in range(1, len(levels) + 1)] for name, levels in corruptions.items()}
     return {"corruption_top1": float(np.mean([v for values in per.values() for v in values])),
             "corruption": per, "corruption_images": min(images, validation.total)}
 
@@ -625,10 +627,10 @@ def run(cfg: TrainConfig) -> dict[str, Any]:
                                mean, std, d)
         scores = {"test_top1": test_scores["top1"], "test_top5": test_scores["top5"],
                   "test_images": test_scores["validation_images"]}
-    if cfg.corruption_images:
+    if cfg.corruption_images and cfg.corruptions:
         scores.update(corruption_scores(scored, held_out, cfg.corruption_images, cfg.image_size,
                                         LabeledTargets(cfg.num_classes, "test" if test else "validation"),
-                                        mean, std, d))
+                                        mean, std, d, cfg.corruptions))
     train_seconds = sum(h["seconds"] for h in history)
     metrics = {
         "role": cfg.role,

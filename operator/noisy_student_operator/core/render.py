@@ -12,6 +12,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from noisy_student_workloads.config import CORRUPTION_IMAGES, CORRUPTIONS
+
 from ..api import PlacementFields, RunSpec
 from .keys import stage_keys
 from .layout import BALANCE, EXPORT, LABEL, PREPARE, STUDENT, TEACHER, RunLayout, Stage, job_name, stage_root
@@ -84,6 +86,10 @@ def render_train_config(
         "teacher": teacher,
         "allow_smaller_student": spec.training.allow_smaller_student,
         "workers": spec.resources.workers,
+        # The robustness check's inputs are part of what the stage computes (its metrics): rendered, so that
+        # they enter its key.
+        "corruption_images": CORRUPTION_IMAGES,
+        "corruptions": {name: list(levels) for name, levels in CORRUPTIONS.items()},
         "output": layout.stage_uri(Stage(generation, STUDENT if student else TEACHER)) + "/",
     }
 
