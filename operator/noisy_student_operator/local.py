@@ -122,8 +122,8 @@ class RunProgress:
                     f"{progress.images_per_second:.0f} img/s" if progress.images_per_second else "",
                     f"ETA {progress.eta}" if progress.eta else "",
                     f"top-1 {progress.top1:.3f}" if progress.top1 is not None else ""]
-            done = progress.epoch if progress.epoch is not None else (progress.percent or 0) / 100
-            self.progress.update(task, completed=done, note="  ".join(n for n in note if n))
+            completed = progress.epoch if progress.epoch is not None else (progress.percent or 0) / 100
+            self.progress.update(task, completed=completed, note="  ".join(n for n in note if n))
 
 
 class StatusFile:
