@@ -150,13 +150,16 @@ class RunController:
 
     # -- passes ------------------------------------------------------------------
 
-    def reconcile(self, namespace: str, name: str) -> Plan | None:
-        """One pass; None when the run is gone or the pass failed (its error is in status)."""
+    def reconcile(self, namespace: str, name: str, unless_settled: bool = False) -> Plan | None:
+        """One pass; None when the run is gone or the pass failed (its error is in status), or,
+        with `unless_settled` (a hint from a Job of the run), when the run is settled."""
         started = time.perf_counter()
         key = f"{namespace}/{name}"
         with self._locks[key]:
             body = self.runs_api.get(namespace, name)
             if body is None or body["metadata"].get("deletionTimestamp"):
+                return None
+            if unless_settled and self.settled(body):
                 return None
             try:
                 plan = self._reconcile_fresh(namespace, name, body)

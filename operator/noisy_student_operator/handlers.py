@@ -6,16 +6,22 @@ come sooner. A pass reads the run fresh from the API, observes, plans, acts,
 and writes the full status. Nothing in a pass sleeps. A failed pass reports
 its error in the run's status (see `RunController`) and the timer looks again:
 handlers never raise for it, so kopf posts no error Event every few seconds.
-A plan's `requeue_after` (a retry's backoff) is honoured to the second by a
-one-shot timer per run (`Requeuer`).
+A plan's `requeue_after` (a retry's backoff) is honoured to the second, and
+Job changes are debounced per run, by `Requeuer`: one scheduler thread, the
+passes on kopf's worker pool. A run that is finished and unchanged gets no
+resume pass, no timer, and a Job hint about it reads only the run.
 """
 
 from __future__ import annotations
 
 import contextvars
+import heapq
+import itertools
 import logging
 import threading
+import time
 from collections.abc import Callable
+from concurrent.futures import Executor
 from typing import Any
 
 import kopf
@@ -31,10 +37,13 @@ VOLCANO_JOBS = ("batch.volcano.sh", "v1alpha1", "jobs")
 JOB_SELECTOR = f"app.kubernetes.io/managed-by={MANAGED_BY}"
 #: Seconds a Volcano Job change waits, so a burst of changes (pods starting, one per shard) is one pass.
 HINT_DELAY = 0.5
+#: Phases that end a Job (see volcano.PHASES): the next stage waits on them, so their pass is not delayed.
+FINAL_PHASES = frozenset({"Completed", "Failed", "Terminated", "Aborted"})
 ANNOTATION_PREFIX = GROUP
+#: kopf's sync-handler workers; requeued and hinted passes run on the same pool.
+MAX_WORKERS = 20
 
 _controller: RunController | None = None
-_hints: Requeuer
 
 
 def controller() -> RunController:
@@ -51,46 +60,86 @@ def _event(body: Any, type_: str, reason: str, message: str) -> None:
 
 
 class Requeuer:
-    """One pending one-shot timer per run: `schedule` replaces the run's earlier one.
+    """One pending one-shot pass per run: `schedule` replaces the run's earlier one, `hint` joins it.
 
-    The timer runs its pass in a copy of the caller's context (a kopf handler's), so that
-    the pass can post Events (`kopf.event` reads kopf's settings from a context variable).
+    One scheduler thread keeps every run's due time; a due pass runs on `executor` (kopf's
+    pool of sync-handler workers, `settings.execution.executor`, handed over at startup), so
+    requeued and hinted passes count against kopf's worker limit, never a thread per run.
+    The pass runs in a copy of the caller's context (a kopf handler's), so that it can post
+    Events (`kopf.event` reads kopf's settings from a context variable).
     """
 
-    def __init__(self, callback: Callable[[str, str], None]) -> None:
+    def __init__(self, callback: Callable[[str, str], None], executor: Executor | None = None) -> None:
         self.callback = callback
-        self._timers: dict[tuple[str, str], threading.Timer] = {}
-        self._lock = threading.Lock()
-
-    def _timer(self, key: tuple[str, str], seconds: float) -> threading.Timer:
-        timer = threading.Timer(max(seconds, 0.0), contextvars.copy_context().run, args=(self._fire, *key))
-        timer.daemon = True
-        return timer
+        self.executor = executor
+        #: run → (its heap entry, due time, the context to run it in)
+        self._pending: dict[tuple[str, str], tuple[int, float, contextvars.Context]] = {}
+        self._due: list[tuple[float, int, tuple[str, str]]] = []  # heap of (monotonic due time, entry, run)
+        self._entries = itertools.count()
+        self._changed = threading.Condition()
+        self._scheduler: threading.Thread | None = None
 
     def schedule(self, namespace: str, name: str, seconds: float) -> None:
-        key = (namespace, name)
-        timer = self._timer(key, seconds)
-        with self._lock:
-            previous = self._timers.pop(key, None)
-            if previous is not None:
-                previous.cancel()
-            self._timers[key] = timer
-        timer.start()
+        self._put((namespace, name), seconds, replace=True)
 
     def hint(self, namespace: str, name: str, seconds: float) -> None:
-        """Like `schedule`, but a pass already pending for the run is kept: hints never postpone."""
-        key = (namespace, name)
-        with self._lock:
-            if key in self._timers:
+        """Like `schedule`, but hints never postpone: a pass already pending for the run is kept,
+        only brought forward when this hint is due earlier."""
+        self._put((namespace, name), seconds, replace=False)
+
+    def pending(self) -> int:
+        with self._changed:
+            return len(self._pending)
+
+    def _put(self, key: tuple[str, str], seconds: float, replace: bool) -> None:
+        with self._changed:
+            due = time.monotonic() + max(seconds, 0.0)
+            if key in self._pending and not replace and self._pending[key][1] <= due:
                 return
-            timer = self._timer(key, seconds)
-            self._timers[key] = timer
-        timer.start()
+            entry = next(self._entries)
+            self._pending[key] = (entry, due, contextvars.copy_context())
+            heapq.heappush(self._due, (due, entry, key))
+            if len(self._due) > 2 * len(self._pending) + 64:  # replaced entries: drop them now
+                self._due = [item for item in self._due if self._pending.get(item[2], (None,))[0] == item[1]]
+                heapq.heapify(self._due)
+            if self._scheduler is None:
+                self._scheduler = threading.Thread(target=self._loop, name="requeuer", daemon=True)
+                self._scheduler.start()
+            self._changed.notify()
+
+    def _next_due(self) -> tuple[tuple[str, str], contextvars.Context]:
+        """Wait for the earliest pending pass to be due; take it out."""
+        with self._changed:
+            while True:
+                while self._due and self._pending.get(self._due[0][2], (None,))[0] != self._due[0][1]:
+                    heapq.heappop(self._due)  # replaced by a later schedule
+                if not self._due:
+                    self._changed.wait()
+                    continue
+                delay = self._due[0][0] - time.monotonic()
+                if delay <= 0:
+                    _, _, key = heapq.heappop(self._due)
+                    return key, self._pending.pop(key)[2]
+                self._changed.wait(delay)
+
+    def _loop(self) -> None:
+        while True:
+            key, context = self._next_due()
+            if self.executor is None:  # before kopf's startup handed its pool over
+                self.executor = _fallback_executor()
+            self.executor.submit(context.run, self._fire, *key)
 
     def _fire(self, namespace: str, name: str) -> None:
-        with self._lock:
-            self._timers.pop((namespace, name), None)
-        self.callback(namespace, name)
+        try:
+            self.callback(namespace, name)
+        except Exception:  # a requeued pass must not fail silently inside a pool's future
+            log.warning("pass of %s/%s failed", namespace, name, exc_info=True)
+
+
+def _fallback_executor() -> Executor:
+    from concurrent.futures import ThreadPoolExecutor
+
+    return ThreadPoolExecutor(max_workers=MAX_WORKERS, thread_name_prefix="requeuer")
 
 
 def reconcile(namespace: str, name: str) -> None:
@@ -111,7 +160,8 @@ def on_startup(settings: kopf.OperatorSettings, **_: Any) -> None:
     )
     settings.posting.level = logging.WARNING  # Events come from the controller, not from logs
     settings.watching.server_timeout = 300
-    settings.execution.max_workers = 20
+    settings.execution.max_workers = MAX_WORKERS
+    _hints.executor = _requeues.executor = settings.execution.executor
     # The Volcano Job watch is cluster-wide: filter it on the server, or every team's Jobs stream
     # in (a handler's `labels=` only filters after they arrived).
     settings.watching.label_selectors[VOLCANO_JOBS] = JOB_SELECTOR
@@ -139,20 +189,28 @@ def on_run_deleted(namespace: str, name: str, body: Any, **_: Any) -> None:
         log.info("run %s/%s deleted; cancelled %s", namespace, name, ", ".join(cancelled))
 
 
-def on_job_event(namespace: str, labels: dict[str, str], type: str | None, **_: Any) -> None:
+def on_job_event(namespace: str, labels: dict[str, str], type: str | None, status: Any, **_: Any) -> None:
     """A Volcano Job of a run changed: look at its run soon instead of at the next tick.
 
-    Debounced per run: changes arriving while a hint is pending join it."""
+    Debounced per run: changes arriving while a hint is pending join it. A Job that ended
+    (or is gone) is looked at at once: the next stage's submission waits on that pass."""
     run = labels.get(LABEL_RUN)
     if run and type in ("MODIFIED", "DELETED"):
-        _hints.hint(namespace, run, HINT_DELAY)
+        phase = ((status or {}).get("state") or {}).get("phase")
+        final = type == "DELETED" or phase in FINAL_PHASES
+        _hints.hint(namespace, run, 0.0 if final else HINT_DELAY)
 
 
 def _hinted_pass(namespace: str, name: str) -> None:
-    try:
-        controller().reconcile(namespace, name)
+    try:  # a finished run's Job changing (deleted, say) is nothing to act on: no observe, no marker read
+        controller().reconcile(namespace, name, unless_settled=True)
     except Exception:  # the timer retries; a hint must not fail
         log.debug("hint reconcile of %s/%s failed", namespace, name, exc_info=True)
+
+
+#: A retry's requeue (the plan's `requeue_after`) and the debounced Job hints, one scheduler each.
+_requeues = Requeuer(reconcile)
+_hints = Requeuer(_hinted_pass)
 
 
 def register(run_controller: RunController, interval: float = 10.0, watch_jobs: bool = True) -> None:
@@ -160,9 +218,7 @@ def register(run_controller: RunController, interval: float = 10.0, watch_jobs: 
     global _controller
     _controller = run_controller
     run_controller.post_event = _event
-    run_controller.requeue = Requeuer(reconcile).schedule
-    global _hints
-    _hints = Requeuer(_hinted_pass)
+    run_controller.requeue = _requeues.schedule
     resource = dict(group=GROUP, version=VERSION, plural=PLURAL)
     kopf.on.startup()(on_startup)
     kopf.on.resume(**resource, when=unsettled)(on_run_changed)

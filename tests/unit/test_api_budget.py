@@ -66,3 +66,83 @@ def test_the_operators_s3_calls_fail_fast_and_a_pass_has_a_deadline(monkeypatch)
     assert config.retries["total_max_attempts"] == 2
     assert reader.deadline == PASS_DEADLINE <= 10
     assert reader.store_for("file:///tmp/x/") is not reader.store_for("s3://bucket/runs/")
+
+
+def test_pending_passes_of_many_runs_use_one_scheduler_thread_and_the_bounded_pool():
+    """A thousand runs' hints and requeues: one scheduler thread, passes on kopf's pool (its
+    max_workers), never a timer thread per run; every run still gets its one debounced pass."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    workers = 4
+    release = threading.Event()
+    lock = threading.Lock()
+    running, most, passes = [0], [0], []
+
+    def callback(namespace, name):
+        with lock:
+            running[0] += 1
+            most[0] = max(most[0], running[0])
+        release.wait(10)
+        with lock:
+            running[0] -= 1
+            passes.append(name)
+
+    threads_before = threading.active_count()
+    hints = Requeuer(callback, ThreadPoolExecutor(max_workers=workers))
+    runs = [f"run-{i}" for i in range(1000)]
+    for name in runs:
+        for _ in range(3):  # a burst of Job changes per run
+            hints.hint("ml", name, 0.05)
+    deadline = time.monotonic() + 10
+    while most[0] < workers and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert threading.active_count() - threads_before <= 1 + workers
+    release.set()
+    deadline = time.monotonic() + 30
+    while len(passes) < len(runs) and time.monotonic() < deadline:
+        time.sleep(0.01)
+    time.sleep(0.2)
+    assert sorted(passes) == sorted(runs)  # one pass per run: its three hints joined
+    assert most[0] == workers and hints.pending() == 0
+
+
+def test_kopf_startup_hands_its_worker_pool_to_requeued_and_hinted_passes():
+    from noisy_student_operator.controller import RunController
+
+    kopf_registry = kopf.OperatorRegistry()
+    previous = kopf.get_default_registry()
+    kopf.set_default_registry(kopf_registry)
+    try:
+        handlers.register(RunController(runs_api=None, backends={}))
+        settings = kopf.OperatorSettings()
+        handlers.on_startup(settings)
+        assert handlers._hints.executor is settings.execution.executor
+        assert handlers._requeues.executor is settings.execution.executor
+        assert settings.execution.max_workers == handlers.MAX_WORKERS
+    finally:
+        kopf.set_default_registry(previous)
+
+
+def test_a_hint_due_sooner_brings_the_pending_pass_forward():
+    fired = threading.Event()
+    hints = Requeuer(lambda namespace, name: fired.set())
+    hints.hint("ml", "a", 30.0)
+    hints.hint("ml", "a", 0.01)
+    assert fired.wait(5)
+
+
+def test_a_job_that_ended_is_looked_at_at_once_other_changes_are_debounced(monkeypatch):
+    hinted = []
+
+    class Recorder:
+        def hint(self, namespace, name, seconds):
+            hinted.append((name, seconds))
+
+    monkeypatch.setattr(handlers, "_hints", Recorder())
+    labels = {"noisystudent.dev/run": "a"}
+    for phase in ("Pending", "Running", "Completing", "Completed", "Failed", "Aborted"):
+        handlers.on_job_event(namespace="ml", labels=labels, type="MODIFIED", status={"state": {"phase": phase}})
+    handlers.on_job_event(namespace="ml", labels=labels, type="DELETED", status={"state": {"phase": "Running"}})
+    handlers.on_job_event(namespace="ml", labels=labels, type=None, status={})  # the initial listing
+    delay = handlers.HINT_DELAY
+    assert hinted == [("a", delay), ("a", delay), ("a", delay), ("a", 0.0), ("a", 0.0), ("a", 0.0), ("a", 0.0)]

@@ -212,6 +212,21 @@ def test_settled_runs_are_skipped_by_the_timer(setup):
     assert not controller.settled(body)
 
 
+def test_a_hint_about_a_settled_runs_job_reads_the_run_and_nothing_else(setup, monkeypatch):
+    """A finished run's Volcano Job changing (deleted, garbage-collected) hints a pass: one GET of the
+    run, no observation of jobs or markers, no status write."""
+    api, backend, controller, events, store, layout = setup
+    for stage in (TEACHER_0, Stage(1, LABEL), Stage(1, BALANCE), Stage(1, STUDENT), Stage(1, EXPORT)):
+        write_marker(store, layout, stage, {"top1": 0.5, "parameters": 1})
+    controller.reconcile("ml", "demo")
+    assert api.get("ml", "demo")["status"]["stage"] == "Succeeded"
+    patches = api.patches
+    monkeypatch.setattr(controller.reconcilers["kubernetes"], "reconcile",
+                        lambda *args: pytest.fail("a settled run was observed"))
+    assert controller.reconcile("ml", "demo", unless_settled=True) is None
+    assert api.patches == patches
+
+
 def sample(name, **labels):
     from prometheus_client import REGISTRY
 

@@ -195,7 +195,7 @@ def test_requeuer_fires_once_and_a_new_schedule_replaces_the_old():
     requeuer.schedule("ml", "demo", 0.01)  # replaces the 30 s one
     assert done.wait(10)
     assert fired == [("ml", "demo")]
-    assert not requeuer._timers
+    assert requeuer.pending() == 0
 
 
 # ----------------------------------------------------------------------------- cancel confirmed
