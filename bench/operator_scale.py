@@ -27,7 +27,11 @@ per running run per minute are counted, pods included.
 
 Requests are counted from the API server's audit log by user: the operator
 runs with its own client certificate (user `noisy-student-operator`). A
-long-lived watch counts once, when it ends. Peak RSS is the operator
+long-lived watch counts once, when it ends. Per-run figures count the
+requests about the measured runs' namespace; the operator's cluster-wide
+requests (discovery, lists and watches of every namespace, the same for any
+number of runs) are printed apart; the sharded runs are deleted before the
+next measurement, so that their passes are not counted as another's. Peak RSS is the operator
 process's VmHWM. Prints tables; not a test.
 """
 
@@ -66,7 +70,7 @@ from operator_harness import (  # noqa: E402
     run_crd,
     wait_for,
 )
-from s3_server import find_weed, start_s3_server  # noqa: E402
+from s3_server import CountingProxy, find_weed, start_s3_server  # noqa: E402
 
 from noisy_student_operator.core.layout import TEACHER, Stage, job_name  # noqa: E402
 
@@ -77,6 +81,10 @@ TEACHER_STAGE = Stage(0, TEACHER)
 PLAYERS = 8
 #: CPUs of each node of the fast test kubelet (scripts/dev-cluster).
 NODE_CPUS = 16
+#: The key of requests about other namespaces (another benchmark's leftovers) in `count_requests`.
+OTHER = "(other namespaces)"
+#: The prefix of cluster-wide requests (no namespace) in `count_requests`.
+CLUSTER = "cluster-wide: "
 
 
 def run_spec(prefix: str, seed: int, label_shards: int = 1) -> dict[str, Any]:
@@ -89,52 +97,6 @@ def run_spec(prefix: str, seed: int, label_shards: int = 1) -> dict[str, Any]:
         "training": {"seed": seed},  # distinct stage keys: every run computes its own stages
         "resources": {"labelShards": label_shards, "cpu": 1, "memoryMiB": 256},
     }
-
-
-class CountingProxy:
-    """An HTTP proxy in front of the S3 server that counts the requests passing through."""
-
-    def __init__(self, upstream: str) -> None:
-        import http.client
-        import http.server
-        from urllib.parse import urlsplit
-
-        target = urlsplit(upstream)
-        proxy = self
-        self.count = 0
-        self.lock = threading.Lock()
-
-        class Handler(http.server.BaseHTTPRequestHandler):
-            protocol_version = "HTTP/1.1"
-
-            def _forward(self) -> None:
-                with proxy.lock:
-                    proxy.count += 1
-                body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
-                connection = http.client.HTTPConnection(target.hostname, target.port, timeout=30)
-                connection.request(self.command, self.path, body=body, headers=dict(self.headers))
-                response = connection.getresponse()
-                data = response.read()
-                self.send_response(response.status)
-                for name, value in response.getheaders():
-                    if name.lower() not in ("transfer-encoding", "connection", "content-length"):
-                        self.send_header(name, value)
-                self.send_header("Content-Length", str(len(data)))
-                self.end_headers()
-                if self.command != "HEAD":
-                    self.wfile.write(data)
-
-            do_GET = do_PUT = do_POST = do_HEAD = do_DELETE = _forward
-
-            def log_message(self, *args: Any) -> None:
-                pass
-
-        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
-
-    def stop(self) -> None:
-        self.server.shutdown()
 
 
 class JobWatch:
@@ -178,24 +140,44 @@ class JobWatch:
         self._stop.set()
 
 
-def count_requests(audit_log: Path, start: dt.datetime, end: dt.datetime) -> Counter[str]:
-    """Operator requests received in [start, end), by verb."""
+def count_requests(audit_log: Path, start: dt.datetime, end: dt.datetime, namespace: str) -> Counter[str]:
+    """Operator requests received in [start, end), by verb and resource: those about `namespace`
+    (the runs measured), cluster-wide ones (discovery, lists and watches of every namespace: the
+    operator's own, whatever the number of runs) prefixed CLUSTER, and those about other
+    namespaces (another measurement's leftovers) counted under OTHER."""
     counts: Counter[str] = Counter()
     for event in read_audit(audit_log):
         if not is_operator_request(event):
             continue
         received = dt.datetime.fromisoformat(event["requestReceivedTimestamp"].replace("Z", "+00:00"))
         if start <= received < end:
-            counts[event["verb"]] += 1
+            ref = event.get("objectRef") or {}
+            resource = ref.get("resource", "") + (f"/{ref['subresource']}" if ref.get("subresource") else "")
+            what = f"{event['verb']} {resource or event['requestURI']}"
+            if ref.get("namespace") is None:
+                counts[CLUSTER + what] += 1
+            elif ref["namespace"] == namespace:
+                counts[what] += 1
+            else:
+                counts[OTHER] += 1
     return counts
 
 
-def measure_idle(audit_log: Path, seconds: float) -> Counter[str]:
+def ours(counts: Counter[str]) -> int:
+    """Requests about the measured runs' namespace."""
+    return sum(n for key, n in counts.items() if key != OTHER and not key.startswith(CLUSTER))
+
+
+def cluster_wide(counts: Counter[str]) -> int:
+    return sum(n for key, n in counts.items() if key.startswith(CLUSTER))
+
+
+def measure_idle(audit_log: Path, seconds: float, namespace: str) -> Counter[str]:
     start = dt.datetime.now(dt.timezone.utc)
     time.sleep(seconds)
     end = dt.datetime.now(dt.timezone.utc)
     time.sleep(1.0)  # let the server flush the last events
-    return count_requests(audit_log, start, end)
+    return count_requests(audit_log, start, end, namespace)
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -237,7 +219,7 @@ def bench_size(
                              for s in (h.status(ns, r) for r in runs)),
                  budget, "every run to see its job Running", interval=2.0, detail=operator.log_tail)
         log.info("N=%d: all runs Running; measuring idle for %.0fs", n, idle_seconds)
-        idle_running = measure_idle(audit_log, idle_seconds)
+        idle_running = measure_idle(audit_log, idle_seconds, ns)
 
         latencies: list[float] = []
         for index in range(stages):
@@ -266,7 +248,7 @@ def bench_size(
         wait_for(lambda: all(h.status(ns, r).get("stage") == "Succeeded" for r in runs), budget,
                  "every run Succeeded", interval=2.0, detail=operator.log_tail)
         log.info("N=%d: all runs Succeeded; measuring idle for %.0fs", n, idle_seconds)
-        idle_settled = measure_idle(audit_log, idle_seconds)
+        idle_settled = measure_idle(audit_log, idle_seconds, ns)
         rss = operator.peak_rss_bytes()
     finally:
         watch.stop()
@@ -285,7 +267,7 @@ def bench_size(
         proxy.stop()
     end = dt.datetime.now(dt.timezone.utc)
     time.sleep(1.0)
-    restart_api = count_requests(audit_log, start, end)
+    restart_api = count_requests(audit_log, start, end, ns)
     minutes = idle_seconds / 60.0
     return {
         "runs": n,
@@ -294,11 +276,12 @@ def bench_size(
         "latency_p95": percentile(latencies, 0.95),
         "latency_max": max(latencies),
         "transitions": len(latencies),
-        "idle_running": sum(idle_running.values()) / n / minutes,
+        "idle_running": ours(idle_running) / n / minutes,
         "idle_running_verbs": dict(idle_running),
-        "idle_settled": sum(idle_settled.values()) / n / minutes,
+        "idle_settled": ours(idle_settled) / n / minutes,
         "idle_settled_verbs": dict(idle_settled),
-        "restart_api": sum(restart_api.values()),
+        "restart_api": ours(restart_api),
+        "restart_cluster_wide": cluster_wide(restart_api),
         "restart_api_verbs": dict(restart_api),
         "restart_s3": proxy.count,
     }
@@ -309,6 +292,8 @@ def bench_shards(
     workdir: Path,
 ) -> dict[str, Any]:
     """K runs held in a label stage of `shards` replicas (pods by Volcano): requests per run per minute."""
+    from kubernetes import client as k8s
+
     h = Harness(client)
     ns = f"bench-shards-{uuid.uuid4().hex[:5]}"
     prefix = f"s3://{s3.bucket}/{ns}/"
@@ -330,10 +315,16 @@ def bench_shards(
                              for s in (h.status(ns, r) for r in runs)),
                  300, "every label job Running in status", interval=1.0, detail=operator.log_tail)
         log.info("%d runs with %d-shard label jobs running; measuring idle for %.0fs", k, shards, idle_seconds)
-        idle = measure_idle(audit_log, idle_seconds)
+        idle = measure_idle(audit_log, idle_seconds, ns)
+        # Leave nothing running for the next measurements: the runs go (their jobs cancelled), then the namespace.
+        for run in runs:
+            h.delete_run(ns, run)
+        wait_for(lambda: not any(h.get_run(ns, run) for run in runs), 300, "the sharded runs to be deleted",
+                 interval=1.0, detail=operator.log_tail)
     finally:
         operator.stop()
-    return {"runs": k, "shards": shards, "per_run_minute": sum(idle.values()) / k / (idle_seconds / 60.0),
+        k8s.CoreV1Api(client).delete_namespace(ns)
+    return {"runs": k, "shards": shards, "per_run_minute": ours(idle) / k / (idle_seconds / 60.0),
             "verbs": dict(idle)}
 
 
@@ -382,11 +373,12 @@ def main(argv: list[str] | None = None) -> int:
           f"{os.environ['NSO_DEV_NODES']} test nodes; "
           f"idle windows {args.idle_seconds:g}s, restart window {args.restart_seconds:g}s")
     print(f"{'runs':>5} {'peak RSS MiB':>13} {'next-job p50 s':>15} {'p95 s':>7} {'max s':>7} "
-          f"{'req/run/min running':>20} {'req/run/min settled':>20} {'restart API/run':>16} {'restart S3/run':>15}")
+          f"{'req/run/min running':>20} {'req/run/min settled':>20} {'restart API/run':>16} {'restart S3/run':>15} "
+          f"{'restart cluster-wide':>21}")
     for r in results:
         print(f"{r['runs']:>5} {r['peak_rss_mib']:>13.0f} {r['latency_p50']:>15.2f} {r['latency_p95']:>7.2f} "
               f"{r['latency_max']:>7.2f} {r['idle_running']:>20.2f} {r['idle_settled']:>20.2f} "
-              f"{r['restart_api'] / r['runs']:>16.3f} {r['restart_s3'] / r['runs']:>15.3f}")
+              f"{r['restart_api'] / r['runs']:>16.3f} {r['restart_s3'] / r['runs']:>15.3f} {r['restart_cluster_wide']:>21}")
     for r in results:
         print(f"N={r['runs']}: idle requests by verb, running {r['idle_running_verbs']}, "
               f"settled {r['idle_settled_verbs']}; restart: {r['restart_api_verbs']} API, {r['restart_s3']} S3")

@@ -829,3 +829,63 @@ def test_chaos_operator_killed_20_times_with_failures_and_evictions(h, ns, s3_pr
             key = next(j["metadata"]["labels"]["noisystudent.dev/stage-key"]
                        for j in h.jobs(ns, run) if j["metadata"]["name"].startswith(job))
             assert per_key[key] == injected[key] + 1, (job, per_key[key], injected[key])
+
+
+# ----------------------------------------------------------------------------- (g) what finished runs cost
+
+
+def requests_in(audit_log: Path, namespace: str, start: str, end: str | None = None) -> list[str]:
+    """The operator's requests about objects of `namespace` received in [start, end), as 'verb URI'."""
+    return [f"{e['verb']} {e['requestURI']}" for e in read_audit(audit_log)
+            if is_operator_request(e) and (e.get("objectRef") or {}).get("namespace") == namespace
+            and start <= e["requestReceivedTimestamp"] and (end is None or e["requestReceivedTimestamp"] < end)]
+
+
+def audit_now() -> str:
+    """Now, as the audit log writes requestReceivedTimestamp (RFC 3339, microseconds, UTC)."""
+    import datetime as dt
+
+    return dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+
+def test_finished_runs_cost_no_requests_while_settled_nor_at_a_restart(h, cluster, ns, s3_prefix, s3_server):
+    """Issue 13: a Succeeded, unchanged run gets no pass, no timer and no hint: over a window of many
+    operator intervals (--interval 1) and after a restart, the operator asks the API server nothing
+    about it and reads none of its markers (S3 requests counted by a proxy, by the runs' prefix)."""
+    from s3_server import CountingProxy
+    from urllib.parse import urlsplit
+
+    runs = ["settled-a", "settled-b"]
+    for seed, run in enumerate(runs):  # distinct seeds: distinct stage keys, no shared jobs
+        h.create_run(ns, run, spec(s3_prefix, students=1, training={"seed": seed}))
+    for run in runs:
+        drive_to_end(h, ns, run, len(h.job_names(ns, run)))
+    for run in runs:
+        h.wait_run(ns, run, lambda s: s.get("stage") == "Succeeded", STEP, "Succeeded")
+    time.sleep(5)  # the last passes' writes (status, RunSucceeded Events) land first
+    start = audit_now()
+    time.sleep(20)
+    settled = requests_in(cluster.audit_log, ns, start, audit_now())
+    assert settled == [], f"{len(settled)} requests about {len(runs)} finished runs in 20 s: {Counter(settled)}"
+
+    proxy = CountingProxy(s3_server.endpoint_url)
+    h.operator.extra_env["AWS_ENDPOINT_URL"] = proxy.url
+    try:
+        start = audit_now()
+        h.operator.restart()
+        time.sleep(20)
+        restarted = requests_in(cluster.audit_log, ns, start, audit_now())
+        prefix = urlsplit(s3_prefix).path.strip("/")  # path-style requests and list prefixes name it
+        markers = [r for r in proxy.requests if prefix in r]
+        # The proxy does see this operator's reads: a spec change wakes a run, which reads its markers.
+        h.patch_spec(ns, runs[0], {"retry": {"limit": 3}})
+        h.wait_run(ns, runs[0], lambda s: s.get("observedGeneration") == h.get_run(ns, runs[0])["metadata"][
+            "generation"], STEP, "the changed run's pass")
+        woken = [r for r in proxy.requests if prefix in r]
+    finally:
+        h.operator.extra_env["AWS_ENDPOINT_URL"] = s3_server.endpoint_url
+        h.operator.restart()
+        proxy.stop()
+    assert restarted == [], f"{len(restarted)} requests about {len(runs)} finished runs at a restart: {Counter(restarted)}"
+    assert markers == [], f"{len(markers)} S3 requests about {len(runs)} finished runs at a restart: {markers}"
+    assert woken, "no S3 request through the proxy after a spec change: the count above saw nothing"
