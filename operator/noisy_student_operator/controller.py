@@ -140,6 +140,14 @@ class RunController:
         now = now or utcnow()
         return self._finished_and_unchanged(body) and all(due > now for due in _removals(body))
 
+    def removal_due_in(self, body: Any, now: datetime | None = None) -> float | None:
+        """Seconds until the next removal of a finished job, when that is all an idle run waits for."""
+        now = now or utcnow()
+        due = _removals(body)
+        if not due or not self.idle(body, now):
+            return None
+        return (min(due) - now).total_seconds()
+
     @staticmethod
     def _finished_and_unchanged(body: Any) -> bool:
         status = body.get("status") or {}
@@ -150,16 +158,16 @@ class RunController:
 
     # -- passes ------------------------------------------------------------------
 
-    def reconcile(self, namespace: str, name: str, unless_settled: bool = False) -> Plan | None:
+    def reconcile(self, namespace: str, name: str, unless_idle: bool = False) -> Plan | None:
         """One pass; None when the run is gone or the pass failed (its error is in status), or,
-        with `unless_settled` (a hint from a Job of the run), when the run is settled."""
+        with `unless_idle` (a hint from a Job of the run), when the run has nothing to do now."""
         started = time.perf_counter()
         key = f"{namespace}/{name}"
         with self._locks[key]:
             body = self.runs_api.get(namespace, name)
             if body is None or body["metadata"].get("deletionTimestamp"):
                 return None
-            if unless_settled and self.settled(body):
+            if unless_idle and self.idle(body):
                 return None
             try:
                 plan = self._reconcile_fresh(namespace, name, body)

@@ -172,13 +172,30 @@ def on_run_changed(namespace: str, name: str, **_: Any) -> None:
 
 
 def unsettled(body: Any, **_: Any) -> bool:
-    """Resume and timer filter: a finished, unchanged run costs nothing (no timer, no pass, no
-    marker read, no request) at operator start or after; a spec change wakes it (update handler)."""
+    """Resume filter: a finished, unchanged run costs nothing (no pass, no marker read, no request)
+    at operator start; a spec change wakes it (update handler)."""
     return not controller().settled(body)
 
 
+def busy(body: Any, **_: Any) -> bool:
+    """Timer filter: no timer for a run with nothing to do now (settled, or finished with only
+    its jobs' removals ahead, which are requeued to the second); kopf stops a timer whose
+    filter stops matching and starts it again when a change makes it match."""
+    return not controller().idle(body)
+
+
+def on_resume(namespace: str, name: str, body: Any, **_: Any) -> None:
+    """At operator start: a finished run that only waits to remove its jobs gets that pass
+    requeued at the due time, from the body kopf listed (no request, no marker read)."""
+    due = controller().removal_due_in(body)
+    if due is not None:
+        _requeues.schedule(namespace, name, due)
+        return
+    reconcile(namespace, name)
+
+
 def on_timer(namespace: str, name: str, body: Any, **_: Any) -> None:
-    if controller().idle(body):  # only finished jobs whose removal is not due yet
+    if controller().idle(body):  # became idle since kopf last matched the filter
         return
     reconcile(namespace, name)
 
@@ -203,7 +220,7 @@ def on_job_event(namespace: str, labels: dict[str, str], type: str | None, statu
 
 def _hinted_pass(namespace: str, name: str) -> None:
     try:  # a finished run's Job changing (deleted, say) is nothing to act on: no observe, no marker read
-        controller().reconcile(namespace, name, unless_settled=True)
+        controller().reconcile(namespace, name, unless_idle=True)
     except Exception:  # the timer retries; a hint must not fail
         log.debug("hint reconcile of %s/%s failed", namespace, name, exc_info=True)
 
@@ -221,10 +238,10 @@ def register(run_controller: RunController, interval: float = 10.0, watch_jobs: 
     run_controller.requeue = _requeues.schedule
     resource = dict(group=GROUP, version=VERSION, plural=PLURAL)
     kopf.on.startup()(on_startup)
-    kopf.on.resume(**resource, when=unsettled)(on_run_changed)
+    kopf.on.resume(**resource, when=unsettled)(on_resume)
     kopf.on.create(**resource)(on_run_changed)
     kopf.on.update(**resource, field="spec")(on_run_changed)
-    kopf.timer(**resource, interval=interval, initial_delay=interval, when=unsettled)(on_timer)
+    kopf.timer(**resource, interval=interval, initial_delay=interval, when=busy)(on_timer)
     kopf.on.delete(**resource)(on_run_deleted)
     if watch_jobs:
         kopf.on.event(

@@ -146,3 +146,49 @@ def test_a_job_that_ended_is_looked_at_at_once_other_changes_are_debounced(monke
     handlers.on_job_event(namespace="ml", labels=labels, type=None, status={})  # the initial listing
     delay = handlers.HINT_DELAY
     assert hinted == [("a", delay), ("a", delay), ("a", delay), ("a", 0.0), ("a", 0.0), ("a", 0.0), ("a", 0.0)]
+
+
+def finished_run(finished_at, removed_at=None, ttl=None):
+    job = {"name": "j", "state": "Succeeded", "finishedAt": finished_at}
+    if removed_at:
+        job["removedAt"] = removed_at
+    return {"metadata": {"namespace": "ml", "name": "a", "generation": 1},
+            "spec": {"scheduler": {"ttlSecondsAfterFinished": ttl}} if ttl is not None else {},
+            "status": {"observedGeneration": 1, "jobs": [job],
+                       "conditions": [{"type": "Succeeded", "status": "True"}]}}
+
+
+def test_at_start_a_finished_run_waiting_to_remove_its_jobs_is_requeued_without_a_request(monkeypatch):
+    """Its removal is due in an hour: kopf's resume hands over the listed body; the pass is
+    requeued for then, with no GET of the run, no observation, no timer."""
+    import datetime as dt
+
+    from noisy_student_operator.controller import RunController
+
+    class NoApi:
+        def get(self, namespace, name):
+            raise AssertionError("a request about a finished run at start")
+
+    scheduled = []
+
+    class Recorder:
+        def schedule(self, namespace, name, seconds):
+            scheduled.append((name, seconds))
+
+    registry = kopf.OperatorRegistry()
+    previous = kopf.get_default_registry()
+    kopf.set_default_registry(registry)
+    try:
+        handlers.register(RunController(NoApi(), backends={}))
+        monkeypatch.setattr(handlers, "_requeues", Recorder())
+        now = dt.datetime.now(dt.timezone.utc)
+        body = finished_run((now - dt.timedelta(minutes=1)).isoformat(), ttl=3660)
+        assert not handlers.busy(body)  # no timer
+        handlers.on_resume(namespace="ml", name="a", body=body)
+        assert [name for name, _ in scheduled] == ["a"] and 3590 < scheduled[0][1] <= 3600
+        removed = finished_run(now.isoformat(), removed_at=now.isoformat())
+        assert not handlers.unsettled(removed) and not handlers.busy(removed)  # no resume, no timer
+        due = finished_run((now - dt.timedelta(seconds=5)).isoformat(), ttl=0)
+        assert handlers.busy(due)  # its removal is due: the timer (or the requeue) does it
+    finally:
+        kopf.set_default_registry(previous)

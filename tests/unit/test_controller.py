@@ -212,8 +212,8 @@ def test_settled_runs_are_skipped_by_the_timer(setup):
     assert not controller.settled(body)
 
 
-def test_a_hint_about_a_settled_runs_job_reads_the_run_and_nothing_else(setup, monkeypatch):
-    """A finished run's Volcano Job changing (deleted, garbage-collected) hints a pass: one GET of the
+def test_a_hint_about_a_finished_runs_job_reads_the_run_and_nothing_else(setup, monkeypatch):
+    """A finished run's Volcano Job changing (removed, say) hints a pass: one GET of the
     run, no observation of jobs or markers, no status write."""
     api, backend, controller, events, store, layout = setup
     for stage in (TEACHER_0, Stage(1, LABEL), Stage(1, BALANCE), Stage(1, STUDENT), Stage(1, EXPORT)):
@@ -223,7 +223,7 @@ def test_a_hint_about_a_settled_runs_job_reads_the_run_and_nothing_else(setup, m
     patches = api.patches
     monkeypatch.setattr(controller.reconcilers["kubernetes"], "reconcile",
                         lambda *args: pytest.fail("a settled run was observed"))
-    assert controller.reconcile("ml", "demo", unless_settled=True) is None
+    assert controller.reconcile("ml", "demo", unless_idle=True) is None
     assert api.patches == patches
 
 
