@@ -10,7 +10,8 @@
   Jobs are observed (one GET each), cancelled (DELETE, confirmed when gone)
   and, once their end is recorded, removed (the same DELETE) through
   `volcano.VolcanoJobs`, not TorchX's describe and cancel.
-* `local_cwd` — processes on this host, for the local runner. Handles are only
+* `local_cwd` — processes on this host, for the local runner, each replica
+  started under `guard` so that it ends with the driver. Handles are only
   valid in the process that launched them; a job this process does not know
   is adopted while processes tagged with its name still run (`processes`:
   never a second copy), else reported missing and resubmitted by the planner.
@@ -266,6 +267,15 @@ def default_local_root() -> Path:
     return cache / "noisy-student" / "local_cwd"
 
 
+def make_runner() -> Any:
+    """TorchX's runner with every registered scheduler; `local_cwd` starts replicas that end
+    with the driver (`processes.create_scheduler`)."""
+    from torchx.runner import Runner
+    from torchx.schedulers import get_scheduler_factories
+
+    return Runner("torchx", {**get_scheduler_factories(), "local_cwd": processes.create_scheduler})
+
+
 class TorchXJobBackend:
     """Jobs through a TorchX runner on the `kubernetes` or `local_cwd` scheduler."""
 
@@ -276,12 +286,10 @@ class TorchXJobBackend:
         runner: Any = None,
         volcano: VolcanoJobs | None = None,
     ) -> None:
-        from torchx.runner import get_runner
-
         if scheduler not in ("kubernetes", "local_cwd"):
             raise ValueError(f"scheduler: unsupported TorchX scheduler {scheduler!r}")
         self.scheduler = scheduler
-        self.runner = runner or get_runner()
+        self.runner = runner or make_runner()
         self.session = getattr(self.runner, "_name", "torchx")
         self.local_root = local_root
         self._handles: dict[str, str] = {}  # local_cwd: name -> handle of this process

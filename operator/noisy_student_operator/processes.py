@@ -10,13 +10,21 @@ is adopted (reported running, never started a second time); `end` stops them
 (SIGTERM to their process groups).
 
 Linux only (it reads `/proc/<pid>/environ`); elsewhere nothing is found.
+
+Leftovers are rare, though: `spawn` starts every replica under `guard`, which
+ends the replica's processes when the driver dies (Linux's parent-death
+signal), so a SIGKILLed driver leaves nothing running for long.
 """
 
 from __future__ import annotations
 
 import os
 import signal
+import subprocess
+import sys
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Any
 
 ENV_TAG = "NSO_LOCAL_JOB"
 PROC = Path("/proc")
@@ -60,3 +68,27 @@ def end(pids: list[int], sig: int = signal.SIGTERM) -> None:
             os.killpg(group, sig)
         except (ProcessLookupError, PermissionError):
             continue
+
+
+#: The one thread that starts replicas: Linux sends the parent-death signal when the *thread*
+#: that forked a process exits, so replicas are never started from a short-lived thread (a
+#: requeue timer's, a kopf worker's). It lives as long as the driver.
+_SPAWNER = ThreadPoolExecutor(max_workers=1, thread_name_prefix="nso-local-jobs")
+
+
+def spawn(args: list[str], **popen: Any) -> subprocess.Popen[bytes]:
+    """Start a replica (`args`) under `guard`, in its own session, from the spawner thread."""
+    command = [sys.executable, "-m", "noisy_student_operator.guard", str(os.getpid()), "--", *args]
+    return _SPAWNER.submit(subprocess.Popen, command, start_new_session=True, **popen).result()
+
+
+def create_scheduler(session_name: str, **kwargs: Any) -> Any:
+    """TorchX's `local_cwd` scheduler, with every replica started by `spawn` (a scheduler factory)."""
+    from torchx.schedulers.local_scheduler import CWDImageProvider, LocalScheduler
+
+    class GuardedLocalScheduler(LocalScheduler):
+        def run_local_job(self, args, env, stdout, stderr, cwd=None):  # type: ignore[no-untyped-def]
+            return spawn(args, env=env, stdout=stdout, stderr=stderr, cwd=cwd)
+
+    return GuardedLocalScheduler(session_name=session_name, image_provider_class=CWDImageProvider,
+                                 cache_size=kwargs.get("cache_size", 100), extra_paths=kwargs.get("extra_paths"))

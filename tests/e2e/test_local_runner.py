@@ -110,6 +110,55 @@ def test_interrupted_run_resumes_without_redoing_stages(tmp_path):
     assert len(job_names(status, "prepare")) == len(job_names(status, "teacher")) == 1
 
 
+def job_processes(local_root: Path, job_prefix: str) -> dict[int, str]:
+    """Live processes of local jobs (TorchX local_cwd) whose job name starts with `job_prefix`."""
+    wanted = f"NSO_LOCAL_JOB={local_root.resolve()}::{job_prefix}".encode()
+    found = {}
+    for entry in Path("/proc").iterdir():
+        try:
+            if entry.name.isdigit() and any(v.startswith(wanted) for v in (entry / "environ").read_bytes().split(b"\0")):
+                if (entry / "stat").read_text().rsplit(")", 1)[1].split()[0] != "Z":
+                    found[int(entry.name)] = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode()[:200]
+        except OSError:
+            continue
+    return found
+
+
+def test_sigkilled_runner_leaves_no_job_process_and_the_rerun_runs_the_stage_once_more(tmp_path):
+    """SIGKILL the local runner while the teacher trains: no process of the teacher's job survives
+    it; the rerun trains the teacher once more (the same job, never two copies at once) and resumes."""
+    run_file = write(tmp_path, tiny_run("killed", students=1, epochs=6))
+    artifacts = tmp_path / "artifacts"
+    prefix = artifacts / "default" / "killed"
+    local = prefix / "local"
+    process = subprocess.Popen([*CLI, "run", str(run_file), "--artifacts", str(artifacts)],
+                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 600
+    # The teacher's worker trains (it writes progress.json), under torchrun.
+    while not (prefix / "stages.json").exists() or not (stage_dir(prefix, "teacher") / "progress.json").exists():
+        assert process.poll() is None, process.communicate()[1][-3000:]
+        assert time.time() < deadline, "the teacher never started training"
+        time.sleep(0.2)
+    assert len(job_processes(local, "teacher-")) >= 2, job_processes(local, "teacher-")
+    assert not (stage_dir(prefix, "teacher") / "_DONE.json").exists()
+    process.kill()
+    process.wait(timeout=60)
+    deadline = time.time() + 30  # the guard's grace (10 s) on a loaded machine
+    while job_processes(local, ""):
+        assert time.time() < deadline, f"left behind: {job_processes(local, '')}"
+        time.sleep(0.5)
+    assert not (stage_dir(prefix, "teacher") / "_DONE.json").exists()  # it died; it did not finish
+
+    result = run_cli("run", str(run_file), "--artifacts", str(artifacts), "--output", "json")
+    assert result.returncode == 0, result.stderr[-4000:]
+    status = json.loads(result.stdout)
+    assert status["stage"] == "Succeeded"
+    assert len(job_names(status, "teacher")) == 1  # the same job again, not a retry
+    assert "adopting" not in result.stderr  # nothing of the killed runner was left to adopt
+    logs = sorted(p.name for p in (local / "logs").glob("*/teacher-*"))
+    assert len(logs) == 2, logs  # the killed copy and the one that finished
+
+
 def test_failing_stage_exits_non_zero_with_stage_and_log(tmp_path):
     document = tiny_run("broken", students=1)
     missing = tmp_path / "no-such-images"

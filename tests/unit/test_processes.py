@@ -59,3 +59,49 @@ def test_a_restarted_driver_adopts_leftover_processes_and_ends_them_on_cancel(tm
     finally:
         processes.end([replica.pid], 9)
         replica.wait(timeout=20)
+
+
+DRIVER = """
+import subprocess, sys, threading
+from noisy_student_operator import processes
+script = "import subprocess, sys, time; subprocess.Popen(['sleep', '120']); time.sleep(120)"
+replicas = []
+# Started from a thread that ends at once: a parent-death signal bound to it would fire now.
+thread = threading.Thread(target=lambda: replicas.append(processes.spawn(
+    ["bash", "-c", sys.executable + ' -c "' + script + '"; echo bash outlived its child'])))
+thread.start(); thread.join()
+print(replicas[0].pid, flush=True)
+threading.Event().wait()
+"""
+
+
+def test_replicas_end_with_the_driver_that_started_them_even_when_it_is_sigkilled(tmp_path):
+    """A local runner or operator SIGKILLed mid-stage leaves no process of its jobs behind."""
+    env = {**os.environ, processes.ENV_TAG: processes.tag(tmp_path, JOB)}
+    driver = subprocess.Popen([sys.executable, "-c", DRIVER], env=env, stdout=subprocess.PIPE, text=True)
+    try:
+        guard = int(driver.stdout.readline())
+        # guard, bash, python and sleep, tagged (the driver too: the tag came from its environment)
+        tagged = wait_for(lambda: (p := processes.find(processes.tag(tmp_path, JOB))) and len(p) == 5 and p)
+        time.sleep(1.0)  # the thread that asked for the replica has ended: the replica still runs
+        assert processes.find(processes.tag(tmp_path, JOB)) == tagged and guard in tagged
+        driver.kill()
+        driver.wait(timeout=20)
+        wait_for(lambda: processes.find(processes.tag(tmp_path, JOB)) == [], timeout=30)
+    finally:
+        driver.kill()
+        processes.end(processes.find(processes.tag(tmp_path, JOB)), 9)
+
+
+@pytest.mark.parametrize("code", [0, 2, 7])
+def test_a_guarded_replica_exits_with_its_commands_code(code):
+    assert processes.spawn(["sh", "-c", f"exit {code}"]).wait(timeout=60) == code
+
+
+def test_a_cancelled_guarded_replica_ends_its_whole_group(tmp_path):
+    env = {**os.environ, processes.ENV_TAG: processes.tag(tmp_path, JOB)}
+    replica = processes.spawn(["bash", "-c", "sleep 120; echo after"], env=env)
+    wait_for(lambda: len(processes.find(processes.tag(tmp_path, JOB))) == 3)
+    os.killpg(replica.pid, 15)  # what TorchX's cancel does
+    assert replica.wait(timeout=30) != 0
+    wait_for(lambda: processes.find(processes.tag(tmp_path, JOB)) == [])
