@@ -17,6 +17,7 @@ import json
 import os
 import shutil
 import subprocess
+import tomllib
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -256,6 +257,65 @@ def test_missing_image_restarts_and_deletion_with_grace(cluster: ApiServer, clie
     assert deleted.returncode == 0, deleted.stderr
     assert "stopping gracefully" in log_lines(cluster, namespace, "sleeper")  # SIGTERM, not SIGKILL
     assert podman("ps", "-a", "-q", "--filter", "label=io.kubernetes.pod.name=sleeper").stdout == ""
+
+
+ALL_REDUCE = """\
+import socket
+
+import torch
+import torch.distributed as dist
+
+dist.init_process_group("gloo")
+value = torch.tensor([float(dist.get_rank() + 1)])
+dist.all_reduce(value)
+print(f"rank {dist.get_rank()} of {dist.get_world_size()} on {socket.gethostname()}: sum {value.item():g}", flush=True)
+dist.destroy_process_group()
+"""
+
+
+@pytest.fixture(scope="module")
+def workloads_image(base_image: str) -> str:
+    """The project's workloads image (scripts/images build; scripts/test builds it before the tests)."""
+    script = REPO_ROOT / "scripts" / "images"
+    if script.exists():
+        tags = dict(line.split(" ", 1) for line in subprocess.run(
+            [script, "tags"], capture_output=True, text=True, check=True, timeout=60).stdout.splitlines())
+        image = tags["workloads"]
+    else:
+        version = tomllib.loads((REPO_ROOT / "pyproject.toml").read_text())["project"]["version"]
+        image = f"ghcr.io/noisy-student-operator/workloads:{version}"
+    if podman("image", "exists", image).returncode != 0:
+        skip_or_fail(f"the workloads image {image} is not built (scripts/images build)")
+    return image
+
+
+def test_a_torchx_job_of_two_nodes_rendezvous_by_volcano_host_names(
+    cluster: ApiServer, client: Any, kubectl, workloads_image: str
+) -> None:
+    """TorchX's own Volcano Job (dist.torchrun, 2 nodes × 1 process): rank 1 finds rank 0 by its svc host name."""
+    from kubernetes.client import ApiClient
+    from torchx.components.dist import torchrun
+    from torchx.schedulers.kubernetes_scheduler import app_to_resource
+
+    namespace = fresh_namespace(client)
+    app = torchrun(script="/nso-test/all_reduce.py", image=workloads_image, name="allreduce", cpu=1, memMB=2048,
+                   j="2x1", rdzv_port=free_port())
+    job = ApiClient().sanitize_for_serialization(app_to_resource(app, "default", None))
+    for task in job["spec"]["tasks"]:
+        pod = task["template"]["spec"]
+        pod["volumes"].append({"name": "script", "configMap": {"name": "all-reduce"}})
+        pod["containers"][0]["volumeMounts"].append({"name": "script", "mountPath": "/nso-test"})
+    script = {"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": "all-reduce"},
+              "data": {"all_reduce.py": ALL_REDUCE}}
+    apply(kubectl, namespace, script, job)
+    name = job["metadata"]["name"]
+
+    job_ends(kubectl, namespace, name, "Completed", cluster)
+    text = container_logs(cluster, namespace)
+    for rank in (0, 1):
+        assert f"rank {rank} of 2 on {name}-allreduce-{rank}-0: sum 3" in text, text
+    # rank 1 was pointed at rank 0 by the svc plugin's host name, not at localhost
+    assert "--rdzv_endpoint ${VC_ALLREDUCE_0_HOSTS:=localhost}" in job["spec"]["tasks"][1]["template"]["spec"]["containers"][0]["command"][-1]
 
 
 def test_a_deployments_pod_runs(cluster: ApiServer, client: Any, kubectl, base_image: str) -> None:

@@ -774,7 +774,9 @@ func readOnlyVolume(pod *corev1.Pod, name string) bool {
 // hostNames resolve to 127.0.0.1 in the container: the pod's own names, the
 // names of the pods of its subdomain (Volcano's svc plugin: hostname =
 // pod name, subdomain = job name, a headless Service of that name), the
-// subdomain's Service, and the API server's Service.
+// subdomain's Service, and the API server's Service. The peers' bare host
+// names too: a process that names itself by its host name (torchrun's
+// MASTER_ADDR) is reached by that name, as cluster DNS would resolve its FQDN.
 func (w *podWorker) hostNames(ctx context.Context, hostname string) []string {
 	pod := w.pod
 	names := map[string]bool{hostname: true}
@@ -795,6 +797,7 @@ func (w *podWorker) hostNames(ctx context.Context, hostname string) []string {
 			peer := obj.(*corev1.Pod)
 			if peer.Namespace == pod.Namespace && peer.Spec.Subdomain == sub && peer.Spec.Hostname != "" {
 				add(peer.Spec.Hostname + "." + sub)
+				names[peer.Spec.Hostname] = true
 			}
 		}
 		// Volcano's svc plugin lists every task's hosts in <job>-svc, pods not created yet too.
@@ -803,17 +806,31 @@ func (w *podWorker) hostNames(ctx context.Context, hostname string) []string {
 				if strings.HasSuffix(key, ".host") {
 					for _, host := range strings.Fields(value) {
 						add(host)
+						bare, _, _ := strings.Cut(host, ".")
+						names[bare] = true
 					}
 				}
 			}
 		}
 	}
+	// The pod's own names first: a reverse lookup of 127.0.0.1 answers the
+	// first line, and a process's FQDN (socket.getfqdn, which torchrun's
+	// rendezvous uses to tell nodes apart) must be its own, as on a cluster.
+	own := hostname
+	if pod.Spec.Subdomain != "" {
+		own = hostname + "." + pod.Spec.Subdomain + "." + pod.Namespace + ".svc.cluster.local"
+	}
+	delete(names, own)
+	delete(names, hostname)
 	list := make([]string, 0, len(names))
 	for name := range names {
 		list = append(list, name)
 	}
 	sort.Strings(list)
-	return list
+	if own != hostname {
+		return append([]string{own, hostname}, list...)
+	}
+	return append([]string{hostname}, list...)
 }
 
 func (w *podWorker) securityArgs(c *corev1.Container, image *imageInfo) ([]string, error) {
