@@ -70,8 +70,11 @@ ENV PATH=/opt/venv/bin:$PATH \
     PYTHONDONTWRITEBYTECODE=1 \
     PYTHONUNBUFFERED=1 \
     HOME=/tmp
-RUN --mount=type=bind,from=wheel,source=/dist,target=/dist \
-    pip install --no-cache-dir --no-deps --no-index /dist/*.whl \
+# Copied rather than bind-mounted: podman's layer cache keys a COPY on the
+# files' content but a RUN only on its text.
+COPY --from=wheel /dist/ /tmp/dist/
+RUN pip install --no-cache-dir --no-deps --no-index /tmp/dist/*.whl \
+ && rm -rf /tmp/dist \
  && pip check \
  && python -c "import kopf, torchx, noisy_student_operator, noisy_student_workloads"
 USER 10001:10001

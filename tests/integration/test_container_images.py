@@ -8,6 +8,7 @@ images before pytest, so the build here is podman's cached no-op).
 
 from __future__ import annotations
 
+import hashlib
 import os
 import re
 import shutil
@@ -53,6 +54,26 @@ def test_an_unchanged_rebuild_is_a_no_op(tags: dict[str, str]) -> None:
     rebuild = images("build")
     assert rebuild.returncode == 0, rebuild.stderr[-4000:]
     assert {role: image_id(tags[role]) for role in before} == before
+
+
+def test_images_hold_the_sources_of_this_checkout(tags: dict[str, str]) -> None:
+    """A cached rebuild must not keep an earlier wheel of the project."""
+    digests = (
+        "import hashlib, pathlib, sys\n"
+        "for package in sys.argv[1:]:\n"
+        "    root = pathlib.Path(__import__(package).__file__).parent\n"
+        "    for path in sorted(root.rglob('*.py')):\n"
+        "        print(package, path.relative_to(root), hashlib.sha256(path.read_bytes()).hexdigest())\n"
+    )
+    sources = {"noisy_student_operator": ROOT / "operator", "noisy_student_workloads": ROOT / "workloads"}
+    expected = "".join(
+        f"{package} {path.relative_to(root / package)} {hashlib.sha256(path.read_bytes()).hexdigest()}\n"
+        for package, root in sources.items()
+        for path in sorted((root / package).rglob("*.py"))
+    )
+    for role in ("operator", "workloads"):
+        out = podman("run", "--rm", "--runtime", "runc", "--entrypoint", "python", tags[role], "-c", digests, *sources)
+        assert out == expected, f"the {role} image does not hold this checkout's sources"
 
 
 def test_images_run_debians_own_python_that_the_package_accepts(tags: dict[str, str]) -> None:
