@@ -32,7 +32,15 @@ def images(*args: str, timeout: float = 3600) -> subprocess.CompletedProcess[str
 
 
 def podman(*args: str) -> str:
-    return subprocess.run(["podman", *args], check=True, capture_output=True, text=True, timeout=300).stdout
+    done = subprocess.run(["podman", *args], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, f"podman {' '.join(args[:8])}: {done.stderr}"
+    return done.stdout
+
+
+def run(image: str, *args: str, entrypoint: str | None = None) -> str:
+    """Run a container as scripts/images does (runc, explicit limits) and return its output."""
+    flags = ["--runtime", "runc", "--ulimit", "nofile=20000:20000", "--ulimit", "nproc=4096:4096"]
+    return podman("run", "--rm", *flags, *(["--entrypoint", entrypoint] if entrypoint else []), image, *args)
 
 
 def image_id(name: str) -> str:
@@ -72,17 +80,17 @@ def test_images_hold_the_sources_of_this_checkout(tags: dict[str, str]) -> None:
         for path in sorted((root / package).rglob("*.py"))
     )
     for role in ("operator", "workloads"):
-        out = podman("run", "--rm", "--runtime", "runc", "--entrypoint", "python", tags[role], "-c", digests, *sources)
+        out = run(tags[role], "-c", digests, *sources, entrypoint="python")
         assert out == expected, f"the {role} image does not hold this checkout's sources"
 
 
 def test_images_run_debians_own_python_that_the_package_accepts(tags: dict[str, str]) -> None:
-    os_release = podman("run", "--rm", "--runtime", "runc", tags["base"], "cat", "/etc/os-release")
+    os_release = run(tags["base"], "cat", "/etc/os-release")
     assert "VERSION_CODENAME=bookworm" in os_release
     requires = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["requires-python"]
     for role in ("operator", "workloads"):
-        out = podman("run", "--rm", "--runtime", "runc", "--entrypoint", "bash", tags[role], "-c",
-                     "readlink -f /opt/venv/bin/python && dpkg-query -W -f '${Version}' python3")
+        out = run(tags[role], "-c", "readlink -f /opt/venv/bin/python && dpkg-query -W -f '${Version}' python3",
+                  entrypoint="bash")
         interpreter, debian_version = out.split()
         assert re.fullmatch(r"/usr/bin/python3\.\d+", interpreter), interpreter
         version = re.match(r"\d+\.\d+\.\d+", debian_version)[0]  # e.g. 3.11.2-1+b1
@@ -96,9 +104,10 @@ def test_the_build_ca_is_in_no_image(tags: dict[str, str]) -> None:
         env = podman("image", "inspect", "--format", "{{.Config.Env}}", tags[role])
         assert "PIP_CERT" not in env and "pip-ca" not in env
         # Debian's own CA files, then every bundle that Python code in the image trusts.
-        out = podman("run", "--rm", "--runtime", "runc", "--entrypoint", "bash", tags[role], "-c",
-                     "test ! -e /run/secrets/pip-ca && cat /usr/share/ca-certificates/mozilla/*.crt && echo TRUSTED && "
-                     "cat /etc/ssl/certs/ca-certificates.crt /opt/venv/lib/python3*/site-packages/certifi/cacert.pem")
+        out = run(tags[role], "-c",
+                  "test ! -e /run/secrets/pip-ca && cat /usr/share/ca-certificates/mozilla/*.crt && echo TRUSTED && "
+                  "cat /etc/ssl/certs/ca-certificates.crt /opt/venv/lib/python3*/site-packages/certifi/cacert.pem",
+                  entrypoint="bash")
         debian, trusted = (set(pem_blocks(part)) for part in out.split("TRUSTED"))
         if host_bundle.is_file():  # the machine's own additions (e.g. a proxy's CA) are not Debian's
             added = [cert for cert in pem_blocks(host_bundle.read_text()) if cert not in debian]
