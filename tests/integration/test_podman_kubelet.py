@@ -6,8 +6,10 @@ scripts/images makes with debootstrap: a Volcano Job applied with kubectl gets
 real containers that reach each other by the host names Volcano's svc plugin
 gives them, read a Secret through envFrom and a ServiceAccount token that
 works against the API server, run as the securityContext says, and end the
-Job Completed or Failed through Volcano's own controller. Needs podman as
-root: skipped without it, a failure under CI=true.
+Job Completed or Failed through Volcano's own controller; TorchX's own
+Volcano Job of two torchrun nodes in the workloads image rendezvous by those
+host names. Needs podman as root: skipped without it, a failure under CI=true
+(the images are made by scripts/images when missing).
 """
 
 from __future__ import annotations
@@ -17,7 +19,6 @@ import json
 import os
 import shutil
 import subprocess
-import tomllib
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -39,7 +40,6 @@ from operator_harness import free_port, wait_for
 
 pytestmark = [pytest.mark.integration, pytest.mark.containers]
 
-BASE_IMAGE = "docker.io/library/debian:bookworm-slim"
 RESTRICTED = {"pod-security.kubernetes.io/enforce": "restricted"}
 # What Pod Security's restricted level asks of a container, and a read-only root filesystem.
 SECURE = {"allowPrivilegeEscalation": False, "capabilities": {"drop": ["ALL"]}, "readOnlyRootFilesystem": True}
@@ -50,15 +50,23 @@ def podman(*args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(["podman", *args], capture_output=True, text=True, timeout=120)
 
 
-@pytest.fixture(scope="module")
-def base_image() -> str:
-    """Debian's bookworm-slim in podman's storage (scripts/images makes it; no registry is reachable)."""
+def image(role: str, build: str) -> str:
+    """The image of `role` (scripts/images tags), made by `scripts/images BUILD` when missing (a no-op when cached)."""
     if shutil.which("podman") is None or os.geteuid() != 0:
         skip_or_fail("the podman kubelet needs podman as root")
-    if podman("image", "exists", BASE_IMAGE).returncode != 0:
-        made = subprocess.run([REPO_ROOT / "scripts" / "images", "base"], capture_output=True, text=True, timeout=1800)
+    script = REPO_ROOT / "scripts" / "images"
+    tags = subprocess.run([script, "tags"], capture_output=True, text=True, check=True, timeout=60).stdout
+    name = dict(line.split(" ", 1) for line in tags.splitlines())[role]
+    if podman("image", "exists", name).returncode != 0:
+        made = subprocess.run([script, build], capture_output=True, text=True, timeout=3600)
         assert made.returncode == 0, made.stderr[-3000:]
-    return BASE_IMAGE
+    return name
+
+
+@pytest.fixture(scope="module")
+def base_image() -> str:
+    """Debian's bookworm-slim, made with debootstrap (no registry is reachable)."""
+    return image("base", "base")
 
 
 @pytest.fixture(scope="module")
@@ -113,11 +121,11 @@ def volcano_job(name: str, replicas: int, script: str, image: str, **pod: Any) -
     }
 
 
-def job_ends(kubectl, namespace: str, name: str, phase: str, cluster: ApiServer) -> dict[str, Any]:
+def job_ends(kubectl, namespace: str, name: str, phase: str, cluster: ApiServer, timeout: float = 120) -> dict[str, Any]:
     return wait_for(
         lambda: (job := get(kubectl, namespace, "vcjob", name)).get("status", {}).get("state", {}).get("phase") == phase
         and job,
-        120, f"Volcano Job {name} {phase}",
+        timeout, f"Volcano Job {name} {phase}",
         detail=lambda: f"{kubectl('get', 'pods', '-n', namespace, '-o', 'wide').stdout}\n{container_logs(cluster, namespace)}",
     )
 
@@ -275,20 +283,11 @@ dist.destroy_process_group()
 
 @pytest.fixture(scope="module")
 def workloads_image(base_image: str) -> str:
-    """The project's workloads image (scripts/images build; scripts/test builds it before the tests)."""
-    script = REPO_ROOT / "scripts" / "images"
-    if script.exists():
-        tags = dict(line.split(" ", 1) for line in subprocess.run(
-            [script, "tags"], capture_output=True, text=True, check=True, timeout=60).stdout.splitlines())
-        image = tags["workloads"]
-    else:
-        version = tomllib.loads((REPO_ROOT / "pyproject.toml").read_text())["project"]["version"]
-        image = f"ghcr.io/noisy-student-operator/workloads:{version}"
-    if podman("image", "exists", image).returncode != 0:
-        skip_or_fail(f"the workloads image {image} is not built (scripts/images build)")
-    return image
+    """The project's workloads image (a cold build downloads torch: gigabytes)."""
+    return image("workloads", "build")
 
 
+@pytest.mark.timeout(3600)
 def test_a_torchx_job_of_two_nodes_rendezvous_by_volcano_host_names(
     cluster: ApiServer, client: Any, kubectl, workloads_image: str
 ) -> None:
@@ -310,7 +309,8 @@ def test_a_torchx_job_of_two_nodes_rendezvous_by_volcano_host_names(
     apply(kubectl, namespace, script, job)
     name = job["metadata"]["name"]
 
-    job_ends(kubectl, namespace, name, "Completed", cluster)
+    # Each rank imports torch: a minute on two busy cores.
+    job_ends(kubectl, namespace, name, "Completed", cluster, timeout=600)
     text = container_logs(cluster, namespace)
     for rank in (0, 1):
         assert f"rank {rank} of 2 on {name}-allreduce-{rank}-0: sum 3" in text, text
