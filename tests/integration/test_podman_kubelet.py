@@ -18,6 +18,7 @@ import hashlib
 import json
 import os
 import shutil
+import signal
 import subprocess
 import uuid
 from collections.abc import Iterator
@@ -334,12 +335,24 @@ def test_a_deployments_pod_runs(cluster: ApiServer, client: Any, kubectl, base_i
     assert [p["status"]["phase"] for p in pods] == ["Running"]
 
 
-def test_down_removes_every_container(cluster: ApiServer, client: Any, kubectl, base_image: str) -> None:
+def test_the_kubelet_and_down_remove_every_container(cluster: ApiServer, client: Any, kubectl, base_image: str) -> None:
     namespace = fresh_namespace(client)
     apply(kubectl, namespace, {"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "forever"}, "spec": {
         "schedulerName": "volcano", "containers": [{"name": "main", "image": base_image, "command": ["sleep", "infinity"]}]}})
     label = f"label=io.kubernetes.pod.namespace={namespace}"
     wait_for(lambda: podman("ps", "-q", "--filter", label).stdout.strip(), 60, "the pod's container running")
-    cluster.stop()
+
+    # A stopping kubelet removes the containers it started.
+    kubelet = int((cluster.run_dir / "kubelet.pid").read_text())
+    os.kill(kubelet, signal.SIGTERM)
+    wait_for(lambda: not Path(f"/proc/{kubelet}").exists(), 30, "the kubelet to stop")
     assert podman("ps", "-a", "-q", "--filter", label).stdout == ""
-    assert Path(cluster.run_dir / "kubelet" / "logs").is_dir()
+
+    # `down` removes what a killed kubelet left behind (its containers carry its root dir).
+    root = (cluster.run_dir / "kubelet").resolve()
+    left = podman("run", "-d", "--runtime", "runc", "--ulimit", "nofile=20000:20000", "--ulimit", "nproc=4096:4096",
+                  "--label", f"dev.nso.kubelet.root={root}", base_image, "sleep", "infinity")
+    assert left.returncode == 0, left.stderr
+    cluster.stop()
+    assert podman("ps", "-a", "-q", "--filter", f"label=dev.nso.kubelet.root={root}").stdout == ""
+    assert (cluster.run_dir / "kubelet" / "logs").is_dir()
