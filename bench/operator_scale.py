@@ -362,9 +362,11 @@ def main(argv: list[str] | None = None) -> int:
             if args.shard_runs:
                 shards = bench_shards(args.shard_runs, args.label_shards, server, client, audit / "audit.log", s3,
                                       args.interval, args.idle_seconds, workdir)
+                log.info("sharded runs: %s (load average %s)", shards, os.getloadavg())
             for n in args.runs:
                 results.append(bench_size(n, server, client, audit / "audit.log", s3, args.interval,
                                           args.idle_seconds, args.restart_seconds, workdir))
+                log.info("N=%d: %s (load average %s)", n, results[-1], os.getloadavg())
         finally:
             server.stop()
             s3.stop()
