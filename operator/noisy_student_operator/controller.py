@@ -19,6 +19,7 @@ happens to the second rather than at the next timer tick.
 
 from __future__ import annotations
 
+import copy
 import logging
 import threading
 import time
@@ -158,13 +159,19 @@ class RunController:
 
     # -- passes ------------------------------------------------------------------
 
-    def reconcile(self, namespace: str, name: str, unless_idle: bool = False) -> Plan | None:
+    def reconcile(
+        self, namespace: str, name: str, unless_idle: bool = False, body: Any = None
+    ) -> Plan | None:
         """One pass; None when the run is gone or the pass failed (its error is in status), or,
-        with `unless_idle` (a hint from a Job of the run), when the run has nothing to do now."""
+        with `unless_idle` (a hint from a Job of the run), when the run has nothing to do now.
+
+        `body`: the run as the watch stream last showed it (a timer's), read instead of a GET;
+        if it is stale, the status write meets the newer run (409) and the pass is done again
+        from a fresh read."""
         started = time.perf_counter()
         key = f"{namespace}/{name}"
         with self._locks[key]:
-            body = self.runs_api.get(namespace, name)
+            body = copy.deepcopy(dict(body)) if body is not None else self.runs_api.get(namespace, name)
             if body is None or body["metadata"].get("deletionTimestamp"):
                 return None
             if unless_idle and self.idle(body):
@@ -289,6 +296,13 @@ class RunController:
                 metrics.RUNS.labels(old).dec()
             metrics.RUNS.labels(condition).inc()
             self._conditions[key] = condition
+
+    def job_changed(self, event_type: str | None, job: dict[str, Any]) -> None:
+        """A Volcano Job of a run, from the watch stream: backends that observe through it keep it."""
+        for backend in self.backends.values():
+            record = getattr(backend, "job_changed", None)
+            if record is not None:
+                record(event_type, job)
 
     def cancel_all(self, body: dict[str, Any]) -> list[str]:
         """Cancel the run's running jobs (the run is being deleted)."""

@@ -142,9 +142,9 @@ def _fallback_executor() -> Executor:
     return ThreadPoolExecutor(max_workers=MAX_WORKERS, thread_name_prefix="requeuer")
 
 
-def reconcile(namespace: str, name: str) -> None:
+def reconcile(namespace: str, name: str, body: Any = None) -> None:
     try:
-        controller().reconcile(namespace, name)
+        controller().reconcile(namespace, name, body=body)
     except InvalidRun as error:
         raise kopf.PermanentError(str(error)) from error
     except Exception:  # reading the run itself failed: the timer looks again
@@ -197,7 +197,7 @@ def on_resume(namespace: str, name: str, body: Any, **_: Any) -> None:
 def on_timer(namespace: str, name: str, body: Any, **_: Any) -> None:
     if controller().idle(body):  # became idle since kopf last matched the filter
         return
-    reconcile(namespace, name)
+    reconcile(namespace, name, body)  # kopf's body, fresh from the watch stream: no GET
 
 
 def on_run_deleted(namespace: str, name: str, body: Any, **_: Any) -> None:
@@ -206,11 +206,16 @@ def on_run_deleted(namespace: str, name: str, body: Any, **_: Any) -> None:
         log.info("run %s/%s deleted; cancelled %s", namespace, name, ", ".join(cancelled))
 
 
-def on_job_event(namespace: str, labels: dict[str, str], type: str | None, status: Any, **_: Any) -> None:
-    """A Volcano Job of a run changed: look at its run soon instead of at the next tick.
+def on_job_event(
+    namespace: str, labels: dict[str, str], type: str | None, status: Any, body: Any = None, **_: Any
+) -> None:
+    """A Volcano Job of a run changed: passes observe it from here (no GET), and its run is
+    looked at soon instead of at the next tick.
 
     Debounced per run: changes arriving while a hint is pending join it. A Job that ended
     (or is gone) is looked at at once: the next stage's submission waits on that pass."""
+    if body is not None:
+        controller().job_changed(type, body)
     run = labels.get(LABEL_RUN)
     if run and type in ("MODIFIED", "DELETED"):
         phase = ((status or {}).get("state") or {}).get("phase")

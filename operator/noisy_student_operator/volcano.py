@@ -1,6 +1,10 @@
 """Volcano Jobs as the operator observes and stops them.
 
-* **Observe**: one GET of the Volcano Job per job and pass. TorchX's
+* **Observe**: from the operator's watch of its Volcano Jobs (`record`, fed
+  by the kopf Job handler), else one GET of the Volcano Job; a Job the watch
+  has not shown for `WATCHED_FOR` seconds is read again (a deletion the watch
+  missed while it reconnected cannot keep a job alive), so a running job costs
+  at most one GET a minute, whatever the number of passes. TorchX's
   `describe` GETs the Job's status and then a pod per task; and its messages
   are `<NONE>`. Only when a message is needed (the job failed, or waits to
   start) are its pods listed, once, by Volcano's `volcano.sh/job-name` label.
@@ -16,6 +20,8 @@
 from __future__ import annotations
 
 import re
+import threading
+import time
 from typing import Any
 
 from . import api
@@ -26,6 +32,8 @@ from .kube import get_custom_object
 GROUP, VERSION, PLURAL = "batch.volcano.sh", "v1alpha1", "jobs"
 #: The label Volcano's job controller puts on every pod of a Job.
 JOB_NAME_LABEL = "volcano.sh/job-name"
+#: Seconds a Job as the watch last showed it stands for a GET.
+WATCHED_FOR = 60.0
 
 PHASES = {
     "Pending": JobState.PENDING,
@@ -159,17 +167,54 @@ def pending_reason(job: dict[str, Any], pods: list[dict[str, Any]]) -> str:
     return f"{len(pods)} pod(s) created, none running yet (queue {queue})"
 
 
+def _observed_part(job: dict[str, Any]) -> dict[str, Any]:
+    """What `observe` reads of a Job (kept per Job: its spec's pod templates are not)."""
+    meta = job["metadata"]
+    kept = {key: meta[key] for key in ("name", "namespace", "deletionTimestamp") if meta.get(key)}
+    return {"metadata": kept, "spec": {"queue": (job.get("spec") or {}).get("queue")},
+            "status": {"state": dict((job.get("status") or {}).get("state") or {})}}
+
+
 class VolcanoJobs:
     """The Volcano Jobs of a namespace through the Kubernetes API: get, pods of, delete."""
 
-    def __init__(self, api_client: Any = None) -> None:
+    def __init__(self, api_client: Any = None, clock: Any = time.monotonic) -> None:
         from kubernetes import client
 
         self.objects = client.CustomObjectsApi(api_client)
         self.core = client.CoreV1Api(api_client)
+        self.clock = clock
+        self._watched: dict[tuple[str, str], tuple[float, dict[str, Any]]] = {}  # → (when, what observe reads)
+        self._lock = threading.Lock()
+
+    def record(self, event_type: str | None, job: dict[str, Any]) -> None:
+        """A Job as the watch stream delivered it (None: listed at start; DELETED: gone)."""
+        meta = job["metadata"]
+        key = (meta.get("namespace") or "default", meta["name"])
+        with self._lock:
+            if event_type == "DELETED":
+                self._watched.pop(key, None)
+            else:
+                self._watched[key] = (self.clock(), _observed_part(job))
 
     def get(self, namespace: str, name: str) -> dict[str, Any] | None:
-        return get_custom_object(self.objects, GROUP, VERSION, namespace, PLURAL, name)
+        """The Job as the watch showed it within `WATCHED_FOR` seconds, else as a GET reads it."""
+        key = (namespace, name)
+        with self._lock:
+            seen = self._watched.get(key)
+        if seen is not None and self.clock() - seen[0] < WATCHED_FOR:
+            return seen[1]
+        job = get_custom_object(self.objects, GROUP, VERSION, namespace, PLURAL, name)
+        with self._lock:
+            if job is None:
+                self._watched.pop(key, None)
+            else:
+                self._watched[key] = (self.clock(), _observed_part(job))
+        return job
+
+    def watched(self) -> int:
+        with self._lock:
+            return len(self._watched)
 
     def pods(self, namespace: str, name: str) -> list[dict[str, Any]]:
         api_client = self.core.api_client

@@ -192,3 +192,72 @@ def test_at_start_a_finished_run_waiting_to_remove_its_jobs_is_requeued_without_
         assert handlers.busy(due)  # its removal is due: the timer (or the requeue) does it
     finally:
         kopf.set_default_registry(previous)
+
+
+class CountingJobsApi:
+    """`CustomObjectsApi.get_namespaced_custom_object` over a dict of Volcano Jobs, counting GETs."""
+
+    def __init__(self):
+        self.jobs, self.gets = {}, 0
+
+    def get_namespaced_custom_object(self, group, version, namespace, plural, name):
+        from kubernetes.client.rest import ApiException
+
+        self.gets += 1
+        if (namespace, name) not in self.jobs:
+            raise ApiException(status=404)
+        return self.jobs[(namespace, name)]
+
+
+def volcano_job(name, phase, **meta):
+    return {"metadata": {"name": name, "namespace": "ml", **meta}, "spec": {"queue": "default", "tasks": []},
+            "status": {"state": {"phase": phase}}}
+
+
+def test_a_watched_job_is_observed_without_a_get_and_read_again_after_a_minute():
+    from noisy_student_operator.core.planner import JobState
+    from noisy_student_operator.volcano import WATCHED_FOR, VolcanoJobs
+
+    now = [0.0]
+    jobs = VolcanoJobs(clock=lambda: now[0])
+    jobs.objects = api = CountingJobsApi()
+    api.jobs[("ml", "a")] = volcano_job("a", "Running")
+    jobs.record(None, volcano_job("a", "Running"))  # listed when the watch started
+    for _ in range(6):  # a pass every 10 s
+        assert jobs.observe("ml", "a").state is JobState.RUNNING
+        now[0] += 10
+    assert api.gets == 0
+    jobs.record("MODIFIED", volcano_job("a", "Completed"))
+    assert jobs.observe("ml", "a").state is JobState.SUCCEEDED and api.gets == 0
+    # Not shown by the watch for WATCHED_FOR seconds (a deletion missed while it reconnected): read.
+    del api.jobs[("ml", "a")]
+    now[0] += WATCHED_FOR
+    assert jobs.observe("ml", "a").state is JobState.MISSING and api.gets == 1
+    assert jobs.watched() == 0
+    # Deleted on the watch: a GET says whether it is gone; a job the watch never showed is read.
+    api.jobs[("ml", "b")] = volcano_job("b", "Pending")
+    jobs.record("MODIFIED", volcano_job("b", "Running", deletionTimestamp="2026-01-01T00:00:00Z"))
+    assert jobs.observe("ml", "b").state is JobState.RUNNING and api.gets == 1  # being deleted: running
+    jobs.record("DELETED", volcano_job("b", "Running"))
+    del api.jobs[("ml", "b")]
+    assert jobs.observe("ml", "b").state is JobState.MISSING and api.gets == 2
+    api.jobs[("ml", "c")] = volcano_job("c", "Running")
+    assert jobs.observe("ml", "c").state is JobState.RUNNING and api.gets == 3
+    assert jobs.observe("ml", "c").state is JobState.RUNNING and api.gets == 3  # the GET is kept too
+
+
+def test_the_job_handler_feeds_the_backends_observation(monkeypatch):
+    seen = []
+
+    class Backend:
+        def job_changed(self, event_type, job):
+            seen.append((event_type, job["metadata"]["name"]))
+
+    from noisy_student_operator.controller import RunController
+
+    monkeypatch.setattr(handlers, "_controller", RunController(runs_api=None, backends={"kubernetes": Backend()}))
+    monkeypatch.setattr(handlers, "_hints", type("NoHints", (), {"hint": lambda *a: None})())
+    job = volcano_job("a", "Running", labels={"noisystudent.dev/run": "r"})
+    handlers.on_job_event(namespace="ml", labels=job["metadata"]["labels"], type=None, status=job["status"], body=job)
+    handlers.on_job_event(namespace="ml", labels=job["metadata"]["labels"], type="DELETED", status={}, body=job)
+    assert seen == [(None, "a"), ("DELETED", "a")]

@@ -212,6 +212,23 @@ def test_settled_runs_are_skipped_by_the_timer(setup):
     assert not controller.settled(body)
 
 
+def test_a_timer_pass_reads_the_body_kopf_holds_and_a_stale_one_is_redone_from_a_fresh_read(setup):
+    api, backend, controller, events, store, layout = setup
+    gets = []
+    get = api.get
+    api.get = lambda namespace, name: gets.append(name) or get(namespace, name)
+    stale = get("ml", "demo")
+    controller.reconcile("ml", "demo", body=get("ml", "demo"))
+    assert gets == [] and backend.submissions == [name(layout, TEACHER_0)]
+    # Before the first pass's status: its submission is asked again (the backend answers that the job
+    # exists), its status write meets the newer run (409) and the pass is done again from a fresh read.
+    controller.reconcile("ml", "demo", body=stale)
+    assert gets == ["demo"] and list(backend.jobs) == [name(layout, TEACHER_0)]
+    status = api.objects[("ml", "demo")]["status"]
+    assert [j["name"] for j in status["jobs"]] == [name(layout, TEACHER_0)] and status["jobs"][0]["state"] == "Running"
+    assert [r for _, r, _ in events] == ["JobSubmitted"]  # the stale pass posted nothing
+
+
 def test_a_hint_about_a_finished_runs_job_reads_the_run_and_nothing_else(setup, monkeypatch):
     """A finished run's Volcano Job changing (removed, say) hints a pass: one GET of the
     run, no observation of jobs or markers, no status write."""
