@@ -7,14 +7,20 @@ from typing import Any
 from .api import GROUP, PLURAL, VERSION
 
 
-def load_kube_config() -> None:
-    """In-cluster configuration when running in a pod, else the kubeconfig."""
-    from kubernetes import config
+def load_kube_config(connections: int | None = None) -> None:
+    """In-cluster configuration when running in a pod, else the kubeconfig; `connections`: how
+    many connections to the API server the clients keep open (urllib3's default, 10, makes
+    more concurrent passes open and drop a connection each)."""
+    from kubernetes import client, config
 
     try:
         config.load_incluster_config()
     except config.ConfigException:
         config.load_kube_config()
+    if connections is not None:
+        configuration = client.Configuration.get_default_copy()
+        configuration.connection_pool_maxsize = connections
+        client.Configuration.set_default(configuration)
 
 
 def get_custom_object(

@@ -889,3 +889,23 @@ def test_finished_runs_cost_no_requests_while_settled_nor_at_a_restart(h, cluste
     assert restarted == [], f"{len(restarted)} requests about {len(runs)} finished runs at a restart: {Counter(restarted)}"
     assert markers == [], f"{len(markers)} S3 requests about {len(runs)} finished runs at a restart: {markers}"
     assert woken, "no S3 request through the proxy after a spec change: the count above saw nothing"
+
+
+def test_a_running_run_costs_at_most_one_request_a_minute(h, cluster, ns, s3_prefix):
+    """Issue 13: job state comes from the watch stream, the run from kopf's: over 20 operator
+    intervals (--interval 1) a run whose sharded label job runs costs at most the one GET of its
+    job that refreshes what the watch showed (volcano.WATCHED_FOR), no pod listing."""
+    run = "running"
+    h.create_run(ns, run, spec(s3_prefix, students=1, resources={"labelShards": 4}))
+    teacher = h.next_job(ns, run, set(), STEP)
+    h.set_phase(ns, teacher["metadata"]["name"], "Running")
+    h.complete(ns, teacher)
+    label = h.next_job(ns, run, {teacher["metadata"]["name"]}, STEP)
+    h.set_phase(ns, label["metadata"]["name"], "Running")  # its 4 pods run
+    h.wait_run(ns, run, lambda s: s.get("stage") == "Labeling" and s["jobs"][-1]["state"] == "Running",
+               STEP, "the label job Running in status")
+    time.sleep(3)
+    start = audit_now()
+    time.sleep(20)
+    running = requests_in(cluster.audit_log, ns, start, audit_now())
+    assert len(running) <= 1, f"{len(running)} requests about a running run in 20 s: {Counter(running)}"

@@ -261,3 +261,26 @@ def test_the_job_handler_feeds_the_backends_observation(monkeypatch):
     handlers.on_job_event(namespace="ml", labels=job["metadata"]["labels"], type=None, status=job["status"], body=job)
     handlers.on_job_event(namespace="ml", labels=job["metadata"]["labels"], type="DELETED", status={}, body=job)
     assert seen == [(None, "a"), ("DELETED", "a")]
+
+
+def test_the_operators_api_clients_keep_a_connection_per_worker(tmp_path, monkeypatch):
+    """urllib3 keeps 10 by default: kopf's 20 workers' passes opened and dropped connections."""
+    from kubernetes import client
+
+    from noisy_student_operator.kube import load_kube_config
+
+    kubeconfig = tmp_path / "kubeconfig"
+    kubeconfig.write_text(
+        "apiVersion: v1\nkind: Config\ncurrent-context: c\n"
+        "clusters: [{name: c, cluster: {server: 'https://127.0.0.1:6443'}}]\n"
+        "contexts: [{name: c, context: {cluster: c, user: u}}]\nusers: [{name: u, user: {token: t}}]\n")
+    from kubernetes import config
+
+    load = config.load_kube_config
+    monkeypatch.setattr(config, "load_kube_config", lambda: load(config_file=str(kubeconfig)))
+    previous = client.Configuration.get_default_copy()
+    try:
+        load_kube_config(connections=handlers.MAX_WORKERS)
+        assert client.ApiClient().rest_client.pool_manager.connection_pool_kw["maxsize"] == handlers.MAX_WORKERS
+    finally:
+        client.Configuration.set_default(previous)
