@@ -381,6 +381,12 @@ class TorchXJobBackend:
                 continue
             state = _state_of(status.state)
             message = None
+            if not state.active:
+                # TorchX reports a cancelled app CANCELLED at once: ended means its processes are gone.
+                leftovers = processes.find(self._local_tag(job.name))
+                if leftovers:
+                    observed[job.name] = JobObservation(JobState.RUNNING, f"stopping: processes {leftovers} still run")
+                    continue
             if state is JobState.FAILED:
                 message = local_failure(status.msg, self.log_tail(job, lines=5))
             observed[job.name] = JobObservation(state, message)

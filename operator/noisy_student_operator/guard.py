@@ -24,8 +24,9 @@ import sys
 import time
 
 PR_SET_PDEATHSIG = 1
-#: Seconds between SIGTERM and SIGKILL of the replica's process group.
-GRACE_SECONDS = 10.0
+#: Seconds between SIGTERM and SIGKILL of the replica's process group: less than TorchX's own
+#: 10 s, after which it SIGKILLs only the guard (its group would be left to itself).
+GRACE_SECONDS = 8.0
 
 
 def die_with_parent(parent: int) -> None:

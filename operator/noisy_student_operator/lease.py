@@ -169,10 +169,11 @@ class LeasedBackend:
         return observed
 
     def cancel(self, job: JobRecord, context: JobContext) -> None:
+        """Stop our copy; the lease is released once the job is observed ended (`observe`), so no
+        other runner starts the stage while this copy's processes are still stopping."""
         self.waiting.pop(job.name, None)
         if job.name in self.held:
             self.inner.cancel(job, context)
-            self._release(job.name)
 
     def remove(self, job: JobRecord, context: JobContext) -> None:
         self.inner.remove(job, context)

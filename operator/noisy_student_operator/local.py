@@ -24,13 +24,13 @@ from rich.table import Table
 
 from noisy_student_workloads.store import join_uri, open_store
 
-from .api import NoisyStudentRun, RunStatus, validate_tolerant
+from .api import NoisyStudentRun, RunSpec, RunStatus, validate_tolerant
 from .backend import JobContext, TorchXJobBackend, default_local_root
 from .core import reasons
 from .core.conditions import get_condition, is_true
 from .core.keys import workload_identity
 from .core.layout import STUDENT, TEACHER, RunLayout, Stage, plan_stages
-from .core.planner import Plan, RunRef
+from .core.planner import LIVE_STATES, Plan, RunRef
 from .lease import LeasedBackend
 from .reconcile import Reconciler
 
@@ -38,6 +38,8 @@ log = logging.getLogger(__name__)
 
 LOCAL_SCHEDULER = "local_cwd"
 PLOT_FILE = "top1.png"
+#: Longest wait, after Ctrl-C, for the cancelled jobs' processes to end (TorchX waits 10 s, then kills).
+STOP_SECONDS = 30.0
 SPEC_FILE = "spec.json"
 
 
@@ -190,9 +192,27 @@ class LocalRunner:
         self.context = JobContext(run=run.metadata.name, namespace=run.metadata.namespace)
         self.generation = self.status_file.spec_generation(run, record=False)
 
-    def ref(self, status: RunStatus) -> RunRef:
+    def ref(self, status: RunStatus, spec: RunSpec | None = None) -> RunRef:
         meta = self.run.metadata
-        return RunRef(meta.name, meta.namespace, self.run.spec, status, self.generation, self.status_file.workload)
+        return RunRef(meta.name, meta.namespace, spec or self.run.spec, status, self.generation,
+                      self.status_file.workload)
+
+    def _pass(self, status: RunStatus, spec: RunSpec | None = None) -> Plan:
+        plan = self.reconciler.reconcile(self.ref(status, spec), self.context)
+        if plan.status != status:
+            self.status_file.save(plan.status)
+        return plan
+
+    def stop(self, status: RunStatus) -> RunStatus:
+        """After Ctrl-C: the passes of the run suspended, until its cancelled jobs are confirmed stopped
+        (their processes gone; at most `STOP_SECONDS`), so the status file never says a job runs."""
+        suspended = self.run.spec.model_copy(update={"suspend": True})
+        deadline = time.monotonic() + STOP_SECONDS
+        while True:
+            status = self._pass(status, suspended).status
+            if not any(j.state in LIVE_STATES for j in status.jobs) or time.monotonic() > deadline:
+                return status
+            time.sleep(min(self.poll_seconds, 0.5))
 
     def execute(self) -> RunStatus:
         """Run until Succeeded, Failed or Suspended; returns the final status."""
@@ -204,22 +224,23 @@ class LocalRunner:
         with RunProgress(self.console, self.run) as progress:
             try:
                 while True:
-                    plan = self.reconciler.reconcile(self.ref(status), self.context)
-                    if plan.status != status:
-                        self.status_file.save(plan.status)
+                    plan = self._pass(status)
                     status = plan.status
                     self._report(plan)
                     done = set(self.reconciler.markers.read(self.ref(status)))
                     progress.update(status, done)
-                    if plan.finished or self.run.spec.suspend:
-                        break
+                    live = any(j.state in LIVE_STATES for j in status.jobs)
+                    if plan.finished or (self.run.spec.suspend and not live):
+                        break  # suspended: once its cancelled job is confirmed stopped
                     time.sleep(min(plan.requeue_after or self.poll_seconds, self.poll_seconds))
             except (KeyboardInterrupt, *_termination_signals()) as interrupt:
-                cancelled = self.reconciler.cancel_all(self.ref(status), self.context)
-                self.status_file.save(status)
+                live = [j.name for j in status.jobs if j.state in LIVE_STATES]
+                status = self.stop(status)
+                stopping = [j.name for j in status.jobs if j.state in LIVE_STATES]
                 self.console.print(
-                    f"Interrupted; cancelled {', '.join(cancelled) or 'nothing'}. "
-                    "Run the same command again to resume."
+                    f"Interrupted; cancelled {', '.join(live) or 'nothing'}"
+                    + (f" (still stopping: {', '.join(stopping)})" if stopping else "")
+                    + ". Run the same command again to resume."
                 )
                 raise KeyboardInterrupt from interrupt
         if is_true(status.conditions, reasons.SUCCEEDED):

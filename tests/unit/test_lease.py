@@ -89,10 +89,16 @@ def test_a_lease_of_a_dead_process_on_this_host_is_taken_over_at_once(tmp_path):
     assert json.loads(lease.read_text())["pid"] == os.getpid()
 
 
-def test_cancel_releases_the_lease(tmp_path):
+def test_cancel_releases_the_lease_once_the_job_is_observed_stopped(tmp_path):
     backend = LeasedBackend(InMemoryJobBackend())
     req = request(tmp_path)
+    lease = tmp_path / "stages/teacher/0123456789abcdef/_LEASE.json"
     backend.submit(req, CONTEXT)
+    backend.inner.cancel = lambda job, context: backend.inner.cancelled.append(job.name)  # still stopping
     backend.cancel(record(req), CONTEXT)
     assert backend.inner.cancelled == [req.name]
-    assert not (tmp_path / "stages/teacher/0123456789abcdef/_LEASE.json").exists()
+    assert backend.observe([record(req)], CONTEXT)[req.name].state is JobState.RUNNING
+    assert lease.exists()  # no other runner starts the stage beside the copy that is stopping
+    backend.inner.jobs[req.name] = JobState.CANCELLED
+    assert backend.observe([record(req)], CONTEXT)[req.name].state is JobState.CANCELLED
+    assert not lease.exists()

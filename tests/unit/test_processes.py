@@ -105,3 +105,31 @@ def test_a_cancelled_guarded_replica_ends_its_whole_group(tmp_path):
     os.killpg(replica.pid, 15)  # what TorchX's cancel does
     assert replica.wait(timeout=30) != 0
     wait_for(lambda: processes.find(processes.tag(tmp_path, JOB)) == [])
+
+
+def test_a_cancelled_local_job_is_running_until_its_processes_are_gone(tmp_path):
+    """TorchX reports a cancelled local app CANCELLED at once; the backend says so only once no
+    process of the job is left (so the next attempt never starts beside the old one)."""
+    from types import SimpleNamespace
+
+    from torchx.specs import AppState
+
+    class Runner:  # what TorchX's runner answers after a cancel
+        def status(self, handle):
+            return SimpleNamespace(state=AppState.CANCELLED, msg="")
+
+    replica = start_replica(tmp_path)
+    try:
+        wait_for(lambda: len(processes.find(processes.tag(tmp_path, JOB))) == 2)
+        backend = TorchXJobBackend("local_cwd", local_root=tmp_path, runner=Runner())
+        backend._handles[JOB] = "local_cwd://torchx/" + JOB
+        record, context = JobStatus(name=JOB, stage=TEACHER, generation=0), JobContext(run="demo", namespace="ml")
+        seen = backend.observe([record], context)[JOB]
+        assert seen.state is JobState.RUNNING and "still run" in seen.message
+        processes.end([replica.pid])
+        replica.wait(timeout=20)
+        wait_for(lambda: processes.find(processes.tag(tmp_path, JOB)) == [])
+        assert backend.observe([record], context)[JOB].state is JobState.CANCELLED
+    finally:
+        processes.end([replica.pid], 9)
+        replica.wait(timeout=20)
