@@ -11,45 +11,26 @@
 ARG BASE_IMAGE=debian:bookworm-slim
 
 # Debian's own Python (bookworm: 3.11), so that the base is one that
-# debootstrap reproduces from the Debian mirror (scripts/images base).
+# debootstrap reproduces from the Debian mirror (scripts/images base), and the
+# virtual environment everything is installed into.
 FROM ${BASE_IMAGE} AS python
 RUN apt-get update \
- && DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends python3 ca-certificates \
- && rm -rf /var/lib/apt/lists/*
-
-FROM python AS venv
-RUN apt-get update \
- && DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends python3-venv \
- && rm -rf /var/lib/apt/lists/*
-ENV PIP_DISABLE_PIP_VERSION_CHECK=1 \
+ && DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends python3 python3-venv ca-certificates \
+ && rm -rf /var/lib/apt/lists/* \
+ && python3 -m venv /opt/venv
+ENV PATH=/opt/venv/bin:$PATH \
+    PIP_DISABLE_PIP_VERSION_CHECK=1 \
     PYTHONDONTWRITEBYTECODE=1
-RUN python3 -m venv /opt/venv
-ENV PATH=/opt/venv/bin:$PATH
 
-# The requirements of the `operator` extra, read from pyproject.toml: the next
-# stage's cache key is this list, not the whole pyproject.toml.
+# The requirements of the `operator` extra, read from pyproject.toml: the
+# dependencies' cache key is this list, not the whole pyproject.toml.
 FROM python AS requirements
 COPY pyproject.toml /src/
 RUN python3 -c 'import sys, tomllib; p = tomllib.load(open(sys.argv[1], "rb"))["project"]; print("\n".join(p["dependencies"] + p["optional-dependencies"][sys.argv[2]]))' \
       /src/pyproject.toml operator >/requirements.txt
 
-# The dependencies alone: this layer is rebuilt only when that list changes.
-# The downloaded wheels stay in a cache mount as a plain directory, which pip
-# fills with only what is missing (its HTTP cache keeps nothing when a proxy
-# strips the caching headers). The optional secret `pip-ca` is a CA bundle to
-# trust (a TLS-intercepting proxy), mounted for these steps only and never
-# stored in the image.
-FROM venv AS deps
-COPY --from=requirements /requirements.txt /requirements.txt
-RUN --mount=type=cache,id=noisy-student-pip,target=/root/.cache/pip \
-    --mount=type=secret,id=pip-ca \
-    if [ -s /run/secrets/pip-ca ]; then export PIP_CERT=/run/secrets/pip-ca; fi \
- && pip download --dest /root/.cache/pip/wheels -r /requirements.txt \
- && pip install --no-index --find-links /root/.cache/pip/wheels -r /requirements.txt \
- && if pip show torch >/dev/null 2>&1; then echo "torch must not be in the operator image" >&2; exit 1; fi
-
 # The project itself as a wheel (pure Python; rebuilt on every source change).
-FROM venv AS wheel
+FROM python AS wheel
 WORKDIR /src
 COPY pyproject.toml README.md ./
 COPY operator/ operator/
@@ -58,17 +39,29 @@ RUN --mount=type=secret,id=pip-ca \
     if [ -s /run/secrets/pip-ca ]; then export PIP_CERT=/run/secrets/pip-ca; fi \
  && pip wheel --no-deps --wheel-dir /dist .
 
+# The image: the dependencies are installed in place rather than copied from
+# another stage, so that their gigabytes are one layer that podman neither
+# copies nor hashes again on a rebuild.
 FROM python
+COPY --from=requirements /requirements.txt /requirements.txt
+# The dependencies alone: this layer is rebuilt only when that list changes.
+# The downloaded wheels stay in a cache mount as a plain directory, which pip
+# fills with only what is missing (its HTTP cache keeps nothing when a proxy
+# strips the caching headers). The optional secret `pip-ca` is a CA bundle to
+# trust (a TLS-intercepting proxy), mounted for these steps only and never
+# stored in the image.
+RUN --mount=type=cache,id=noisy-student-pip,target=/root/.cache/pip \
+    --mount=type=secret,id=pip-ca \
+    if [ -s /run/secrets/pip-ca ]; then export PIP_CERT=/run/secrets/pip-ca; fi \
+ && pip download --dest /root/.cache/pip/wheels -r /requirements.txt \
+ && pip install --no-index --find-links /root/.cache/pip/wheels -r /requirements.txt \
+ && if pip show torch >/dev/null 2>&1; then echo "torch must not be in the operator image" >&2; exit 1; fi
 # A fixed numeric UID/GID so Kubernetes can verify runAsNonRoot; the chart's
 # securityContext uses the same ids.
 RUN groupadd --system --gid 10001 noisy \
  && useradd --system --uid 10001 --gid 10001 --home-dir /tmp --no-create-home \
       --shell /usr/sbin/nologin noisy
-COPY --from=deps /opt/venv /opt/venv
-ENV PATH=/opt/venv/bin:$PATH \
-    PIP_DISABLE_PIP_VERSION_CHECK=1 \
-    PYTHONDONTWRITEBYTECODE=1 \
-    PYTHONUNBUFFERED=1 \
+ENV PYTHONUNBUFFERED=1 \
     HOME=/tmp
 # Copied rather than bind-mounted: podman's layer cache keys a COPY on the
 # files' content but a RUN only on its text.

@@ -10,46 +10,26 @@
 ARG BASE_IMAGE=debian:bookworm-slim
 
 # Debian's own Python (bookworm: 3.11), so that the base is one that
-# debootstrap reproduces from the Debian mirror (scripts/images base).
+# debootstrap reproduces from the Debian mirror (scripts/images base), and the
+# virtual environment everything is installed into.
 FROM ${BASE_IMAGE} AS python
 RUN apt-get update \
- && DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends python3 ca-certificates \
- && rm -rf /var/lib/apt/lists/*
-
-FROM python AS venv
-RUN apt-get update \
- && DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends python3-venv \
- && rm -rf /var/lib/apt/lists/*
-ENV PIP_DISABLE_PIP_VERSION_CHECK=1 \
+ && DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends python3 python3-venv ca-certificates \
+ && rm -rf /var/lib/apt/lists/* \
+ && python3 -m venv /opt/venv
+ENV PATH=/opt/venv/bin:$PATH \
+    PIP_DISABLE_PIP_VERSION_CHECK=1 \
     PYTHONDONTWRITEBYTECODE=1
-RUN python3 -m venv /opt/venv
-ENV PATH=/opt/venv/bin:$PATH
 
-# The requirements of the `workloads` extra, read from pyproject.toml: the next
-# stage's cache key is this list, not the whole pyproject.toml.
+# The requirements of the `workloads` extra, read from pyproject.toml: the
+# dependencies' cache key is this list, not the whole pyproject.toml.
 FROM python AS requirements
 COPY pyproject.toml /src/
 RUN python3 -c 'import sys, tomllib; p = tomllib.load(open(sys.argv[1], "rb"))["project"]; print("\n".join(p["dependencies"] + p["optional-dependencies"][sys.argv[2]]))' \
       /src/pyproject.toml workloads >/requirements.txt
 
-# The dependencies alone (torch and torchvision versions are pinned by the
-# `workloads` extra): this layer is rebuilt only when that list changes. The
-# downloaded wheels (gigabytes of CUDA wheels) stay in a cache mount as a plain
-# directory, which pip fills with only what is missing (its HTTP cache keeps
-# nothing when a proxy strips the caching headers). The optional secret
-# `pip-ca` is a CA bundle to trust (a TLS-intercepting proxy), mounted for
-# these steps only, never stored in the image.
-FROM venv AS deps
-COPY --from=requirements /requirements.txt /requirements.txt
-ARG TORCH_INDEX_URL=""
-RUN --mount=type=cache,id=noisy-student-pip,target=/root/.cache/pip \
-    --mount=type=secret,id=pip-ca \
-    if [ -s /run/secrets/pip-ca ]; then export PIP_CERT=/run/secrets/pip-ca; fi \
- && pip download --dest /root/.cache/pip/wheels ${TORCH_INDEX_URL:+--extra-index-url "$TORCH_INDEX_URL"} -r /requirements.txt \
- && pip install --no-index --find-links /root/.cache/pip/wheels -r /requirements.txt
-
 # The project itself as a wheel (pure Python; rebuilt on every source change).
-FROM venv AS wheel
+FROM python AS wheel
 WORKDIR /src
 COPY pyproject.toml README.md ./
 COPY operator/ operator/
@@ -58,15 +38,28 @@ RUN --mount=type=secret,id=pip-ca \
     if [ -s /run/secrets/pip-ca ]; then export PIP_CERT=/run/secrets/pip-ca; fi \
  && pip wheel --no-deps --wheel-dir /dist .
 
+# The image: the dependencies are installed in place rather than copied from
+# another stage, so that their gigabytes are one layer that podman neither
+# copies nor hashes again on a rebuild.
 FROM python
+COPY --from=requirements /requirements.txt /requirements.txt
+ARG TORCH_INDEX_URL=""
+# The dependencies alone (torch and torchvision versions are pinned by the
+# `workloads` extra): this layer is rebuilt only when that list changes. The
+# downloaded wheels (gigabytes of CUDA wheels) stay in a cache mount as a plain
+# directory, which pip fills with only what is missing (its HTTP cache keeps
+# nothing when a proxy strips the caching headers). The optional secret
+# `pip-ca` is a CA bundle to trust (a TLS-intercepting proxy), mounted for
+# these steps only, never stored in the image.
+RUN --mount=type=cache,id=noisy-student-pip,target=/root/.cache/pip \
+    --mount=type=secret,id=pip-ca \
+    if [ -s /run/secrets/pip-ca ]; then export PIP_CERT=/run/secrets/pip-ca; fi \
+ && pip download --dest /root/.cache/pip/wheels ${TORCH_INDEX_URL:+--extra-index-url "$TORCH_INDEX_URL"} -r /requirements.txt \
+ && pip install --no-index --find-links /root/.cache/pip/wheels -r /requirements.txt
 RUN groupadd --system --gid 10001 noisy \
  && useradd --system --uid 10001 --gid 10001 --create-home --home-dir /home/noisy \
       --shell /usr/sbin/nologin noisy
-COPY --from=deps /opt/venv /opt/venv
-ENV PATH=/opt/venv/bin:$PATH \
-    PIP_DISABLE_PIP_VERSION_CHECK=1 \
-    PYTHONDONTWRITEBYTECODE=1 \
-    PYTHONUNBUFFERED=1 \
+ENV PYTHONUNBUFFERED=1 \
     HOME=/home/noisy
 # Copied rather than bind-mounted: podman's layer cache keys a COPY on the
 # files' content but a RUN only on its text.
