@@ -7,7 +7,10 @@
   at most one GET a minute, whatever the number of passes. TorchX's
   `describe` GETs the Job's status and then a pod per task; and its messages
   are `<NONE>`. Only when a message is needed (the job failed, or waits to
-  start) are its pods listed, once, by Volcano's `volcano.sh/job-name` label.
+  start) are its pods listed, once, by Volcano's `volcano.sh/job-name` label;
+  a waiting Job whose pods say nothing (Volcano has not created them: the
+  gang does not fit) gets its PodGroup read for Volcano's `Unschedulable`
+  condition, or, before the gang is admitted, the Events about the PodGroup.
 * **Cancel**: a DELETE with foreground propagation. The Job object stays
   (with a deletion timestamp) until the garbage collector has deleted its
   pods, so "gone" (404) means no pod of it runs any more. TorchX's cancel
@@ -30,6 +33,8 @@ from .core.planner import JobObservation, JobState, JobSubmitError
 from .kube import get_custom_object
 
 GROUP, VERSION, PLURAL = "batch.volcano.sh", "v1alpha1", "jobs"
+#: Volcano's scheduler says on a Job's PodGroup (`<job>-<job uid>`) why the gang cannot be scheduled.
+PODGROUPS = ("scheduling.volcano.sh", "v1beta1", "podgroups")
 #: The label Volcano's job controller puts on every pod of a Job.
 JOB_NAME_LABEL = "volcano.sh/job-name"
 #: Seconds a Job as the watch last showed it stands for a GET.
@@ -146,8 +151,23 @@ def job_failure(job: dict[str, Any], pods: list[dict[str, Any]]) -> tuple[str, s
     return f"{found[0]}; {volcano}", found[1]
 
 
-def pending_reason(job: dict[str, Any], pods: list[dict[str, Any]]) -> str:
-    """Why a Pending Job has not started: its first waiting pod's reason, else where Volcano stands."""
+def podgroup_reason(podgroup: dict[str, Any] | None, events: list[dict[str, Any]] = ()) -> str | None:
+    """Why Volcano does not schedule a Job's gang: its PodGroup's `Unschedulable` condition (set once
+    the pods exist), else the latest `Unschedulable` Event about the PodGroup (all there is while
+    the gang is not admitted: "resource in cluster is overused", "queue resource quota insufficient")."""
+    for condition in ((podgroup or {}).get("status") or {}).get("conditions") or []:
+        if condition.get("type") == "Unschedulable" and condition.get("status") == "True":
+            detail = ": ".join(x for x in (condition.get("reason"), (condition.get("message") or "").strip()) if x)
+            return f"Volcano cannot schedule the job ({detail or 'Unschedulable'})"
+    said = [e for e in events if e.get("reason") == "Unschedulable" and (e.get("message") or "").strip()]
+    if said:
+        latest = max(said, key=lambda e: e.get("lastTimestamp") or e.get("eventTime") or "")
+        return f"Volcano cannot schedule the job ({latest['message'].strip()})"
+    return None
+
+
+def pod_reason(pods: list[dict[str, Any]]) -> str | None:
+    """Why the first waiting pod waits (its container's waiting reason, or not scheduled), if one says."""
     for pod in sorted(pods, key=lambda p: p["metadata"]["name"]):
         status = pod.get("status") or {}
         name = pod["metadata"]["name"]
@@ -161,6 +181,16 @@ def pending_reason(job: dict[str, Any], pods: list[dict[str, Any]]) -> str:
                 message = (condition.get("message") or "").strip()
                 return f"pod {name} is not scheduled ({condition.get('reason')})" + (
                     f": {message}" if message else "")
+    return None
+
+
+def pending_reason(job: dict[str, Any], pods: list[dict[str, Any]], podgroup: dict[str, Any] | None = None,
+                   podgroup_events: list[dict[str, Any]] = ()) -> str:
+    """Why a Pending Job has not started: its first waiting pod's reason, else what Volcano says
+    about its PodGroup, else where Volcano stands."""
+    found = pod_reason(pods) or podgroup_reason(podgroup, podgroup_events)
+    if found:
+        return found
     queue = (job.get("spec") or {}).get("queue") or "default"
     if not pods:
         return f"Volcano has not created its pods yet (queue {queue}: waiting for enough resources)"
@@ -170,7 +200,7 @@ def pending_reason(job: dict[str, Any], pods: list[dict[str, Any]]) -> str:
 def _observed_part(job: dict[str, Any]) -> dict[str, Any]:
     """What `observe` reads of a Job (kept per Job: its spec's pod templates are not)."""
     meta = job["metadata"]
-    kept = {key: meta[key] for key in ("name", "namespace", "deletionTimestamp") if meta.get(key)}
+    kept = {key: meta[key] for key in ("name", "namespace", "uid", "deletionTimestamp") if meta.get(key)}
     return {"metadata": kept, "spec": {"queue": (job.get("spec") or {}).get("queue")},
             "status": {"state": dict((job.get("status") or {}).get("state") or {})}}
 
@@ -221,6 +251,18 @@ class VolcanoJobs:
         listing = self.core.list_namespaced_pod(namespace, label_selector=f"{JOB_NAME_LABEL}={name}")
         return [api_client.sanitize_for_serialization(pod) for pod in listing.items]
 
+    def podgroup(self, job: dict[str, Any]) -> tuple[dict[str, Any] | None, list[dict[str, Any]]]:
+        """The Job's PodGroup (`<job>-<uid>`) and, when it has no Unschedulable condition, the Events about it."""
+        meta = job["metadata"]
+        name = f"{meta['name']}-{meta['uid']}"
+        group, version, plural = PODGROUPS
+        podgroup = get_custom_object(self.objects, group, version, meta["namespace"], plural, name)
+        if podgroup_reason(podgroup):
+            return podgroup, []
+        listing = self.core.list_namespaced_event(
+            meta["namespace"], field_selector=f"involvedObject.kind=PodGroup,involvedObject.name={name}")
+        return podgroup, [self.core.api_client.sanitize_for_serialization(e) for e in listing.items]
+
     def delete(self, namespace: str, name: str) -> None:
         """Delete the Job and, before it disappears, its pods; a Job already gone is not an error."""
         from kubernetes.client.rest import ApiException
@@ -242,5 +284,7 @@ class VolcanoJobs:
             message, reason = job_failure(job, self.pods(namespace, name))
             return JobObservation(state, message, reason)
         if state is JobState.PENDING:
-            return JobObservation(state, pending_reason(job, self.pods(namespace, name)))
+            pods = self.pods(namespace, name)
+            podgroup, events = (None, []) if pod_reason(pods) else self.podgroup(job)  # when the pods do not say
+            return JobObservation(state, pending_reason(job, pods, podgroup, events))
         return JobObservation(state)

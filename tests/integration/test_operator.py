@@ -333,6 +333,28 @@ def test_finished_jobs_are_deleted_with_their_pods_after_their_end_is_recorded(h
     assert reasons["JobSubmitted"] == len(names) + 1 and reasons["JobResubmitted"] == 0
 
 
+# ----------------------------------------------------------------------------- (c3) jobs that never start
+
+
+def test_a_job_no_node_can_hold_says_what_volcano_says_then_hits_the_pending_timeout(h, ns, s3_prefix):
+    """More nvidia.com/gpu than any node has: Volcano never creates the pods; the run's JobPending
+    message quotes the PodGroup's Unschedulable condition, and pendingTimeoutSeconds fails the run."""
+    run = "no-gpu"
+    h.create_run(ns, run, spec(s3_prefix, students=1, resources={"labelShards": 2, "gpu": 64},
+                               pendingTimeoutSeconds=25))
+    job = h.next_job(ns, run, set(), STEP)["metadata"]["name"]
+    status = h.wait_run(ns, run, lambda s: "Volcano cannot schedule" in (condition(s, "Ready").get("message") or ""),
+                        STEP, "the JobPending message quoting Volcano")
+    assert condition(status, "Ready")["reason"] == "JobPending"
+    waiting = condition(status, "Ready")["message"]
+    assert "nvidia.com/gpu" in waiting or "Unschedulable" in waiting, waiting
+    assert h.pods(ns, job) == []
+    status = h.wait_run(ns, run, lambda s: is_true(s, "Failed"), STEP, "PendingTimeout")
+    failed = condition(status, "Failed")
+    assert failed["reason"] == "PendingTimeout" and "Volcano cannot schedule" in failed["message"], failed
+    wait_for(lambda: h.job(ns, job) is None, STEP, f"the timed-out job {job} to be cancelled")
+
+
 # ----------------------------------------------------------------------------- (d) suspend
 
 

@@ -147,3 +147,25 @@ def test_pending_reason_is_the_first_waiting_pods_reason():
     assert pending_reason(job, [unschedulable]) == (
         "pod j-teacher-1 is not scheduled (Unschedulable): 0/3 nodes are available: 3 Insufficient nvidia.com/gpu.")
     assert "queue gpu" in pending_reason(job, [])
+
+
+def test_pending_reason_without_pods_quotes_volcano_on_the_podgroup():
+    """The gang does not fit: Volcano creates no pod; its PodGroup's Unschedulable condition (or,
+    before the gang is admitted, its latest Unschedulable Event) says why."""
+    from noisy_student_operator.volcano import pending_reason
+
+    job = {"metadata": {"name": "j"}, "spec": {"queue": "default"}, "status": {"state": {"phase": "Pending"}}}
+    podgroup = {"status": {"phase": "Pending", "conditions": [
+        {"type": "Unschedulable", "status": "True", "reason": "NotEnoughResources",
+         "message": "1/1 tasks in gang unschedulable: 0/2 nodes are unavailable: 2 Insufficient nvidia.com/gpu."}]}}
+    assert pending_reason(job, [], podgroup) == (
+        "Volcano cannot schedule the job (NotEnoughResources: 1/1 tasks in gang unschedulable: "
+        "0/2 nodes are unavailable: 2 Insufficient nvidia.com/gpu.)")
+    events = [{"reason": "Unschedulable", "message": "queue resource quota insufficient",
+               "lastTimestamp": "2026-01-01T00:00:01Z"},
+              {"reason": "Unschedulable", "message": "resource in cluster is overused: overused nvidia.com/gpu",
+               "lastTimestamp": "2026-01-01T00:00:02Z"},
+              {"reason": "Scheduled", "message": "pod group is ready", "lastTimestamp": "2026-01-01T00:00:03Z"}]
+    assert pending_reason(job, [], {"status": {"phase": "Pending"}}, events) == (
+        "Volcano cannot schedule the job (resource in cluster is overused: overused nvidia.com/gpu)")
+    assert "queue default" in pending_reason(job, [], None, [])

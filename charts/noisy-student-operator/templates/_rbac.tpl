@@ -36,11 +36,17 @@ namespace.
 - apiGroups: [""]
   resources: [pods]
   verbs: [list]
+# A waiting Job whose pods do not say why (Volcano has not created them)
+# quotes Volcano's Unschedulable condition from the Job's PodGroup, or the
+# Events Volcano posted about the PodGroup (listed by its name).
+- apiGroups: [scheduling.volcano.sh]
+  resources: [podgroups]
+  verbs: [get]
 # Stage transitions and handler errors are posted as Events (kopf and the
-# operator).
+# operator); Volcano's Events about a waiting Job's PodGroup are listed.
 - apiGroups: [""]
   resources: [events]
-  verbs: [create]
+  verbs: [create, list]
 {{- end }}
 
 {{/*
