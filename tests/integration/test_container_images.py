@@ -3,7 +3,7 @@
 No registry is reachable: `scripts/images build` makes Debian's bookworm-slim
 with debootstrap and builds images/*.Dockerfile unchanged on it. Needs podman
 as root: skipped without it, a failure under CI=true (scripts/test builds the
-images before pytest, so the build here is podman's cached no-op).
+images before pytest, so the build here is skipped: same inputs).
 """
 
 from __future__ import annotations
