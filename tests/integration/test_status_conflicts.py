@@ -1,0 +1,71 @@
+"""Status writes against the real API server while another writer changes the run.
+
+The operator's status writes carry the resourceVersion it read; here a second
+writer (another controller, `kubectl label`) changes the run between every
+read and write of the first passes, so the server answers 409 Conflict: the
+pass is done again from a fresh read, and the other writer's change is kept.
+"""
+
+from __future__ import annotations
+
+import uuid
+
+import pytest
+from kube_server import ensure_namespace
+from operator_harness import api_client, apply_crds, run_crd
+
+from noisy_student_operator.backend import InMemoryJobBackend
+from noisy_student_operator.controller import RunController
+from noisy_student_operator.kube import Conflict, RunsApi
+from noisy_student_operator.reconcile import MarkerReader, Reconciler
+
+pytestmark = pytest.mark.integration
+
+GROUP, VERSION, PLURAL = "noisystudent.dev", "v1alpha1", "noisystudentruns"
+
+
+class RacingRunsApi(RunsApi):
+    """The real runs API; after each of the first `races` reads, another writer labels the run."""
+
+    def __init__(self, client, races):
+        super().__init__(client)
+        self.races = races
+        self.conflicts = 0
+
+    def get(self, namespace, name):
+        body = super().get(namespace, name)
+        if body is not None and self.races:
+            self.races -= 1
+            self.api.patch_namespaced_custom_object(
+                GROUP, VERSION, namespace, PLURAL, name, {"metadata": {"labels": {"other-writer": str(self.races)}}})
+        return body
+
+    def patch_status(self, namespace, name, status, resource_version=None):
+        try:
+            super().patch_status(namespace, name, status, resource_version)
+        except Conflict:
+            self.conflicts += 1
+            raise
+
+
+def test_a_status_write_that_meets_another_writer_is_redone_and_keeps_its_change(kube_api, s3_prefix):
+    client = api_client(kube_api.kubeconfig)
+    apply_crds(client, [run_crd()])
+    namespace = f"t-{uuid.uuid4().hex[:8]}"
+    ensure_namespace(client, namespace)
+    runs = RacingRunsApi(client, races=2)
+    runs.api.create_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, {
+        "apiVersion": f"{GROUP}/{VERSION}", "kind": "NoisyStudentRun", "metadata": {"name": "demo"},
+        "spec": {"data": {"labeled": "s3://d/l.tar", "unlabeled": "s3://d/u.tar", "validation": "s3://d/v.tar",
+                          "numClasses": 10},
+                 "artifacts": {"uri": s3_prefix}, "teacher": {"model": "resnet18"},
+                 "students": [{"model": "resnet18"}]}})
+    backend = InMemoryJobBackend()
+    controller = RunController(runs, {"kubernetes": backend}, reconciler_for=lambda b: Reconciler(b, MarkerReader()))
+    assert controller.reconcile(namespace, "demo") is not None
+    assert runs.conflicts == 2  # the server refused the first two writes (409)
+    body = runs.api.get_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, "demo")
+    assert body["metadata"]["labels"]["other-writer"] == "0"  # the other writer's last change is kept
+    assert [j["state"] for j in body["status"]["jobs"]] == ["Pending"]
+    assert len(backend.jobs) == 1  # three passes, one job (create-if-absent)
+    assert body["status"]["observedGeneration"] == body["metadata"]["generation"]
