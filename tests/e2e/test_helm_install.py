@@ -87,7 +87,11 @@ def s3_secret(name: str, namespace: str, s3: S3Server) -> dict[str, Any]:
 
 
 def run_file(name: str, prefix: str, image: str) -> dict[str, Any]:
-    """A small run as a user writes it: digits, one student, each stage its own Volcano Job."""
+    """A small run as a user writes it: digits, one student, each stage its own Volcano Job.
+
+    Its first attempt here (a 0.3 confidence threshold) ended as a user would
+    see it: balance exited 2, the run Failed with InvalidConfig, quoting the
+    workload ("confidence_threshold: 0.3 keeps no image")."""
     return {
         "apiVersion": "noisystudent.dev/v1alpha1", "kind": "NoisyStudentRun", "metadata": {"name": name},
         "spec": {
@@ -97,6 +101,8 @@ def run_file(name: str, prefix: str, image: str) -> dict[str, Any]:
             "teacher": {"model": "test_resnet", "epochs": 1},
             "students": [{"model": "test_resnet", "epochs": 1}],
             "training": {"batchSize": 16, "unlabeledRatio": 2, "epochs": 1},
+            # A one-epoch teacher is far from confident: keep every pseudo label.
+            "pseudoLabels": {"confidenceThreshold": 0.0},
             # The student's job has two nodes: two pods whose torchrun agents meet at the first one's svc name.
             "resources": {"image": image, "cpu": 1, "memoryMiB": 2048, "workers": 0, "labelShards": 2,
                           "train": {"nodes": {"min": 2, "max": 2}}},
