@@ -230,7 +230,7 @@ if __name__ == "__main__":
     running = start_s3_server(binary)
     for name, value in running.env().items():
         print(f"export {name}={value}")
-    print(f"# bucket: s3://{running.bucket}/  (Ctrl-C stops the server)")
+    print(f"# bucket: s3://{running.bucket}/  (Ctrl-C stops the server)", flush=True)
     try:
         running.process.wait()
     except KeyboardInterrupt:
