@@ -187,6 +187,38 @@ def apply_crd(api_client: Any, manifest: dict[str, Any], timeout: float = 30.0) 
     wait_for_crd_established(api_client, name, timeout)
 
 
+def project_image(role: str) -> str:
+    """The project's image of `role` (``scripts/images tags``: base, operator, workloads), made or refreshed first.
+
+    ``scripts/images base`` for the base, else ``scripts/images build`` (a no-op
+    when nothing changed). Skips, or fails under CI=true, without podman as root."""
+    from conftest import skip_or_fail
+
+    if shutil.which("podman") is None or os.geteuid() != 0:
+        skip_or_fail("the project's images and the podman kubelet need podman as root")
+    script = REPO_ROOT / "scripts" / "images"
+    made = subprocess.run([script, "base" if role == "base" else "build"], capture_output=True, text=True,
+                          timeout=3600)
+    assert made.returncode == 0, made.stderr[-3000:]
+    tags = subprocess.run([script, "tags"], capture_output=True, text=True, check=True, timeout=60).stdout
+    return dict(line.split(" ", 1) for line in tags.splitlines())[role]
+
+
+@contextmanager
+def podman_cluster(tmp_path: Path) -> Iterator[ApiServer]:
+    """A private cluster whose kubelet runs pods as podman containers; skips (fails under CI) when unavailable."""
+    from conftest import skip_or_fail
+
+    try:
+        server = start_api_server(tmp_path, kubelet="podman")
+    except ApiServerUnavailable as error:
+        skip_or_fail(f"no Kubernetes control plane for tests: {error}")
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
 def container_logs(server: ApiServer, namespace: str) -> str:
     """The logs the podman kubelet kept of every container of the namespace's pods (for failure messages)."""
     parts = []

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import subprocess
 import uuid
 from collections.abc import Iterator
@@ -31,11 +30,11 @@ from conftest import skip_or_fail
 from kube_server import (
     REPO_ROOT,
     ApiServer,
-    ApiServerUnavailable,
     container_logs,
     ensure_namespace,
     kubectl_runner,
-    start_api_server,
+    podman_cluster,
+    project_image,
 )
 from operator_harness import free_port, wait_for
 from s3_server import S3Server
@@ -45,15 +44,6 @@ pytestmark = [pytest.mark.e2e, pytest.mark.containers, pytest.mark.timeout(2400)
 CHART = REPO_ROOT / "charts" / "noisy-student-operator"
 RELEASE, OPERATOR_NAMESPACE = "nso", "noisy-system"
 RESTRICTED = {"pod-security.kubernetes.io/enforce": "restricted"}
-
-
-def image_tags() -> dict[str, str]:
-    """Role → image name (scripts/images tags), after a (cached) `scripts/images build`."""
-    script = REPO_ROOT / "scripts" / "images"
-    build = subprocess.run([script, "build"], capture_output=True, text=True, timeout=3600)
-    assert build.returncode == 0, build.stderr[-4000:]
-    tags = subprocess.run([script, "tags"], capture_output=True, text=True, timeout=60, check=True).stdout
-    return dict(line.split(" ", 1) for line in tags.splitlines())
 
 
 def helm_binary() -> Path:
@@ -66,19 +56,14 @@ def helm_binary() -> Path:
 
 @pytest.fixture(scope="module")
 def tags() -> dict[str, str]:
-    if shutil.which("podman") is None or os.geteuid() != 0:
-        skip_or_fail("the images and the podman kubelet need podman as root")
-    return image_tags()
+    """Role → image name, after a (cached) `scripts/images build`."""
+    return {role: project_image(role) for role in ("operator", "workloads")}
 
 
 @pytest.fixture(scope="module")
 def cluster(tags: dict[str, str], tmp_path_factory: pytest.TempPathFactory) -> Iterator[ApiServer]:
-    try:
-        server = start_api_server(tmp_path_factory.mktemp("helm-install"), kubelet="podman")
-    except ApiServerUnavailable as error:
-        skip_or_fail(f"no Kubernetes control plane for tests: {error}")
-    yield server
-    server.stop()
+    with podman_cluster(tmp_path_factory.mktemp("helm-install")) as server:
+        yield server
 
 
 def s3_secret(name: str, namespace: str, s3: S3Server) -> dict[str, Any]:

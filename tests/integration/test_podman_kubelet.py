@@ -17,7 +17,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import shutil
 import signal
 import subprocess
 import uuid
@@ -27,15 +26,13 @@ from typing import Any
 
 import pytest
 import yaml
-from conftest import skip_or_fail
 from kube_server import (
-    REPO_ROOT,
     ApiServer,
-    ApiServerUnavailable,
     container_logs,
     fresh_namespace,
     kubectl_runner,
-    start_api_server,
+    podman_cluster,
+    project_image,
 )
 from operator_harness import free_port, wait_for
 
@@ -51,33 +48,16 @@ def podman(*args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(["podman", *args], capture_output=True, text=True, timeout=120)
 
 
-def image(role: str, build: str) -> str:
-    """The image of `role` (scripts/images tags), made by `scripts/images BUILD` when missing (a no-op when cached)."""
-    if shutil.which("podman") is None or os.geteuid() != 0:
-        skip_or_fail("the podman kubelet needs podman as root")
-    script = REPO_ROOT / "scripts" / "images"
-    tags = subprocess.run([script, "tags"], capture_output=True, text=True, check=True, timeout=60).stdout
-    name = dict(line.split(" ", 1) for line in tags.splitlines())[role]
-    if podman("image", "exists", name).returncode != 0:
-        made = subprocess.run([script, build], capture_output=True, text=True, timeout=3600)
-        assert made.returncode == 0, made.stderr[-3000:]
-    return name
-
-
 @pytest.fixture(scope="module")
 def base_image() -> str:
     """Debian's bookworm-slim, made with debootstrap (no registry is reachable)."""
-    return image("base", "base")
+    return project_image("base")
 
 
 @pytest.fixture(scope="module")
 def cluster(base_image: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ApiServer]:
-    try:
-        server = start_api_server(tmp_path_factory.mktemp("podman-kubelet"), kubelet="podman")
-    except ApiServerUnavailable as error:
-        skip_or_fail(f"no Kubernetes control plane for tests: {error}")
-    yield server
-    server.stop()
+    with podman_cluster(tmp_path_factory.mktemp("podman-kubelet")) as server:
+        yield server
 
 
 @pytest.fixture(scope="module")
@@ -285,7 +265,7 @@ dist.destroy_process_group()
 @pytest.fixture(scope="module")
 def workloads_image(base_image: str) -> str:
     """The project's workloads image (a cold build downloads torch: gigabytes)."""
-    return image("workloads", "build")
+    return project_image("workloads")
 
 
 @pytest.mark.timeout(3600)
