@@ -226,6 +226,10 @@ def _server_message(error: Any) -> str:
     return str(error.reason or "no message").strip()
 
 
+#: kube-apiserver's words when its admission cannot map a kind it has not rediscovered yet.
+_RESTMAPPING_LAG = "cannot find RESTMapping"
+
+
 def classify_submit_error(error: BaseException) -> JobSubmitError:
     """Permanent (the server or an admission webhook refused the job) or transient (may pass)."""
     from kubernetes.client.rest import ApiException
@@ -237,9 +241,14 @@ def classify_submit_error(error: BaseException) -> JobSubmitError:
         # 4xx: denied by admission (a webhook, quota, Pod Security), Forbidden, Invalid, no such
         # namespace or CRD — except timeouts, conflicts and throttling, which pass.
         permanent = 400 <= status < 500 and status not in (408, 409, 429)
+        message = _server_message(error)
+        if status == 403 and _RESTMAPPING_LAG in message:
+            # OwnerReferencesPermissionEnforcement maps the owner's kind through the API server's
+            # discovery, refreshed every 30 s: right after the CRD is installed (`helm install`,
+            # then `kubectl apply`) the owner is "unknown" for a while. It passes on a retry.
+            permanent = False
         reason = reasons.SUBMIT_REJECTED if permanent else reasons.SUBMIT_FAILED
-        return JobSubmitError(f"the API server answered {status} {error.reason}: {_server_message(error)}",
-                              reason, permanent)
+        return JobSubmitError(f"the API server answered {status} {error.reason}: {message}", reason, permanent)
     if isinstance(error, (ValueError, TypeError, KeyError)):
         # TorchX validating the AppDef or its scheduler options: the same request fails again.
         return JobSubmitError(f"the job was refused before submission: {error}", reasons.SUBMIT_REJECTED, True)

@@ -69,6 +69,17 @@ def conditions(api):
 
 # ----------------------------------------------------------------------------- classification
 
+# kube-apiserver's OwnerReferencesPermissionEnforcement admission (plugin/pkg/admission/gc), verbatim.
+RESTMAPPING_LAG = (
+    'jobs.batch.volcano.sh "prepare-04ac7e201c0b4483" is forbidden: cannot set blockOwnerDeletion in this case '
+    "because cannot find RESTMapping for APIVersion noisystudent.dev/v1alpha1 Kind NoisyStudentRun: "
+    'no matches for kind "NoisyStudentRun" in version "noisystudent.dev/v1alpha1"'
+)
+FINALIZERS_FORBIDDEN = (
+    'jobs.batch.volcano.sh "prepare-04ac7e201c0b4483" is forbidden: cannot set blockOwnerDeletion if an '
+    "ownerReference refers to a resource you can't set finalizers on: , <nil>"
+)
+
 
 @pytest.mark.parametrize(
     ("error", "permanent", "quoted"),
@@ -77,6 +88,10 @@ def conditions(api):
         (api_error(403, "Forbidden", 'jobs.batch.volcano.sh is forbidden: exceeded quota: q'), True, "exceeded quota"),
         (api_error(422, "Unprocessable Entity", "Job.batch.volcano.sh \"x\" is invalid"), True, "is invalid"),
         (api_error(404, "Not Found", 'namespaces "gone" not found'), True, "not found"),
+        # The API server's admission maps an owner's kind through discovery refreshed every 30 s:
+        # a run applied right after `helm install` put its CRD in place is refused for a while.
+        (api_error(403, "Forbidden", RESTMAPPING_LAG), False, "cannot find RESTMapping"),
+        (api_error(403, "Forbidden", FINALIZERS_FORBIDDEN), True, "cannot set blockOwnerDeletion"),
         (api_error(500, "Internal Server Error", "etcdserver: request timed out"), False, "request timed out"),
         (api_error(503, "Service Unavailable"), False, "Service Unavailable"),
         (api_error(429, "Too Many Requests", "throttled"), False, "throttled"),
