@@ -34,7 +34,8 @@ from kube_server import (
     podman_cluster,
     project_image,
 )
-from operator_harness import free_port, wait_for
+from operator_harness import Harness, OperatorProcess, apply_crds, free_port, run_crd, wait_for
+from s3_server import S3Server
 
 pytestmark = [pytest.mark.integration, pytest.mark.containers]
 
@@ -315,6 +316,61 @@ def test_a_deployments_pod_runs(cluster: ApiServer, client: Any, kubectl, base_i
     assert [p["status"]["phase"] for p in pods] == ["Running"]
 
 
+@pytest.fixture(scope="module")
+def operator(cluster: ApiServer, s3_server: S3Server, tmp_path_factory: pytest.TempPathFactory) -> Iterator[OperatorProcess]:
+    """The operator (`noisy-student operator --all-namespaces`) as a process on this host, against the cluster."""
+    apply_crds(cluster.api_client(), [run_crd()])
+    directory = tmp_path_factory.mktemp("operator")
+    process = OperatorProcess(cluster.kubeconfig, directory / "operator.log", env=s3_server.env())
+    process.start()
+    yield process
+    process.stop()
+
+
+def test_a_run_whose_image_is_missing_says_so_then_hits_the_pending_timeout(
+    cluster: ApiServer, client: Any, kubectl, operator: OperatorProcess, s3_prefix: str, s3_server: S3Server
+) -> None:
+    """The kubelet's own ErrImagePull/ImagePullBackOff reaches the run's JobPending message; with
+    pendingTimeoutSeconds the run fails PendingTimeout and its Volcano Job goes with its pods."""
+    namespace = fresh_namespace(client)
+    image = f"localhost/nso-dev-absent:{uuid.uuid4().hex[:8]}"
+    apply(kubectl, namespace, {"apiVersion": "v1", "kind": "Secret", "metadata": {"name": "s3"},
+                               "stringData": s3_server.env()})
+    h = Harness(client, operator)
+    run = "no-image"
+    h.create_run(namespace, run, {
+        "data": {"numClasses": 10, "imageSize": 16, "labeled": "s3://datasets/digits/labeled-000000.tar",
+                 "unlabeled": "s3://datasets/digits/unlabeled-000000.tar",
+                 "validation": "s3://datasets/digits/test-000000.tar"},
+        "artifacts": {"uri": s3_prefix, "secretRef": {"name": "s3"}},
+        "teacher": {"model": "test_resnet", "epochs": 1},
+        "students": [{"model": "test_resnet"}],
+        "resources": {"image": image, "cpu": 1, "memoryMiB": 1024, "labelShards": 1},
+        "scheduler": {"name": "kubernetes", "queue": "default"},
+        "pendingTimeoutSeconds": 40,
+    })
+    job = h.next_job(namespace, run, set(), 120)["metadata"]["name"]
+
+    def ready(status: dict[str, Any]) -> dict[str, Any]:
+        return next((c for c in status.get("conditions") or [] if c["type"] == "Ready"), {})
+
+    status = h.wait_run(namespace, run, lambda s: any(
+        pull in (ready(s).get("message") or "") for pull in ("ErrImagePull", "ImagePullBackOff")), 60,
+        "JobPending quoting the image pull error")
+    assert ready(status)["reason"] == "JobPending" and image in ready(status)["message"], ready(status)
+    assert [j["state"] for j in status["jobs"] if j["name"] == job] == ["Pending"], status["jobs"]
+
+    status = h.wait_run(namespace, run, lambda s: s.get("stage") == "Failed", 90, "PendingTimeout")
+    failed = next(c for c in status["conditions"] if c["type"] == "Failed")
+    assert failed["status"] == "True" and failed["reason"] == "PendingTimeout", failed
+    assert "pendingTimeoutSeconds (40s)" in failed["message"] and image in failed["message"], failed
+    wait_for(lambda: h.job(namespace, job) is None and not h.pods(namespace, job), 60,
+             f"the timed-out job {job} and its pods to be gone",
+             detail=lambda: kubectl("get", "vcjob,pods", "-n", namespace, "-o", "wide").stdout)
+    assert podman("ps", "-a", "-q", "--filter", f"label=io.kubernetes.pod.namespace={namespace}").stdout == ""
+    assert len(h.jobs(namespace, run)) == 0 and "<NONE>" not in json.dumps(status)
+
+
 def test_the_kubelet_and_down_remove_every_container(cluster: ApiServer, client: Any, kubectl, base_image: str) -> None:
     namespace = fresh_namespace(client)
     apply(kubectl, namespace, {"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "forever"}, "spec": {
@@ -336,3 +392,4 @@ def test_the_kubelet_and_down_remove_every_container(cluster: ApiServer, client:
     cluster.stop()
     assert podman("ps", "-a", "-q", "--filter", f"label=dev.nso.kubelet.root={root}").stdout == ""
     assert (cluster.run_dir / "kubelet" / "logs").is_dir()
+
