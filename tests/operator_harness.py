@@ -452,6 +452,18 @@ class Harness:
                      else {"metadata": {"$deleteFromPrimitiveList/finalizers": [HOLD_FINALIZER]}})
             self.core.patch_namespaced_pod(pod["metadata"]["name"], namespace, patch)
 
+    def abort_job(self, namespace: str, name: str) -> None:
+        """What `vcctl job suspend` does: a Volcano `Command` AbortJob for the Job. Volcano's job
+        controller deletes its pods, holds the Job in `Aborting` until they are gone, then `Aborted`."""
+        job = self.job(namespace, name)
+        assert job is not None, f"Volcano Job {namespace}/{name} is gone"
+        target = {"apiVersion": f"{VOLCANO_JOBS['group']}/{VOLCANO_JOBS['version']}", "kind": "Job", "name": name,
+                  "uid": job["metadata"]["uid"], "controller": True}
+        command = {"apiVersion": "bus.volcano.sh/v1alpha1", "kind": "Command",
+                   "metadata": {"generateName": f"{name}-abortjob-", "ownerReferences": [target]},
+                   "action": "AbortJob", "target": target}
+        self.custom.create_namespaced_custom_object("bus.volcano.sh", "v1alpha1", namespace, "commands", command)
+
     def events(self, namespace: str, name: str) -> list[Any]:
         """The Events about object `name` (the run), oldest first."""
         items = [e for e in self.core.list_namespaced_event(namespace).items if e.involved_object.name == name]

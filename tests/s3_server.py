@@ -2,9 +2,11 @@
 
 Every SeaweedFS service (master, volume, filer, S3, admin, each with a gRPC
 port) gets a free loopback port so parallel test sessions never collide;
-WebDAV is switched off. The server is started with the credentials it will
-accept (``AWS_ACCESS_KEY_ID`` / ``AWS_SECRET_ACCESS_KEY`` in its environment)
-and pre-creates one bucket.
+WebDAV is switched off. The server is started with the identities it will
+accept (``-s3.config``): the test credentials, allowed everything, and a
+write-only key (``S3Server.env(WRITE_ONLY)``), whose reads S3 refuses with 403
+(SeaweedFS answers 404 for a missing key to a key that may Read but not List,
+where AWS answers 403); and it pre-creates one bucket.
 
 Run by hand::
 
@@ -13,6 +15,7 @@ Run by hand::
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import socket
@@ -23,11 +26,14 @@ import time
 import urllib.error
 import urllib.request
 from dataclasses import dataclass, field
+from typing import Any
 
 ACCESS_KEY = "noisy-student-test"
 SECRET_KEY = "noisy-student-test-secret"
 BUCKET = "test-bucket"
 REGION = "us-east-1"
+#: (access key, secret key) of an identity that may only write (SeaweedFS's `Write` action).
+WRITE_ONLY = ("noisy-student-write-only", "noisy-student-write-only-secret")
 
 
 def find_weed() -> str | None:
@@ -64,11 +70,13 @@ class S3Server:
     data_dir: str
     process: subprocess.Popen[bytes] = field(repr=False)
 
-    def env(self) -> dict[str, str]:
+    def env(self, credentials: tuple[str, str] | None = None) -> dict[str, str]:
+        """boto3's variables for the test credentials, or for other `credentials` (e.g. `WRITE_ONLY`)."""
+        access_key, secret_key = credentials or (self.access_key, self.secret_key)
         return {
             "AWS_ENDPOINT_URL": self.endpoint_url,
-            "AWS_ACCESS_KEY_ID": self.access_key,
-            "AWS_SECRET_ACCESS_KEY": self.secret_key,
+            "AWS_ACCESS_KEY_ID": access_key,
+            "AWS_SECRET_ACCESS_KEY": secret_key,
             "AWS_REGION": self.region,
         }
 
@@ -118,8 +126,20 @@ def _bucket_ready(server: S3Server) -> bool:
         return False
 
 
+def identities() -> dict[str, Any]:
+    """SeaweedFS's ``-s3.config``: who may do what (its actions: Admin, Read, List, Tagging, Write)."""
+    def identity(name: str, keys: tuple[str, str], actions: list[str]) -> dict[str, Any]:
+        return {"name": name, "credentials": [{"accessKey": keys[0], "secretKey": keys[1]}], "actions": actions}
+
+    return {"identities": [identity("tests", (ACCESS_KEY, SECRET_KEY), ["Admin", "Read", "List", "Tagging", "Write"]),
+                           identity("write-only", WRITE_ONLY, ["Write"])]}
+
+
 def start_seaweedfs(data_dir: str, weed: str, timeout_s: float = 90.0) -> S3Server:
     """Start ``weed mini`` on free loopback ports and wait until its bucket answers."""
+    config = os.path.join(data_dir, "s3.json")
+    with open(config, "w") as file:
+        json.dump(identities(), file)
     names = ["s3", "s3.grpc", "master", "master.grpc", "volume", "volume.grpc",
              "filer", "filer.grpc", "admin", "admin.grpc"]  # fmt: skip
     ports = dict(zip(names, free_ports(len(names)), strict=True))
@@ -131,7 +151,7 @@ def start_seaweedfs(data_dir: str, weed: str, timeout_s: float = 90.0) -> S3Serv
         f"-filer.port={ports['filer']}", f"-filer.port.grpc={ports['filer.grpc']}",
         f"-admin.port={ports['admin']}", f"-admin.port.grpc={ports['admin.grpc']}",
         "-admin.ui=false", "-webdav=false", "-s3.port.iceberg=0", "-s3.port.lance=0",
-        "-master.telemetry=false",
+        "-master.telemetry=false", f"-s3.config={config}",
     ]  # fmt: skip
     env = {
         **os.environ,

@@ -477,6 +477,36 @@ def test_job_refused_by_volcano_fails_the_run_with_the_webhooks_message(h, ns, s
     assert set(reasons) == {"SubmitError", "RunFailed"}, reasons  # no kopf error Events
 
 
+def test_an_artifact_store_that_refuses_reads_is_a_condition_quoting_the_store(h, cluster, ns, s3_prefix, s3_server,
+                                                                              tmp_path):
+    """The operator's S3 key may write but not read (SeaweedFS's `Write` action only): every HEAD of a
+    marker is answered 403. The run says so (Ready: ArtifactStoreError, quoting S3 and the run's
+    prefix), one Warning Event, nothing submitted. (A key that may Read but not List gets 404 for a
+    missing key from SeaweedFS, unlike AWS's 403: that is the only 403 SeaweedFS gives a marker read.)"""
+    from s3_server import WRITE_ONLY
+
+    run = "no-reads"
+    h.operator.stop()
+    kubeconfig = operator_kubeconfig(cluster.server.kubeconfig, cluster.server.run_dir / "pki", tmp_path)
+    write_only = OperatorProcess(kubeconfig, tmp_path / "operator.log", env=s3_server.env(WRITE_ONLY))
+    try:
+        write_only.start()
+        h.create_run(ns, run, spec(s3_prefix, students=1))
+        status = h.wait_run(ns, run, lambda s: condition(s, "Ready").get("reason") == "ArtifactStoreError", STEP,
+                            "Ready: ArtifactStoreError")
+        message = condition(status, "Ready")["message"]
+        assert f"reading completion markers under {s3_prefix}" in message and "403" in message, message
+        time.sleep(3)  # three operator intervals: the same error, no new Event, nothing submitted
+        assert h.jobs(ns, run) == [] and not h.status(ns, run).get("jobs")
+        reasons = Counter(e.reason for e in h.events(ns, run))
+        assert reasons == {"ArtifactStoreError": 1}, reasons  # no kopf error Events either
+    finally:
+        write_only.stop()
+        h.operator.start()
+    teacher = h.next_job(ns, run, set(), STEP)  # once the operator may read
+    assert teacher["metadata"]["name"] == h.job_names(ns, run)[0]
+
+
 # ----------------------------------------------------------------------------- (e2) tenancy
 
 
@@ -775,6 +805,34 @@ def test_evicted_job_is_retried_without_using_the_retry_limit(h, ns, s3_prefix):
         h.complete(ns, h.next_job(ns, run, seen, STEP))
     h.wait_run(ns, run, lambda s: s.get("stage") == "Succeeded", STEP, "Succeeded")
     assert Counter(e.reason for e in h.events(ns, run))["JobDisrupted"] == 1
+
+
+def test_a_job_aborted_outside_the_operator_is_waited_for_through_aborting_then_retried(h, ns, s3_prefix):
+    """`vcctl job suspend` (a Volcano Command AbortJob): Volcano's controller deletes the pods and keeps
+    the Job `Aborting` while they stop; the operator waits (no second attempt beside it), and once the
+    Job is `Aborted` retries the stage as a disruption, not a failure (retry.limit 0)."""
+    run = "aborted"
+    h.create_run(ns, run, spec(s3_prefix, students=1, retry={"limit": 0, "backoffSeconds": 1}))
+    seen: set[str] = set()
+    first = h.next_job(ns, run, seen, STEP)["metadata"]["name"]
+    h.set_phase(ns, first, "Running")
+    h.wait_run(ns, run, lambda s: any(j["state"] == "Running" for j in s.get("jobs", [])), STEP, "Running")
+    h.hold_pods(ns, first)  # its pods stay Terminating once deleted: Volcano keeps the Job Aborting
+    h.abort_job(ns, first)
+    wait_for(lambda: job_phase(h.job(ns, first) or {}) == "Aborting", STEP, f"{first} Aborting",
+             detail=lambda: json.dumps((h.job(ns, first) or {}).get("status"), indent=1))
+    time.sleep(3)  # three operator intervals
+    assert job_phase(h.job(ns, first)) == "Aborting"
+    assert [j["state"] for j in h.status(ns, run)["jobs"]] == ["Running"]
+    assert [j["metadata"]["name"] for j in h.jobs(ns, run)] == [first]  # no second attempt while it stops
+    h.hold_pods(ns, first, hold=False)
+    second = h.next_job(ns, run, seen, STEP)["metadata"]["name"]
+    assert second == h.job_name(ns, run, Stage(0, TEACHER), 1)
+    assert job_phase(h.job(ns, first)) == "Aborted" and not h.pods(ns, first)
+    status = h.wait_run(ns, run, lambda s: any(j["name"] == first and j["state"] == "Failed" for j in s["jobs"]),
+                        STEP, f"{first} recorded")
+    aborted = next(j for j in status["jobs"] if j["name"] == first)
+    assert aborted["reason"] == "Disrupted" and not is_true(status, "Failed"), status
 
 
 def test_chaos_operator_killed_20_times_with_failures_and_evictions(h, ns, s3_prefix):
