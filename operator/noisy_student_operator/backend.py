@@ -36,7 +36,7 @@ from .api import JobStatus as JobRecord
 from .core import reasons
 from .core.planner import JobObservation, JobState, JobSubmitError
 from .core.render import JobRequest
-from .volcano import VolcanoJobs, check_names
+from .volcano import VolcanoJobs, check_names, is_config_error
 
 log = logging.getLogger(__name__)
 
@@ -270,6 +270,22 @@ def local_failure(torchx_message: str | None, log_tail: str | None) -> str:
     return message
 
 
+def torchelastic_reply(structured_error_msg: str | None) -> str | None:
+    """The message of a failed local job's reply file (`TORCHELASTIC_ERROR_FILE`, which TorchX's local
+    scheduler returns as `structured_error_msg`): what the workload recorded, or what torchrun's agent
+    copied there from its first failed worker (torch's `ErrorHandler` format)."""
+    try:
+        record = json.loads(structured_error_msg or "")
+    except ValueError:
+        return None
+    message = record.get("message") if isinstance(record, dict) else None
+    if isinstance(message, dict):
+        message = message.get("message")
+    if not isinstance(message, str) or not message.strip():
+        return None
+    return message.strip()
+
+
 def default_local_root() -> Path:
     """Working directories and logs of `local_cwd` jobs when the driver names none."""
     cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
@@ -396,9 +412,12 @@ class TorchXJobBackend:
                 if leftovers:
                     observed[job.name] = JobObservation(JobState.RUNNING, f"stopping: processes {leftovers} still run")
                     continue
+            reason = None
             if state is JobState.FAILED:
-                message = local_failure(status.msg, self.log_tail(job, lines=5))
-            observed[job.name] = JobObservation(state, message)
+                reply = torchelastic_reply(status.structured_error_msg)
+                message = local_failure(reply or status.msg, self.log_tail(job, lines=5))
+                reason = reasons.INVALID_CONFIG if is_config_error(reply) else None
+            observed[job.name] = JobObservation(state, message, reason)
         return observed
 
     def cancel(self, job: JobRecord, context: JobContext) -> None:

@@ -27,6 +27,8 @@ import threading
 import time
 from typing import Any
 
+from noisy_student_workloads.stage import CONFIG_ERROR_EXIT_CODE, CONFIG_ERROR_PREFIX
+
 from . import api
 from .core import reasons
 from .core.planner import JobObservation, JobState, JobSubmitError
@@ -94,8 +96,13 @@ def _terminated(pod: dict[str, Any]) -> list[tuple[str, dict[str, Any]]]:
 
 #: Pod `status.reason`s of a pod that the cluster, not the workload, ended.
 DISRUPTED_POD_REASONS = ("Evicted", "Preempted", "NodeLost", "NodeShutdown", "Shutdown", "Terminated")
-#: The workloads exit with 2 on a configuration error (`noisy_student_workloads.stage`).
-CONFIG_ERROR_EXIT_CODE = 2
+
+
+def is_config_error(message: str | None) -> bool:
+    """Whether a workload's termination message (or torchrun's error record) reports a configuration
+    error: the workloads exit 2 then, but torchrun's agent, which runs the training stages, exits 1
+    whatever its worker's exit code (`noisy_student_workloads.stage.report_config_error`)."""
+    return (message or "").startswith(CONFIG_ERROR_PREFIX)
 
 
 def _disruption(pod: dict[str, Any]) -> str | None:
@@ -128,7 +135,8 @@ def pod_failure(pods: list[dict[str, Any]], namespace: str) -> tuple[str, str | 
                 text += f" ({terminated['reason']})"
             if (terminated.get("message") or "").strip():
                 text += f": {terminated['message'].strip()}"
-            reason = reasons.INVALID_CONFIG if code == CONFIG_ERROR_EXIT_CODE else None
+            config_error = code == CONFIG_ERROR_EXIT_CODE or is_config_error(terminated.get("message"))
+            reason = reasons.INVALID_CONFIG if config_error else None
             return f"{text}; see `kubectl logs -n {namespace} {name} -c {container}`", reason
         status = pod.get("status") or {}
         if status.get("phase") == "Failed" and status.get("reason"):

@@ -170,6 +170,22 @@ def test_failing_stage_exits_non_zero_with_stage_and_log(tmp_path):
     assert "no-such-images" in result.stderr  # from the tail of the job's log
 
 
+def test_a_training_stages_config_error_through_torchrun_fails_the_run_without_a_retry(tmp_path):
+    """torchrun's agent exits 1 whatever its worker's exit code: the worker's reason reaches the
+    runner through torchrun's error file (TorchX's reply file), so the run fails InvalidConfig at once."""
+    document = tiny_run("config-error", retry={"limit": 2, "backoffSeconds": 1, "maxBackoffSeconds": 1})
+    document["spec"]["training"]["batchSize"] = 1
+    document["spec"]["resources"]["train"] = {"procsPerNode": 2}  # a batch of 1 for 2 processes: refused
+    artifacts = tmp_path / "artifacts"
+    result = run_cli("run", str(write(tmp_path, document)), "--artifacts", str(artifacts))
+    assert result.returncode == 1, result.stderr[-3000:]
+    status = json.loads((artifacts / "default" / "config-error" / "status.json").read_text())
+    failed = next(c for c in status["conditions"] if c["type"] == "Failed")
+    assert failed["reason"] == "InvalidConfig", failed
+    assert "ConfigError: batch_size: 1 is smaller than the 2 training processes" in failed["message"], failed
+    assert len(job_names(status, "teacher")) == 1  # never retried
+
+
 def test_unknown_model_is_refused_before_anything_runs(tmp_path):
     document = tiny_run("typo", students=1)
     document["spec"]["students"][0]["model"] = "test_resnett"

@@ -2,7 +2,9 @@
 
 import pytest
 
-from noisy_student_operator.backend import TORCHX_NO_MESSAGE, local_failure
+import json
+
+from noisy_student_operator.backend import TORCHX_NO_MESSAGE, local_failure, torchelastic_reply
 from noisy_student_operator.core.planner import JobState
 from noisy_student_operator.volcano import job_failure, job_state
 
@@ -82,6 +84,28 @@ def test_local_failure_never_shows_torchx_placeholder():
     assert message.startswith("a process exited with an error; the log ends:")
     assert message.endswith("RuntimeError: CUDA out of memory")
     assert local_failure(None, None) == "a process exited with an error"
+
+
+CONFIG_ERROR = "ConfigError: batch_size: 1 is smaller than the 2 training processes"
+
+
+def test_a_config_error_under_torchrun_is_invalid_config_by_its_termination_message():
+    """torchrun's agent exits 1 whatever its worker's code; the worker's termination message says why."""
+    written, reason = job_failure(vcjob("Failed"), [pod("p-0", 1, message=CONFIG_ERROR + "\n")])
+    assert reason == "InvalidConfig", written
+    assert f"exited with code 1 (Error): {CONFIG_ERROR}; see `kubectl logs" in written
+    assert job_failure(vcjob("Failed"), [pod("p-0", 1, message=f"RuntimeError: {CONFIG_ERROR}")])[1] is None
+
+
+def test_a_local_config_error_is_read_from_torchruns_reply_file():
+    """TorchX's local scheduler hands over the replica's TORCHELASTIC_ERROR_FILE as `structured_error_msg`:
+    torchrun's agent copied its failed worker's record there, with the worker's exit code."""
+    copied = {"message": {"message": CONFIG_ERROR, "errorCode": 2,
+                          "extraInfo": {"py_callstack": "Traceback ...", "timestamp": "1767225600"}}}
+    assert torchelastic_reply(json.dumps(copied)) == CONFIG_ERROR
+    assert torchelastic_reply(json.dumps({"message": "a newer format: a plain string"})) == "a newer format: a plain string"
+    assert torchelastic_reply(TORCHX_NO_MESSAGE) is None and torchelastic_reply("not json") is None
+    assert torchelastic_reply(None) is None and torchelastic_reply(json.dumps({"other": 1})) is None
 
 
 def volcano_resource(name, tasks):

@@ -20,6 +20,7 @@ import logging
 import os
 import sys
 import time
+import traceback
 from collections.abc import Callable, Sequence
 from typing import Any, TypeVar
 
@@ -28,6 +29,12 @@ from .store import join_uri, open_store
 log = logging.getLogger("noisy_student_workloads")
 
 DONE = "_DONE.json"
+#: The exit code of a stage whose configuration is wrong (its driver does not retry it).
+CONFIG_ERROR_EXIT_CODE = 2
+#: Where Kubernetes reads a container's termination message (the default `terminationMessagePath`).
+TERMINATION_LOG = "/dev/termination-log"
+#: How the reason of a configuration error starts, in the termination message and torchrun's error file.
+CONFIG_ERROR_PREFIX = "ConfigError: "
 
 
 def parse_args(description: str, argv: Sequence[str] | None = None, replicas: bool = False) -> argparse.Namespace:
@@ -51,7 +58,8 @@ def run_entry_point(
     replicas: bool = False,
     quiet: bool = False,
 ) -> int:
-    """Parse the command line and the config, run ``body``; a ``ConfigError`` exits 2 naming the field."""
+    """Parse the command line and the config, run ``body``; a ``ConfigError`` exits 2 naming the field
+    (see `report_config_error`)."""
     from .config import ConfigError, parse_config
 
     args = parse_args(description, argv, replicas=replicas)
@@ -61,8 +69,31 @@ def run_entry_point(
     except ConfigError as exc:
         event("error", message=str(exc))
         print(f"error: {exc}", file=sys.stderr)
-        return 2
+        report_config_error(exc)
+        return CONFIG_ERROR_EXIT_CODE
     return 0
+
+
+def report_config_error(exc: Exception) -> None:
+    """Say ``ConfigError: <message>`` (one line) where the driver looks, since the exit code may not reach it.
+
+    torchrun's agent exits 1 whatever its worker's exit code, so a training
+    stage's 2 is lost. The reason goes to the container's termination message
+    (Kubernetes' `terminationMessagePath`, when the kubelet made the file: not
+    on a workstation) and to torchrun's error file (``TORCHELASTIC_ERROR_FILE``,
+    in the format of torch's `ErrorHandler`; torchrun's agent copies its first
+    failed worker's file to its own, which TorchX's local scheduler reads).
+    """
+    reason = CONFIG_ERROR_PREFIX + " ".join(str(exc).split())
+    if os.path.isfile(TERMINATION_LOG) and os.access(TERMINATION_LOG, os.W_OK):
+        with open(TERMINATION_LOG, "w") as termination:
+            termination.write(reason + "\n")
+    error_file = os.environ.get("TORCHELASTIC_ERROR_FILE")
+    if error_file:
+        record = {"message": {"message": reason, "errorCode": CONFIG_ERROR_EXIT_CODE, "extraInfo": {
+            "py_callstack": traceback.format_exc(), "timestamp": str(int(time.time()))}}}
+        with open(error_file, "w") as file:
+            json.dump(record, file)
 
 
 def setup_logging(quiet: bool = False) -> None:
