@@ -327,6 +327,25 @@ def operator(cluster: ApiServer, s3_server: S3Server, tmp_path_factory: pytest.T
     process.stop()
 
 
+def run_spec(s3_prefix: str, image: str, **overrides: Any) -> dict[str, Any]:
+    """A small run whose first stage is the teacher (its data is never read), in the Secret `s3`'s namespace."""
+    return {
+        "data": {"numClasses": 10, "imageSize": 16, "labeled": "s3://datasets/digits/labeled-000000.tar",
+                 "unlabeled": "s3://datasets/digits/unlabeled-000000.tar",
+                 "validation": "s3://datasets/digits/test-000000.tar"},
+        "artifacts": {"uri": s3_prefix, "secretRef": {"name": "s3"}},
+        "teacher": {"model": "test_resnet", "epochs": 1},
+        "students": [{"model": "test_resnet"}],
+        "resources": {"image": image, "cpu": 1, "memoryMiB": 2048, "workers": 0, "labelShards": 1},
+        "scheduler": {"name": "kubernetes", "queue": "default"},
+        **overrides,
+    }
+
+
+def condition(status: dict[str, Any], type_: str) -> dict[str, Any]:
+    return next((c for c in status.get("conditions") or [] if c["type"] == type_), {})
+
+
 def test_a_run_whose_image_is_missing_says_so_then_hits_the_pending_timeout(
     cluster: ApiServer, client: Any, kubectl, operator: OperatorProcess, s3_prefix: str, s3_server: S3Server
 ) -> None:
@@ -338,30 +357,18 @@ def test_a_run_whose_image_is_missing_says_so_then_hits_the_pending_timeout(
                                "stringData": s3_server.env()})
     h = Harness(client, operator)
     run = "no-image"
-    h.create_run(namespace, run, {
-        "data": {"numClasses": 10, "imageSize": 16, "labeled": "s3://datasets/digits/labeled-000000.tar",
-                 "unlabeled": "s3://datasets/digits/unlabeled-000000.tar",
-                 "validation": "s3://datasets/digits/test-000000.tar"},
-        "artifacts": {"uri": s3_prefix, "secretRef": {"name": "s3"}},
-        "teacher": {"model": "test_resnet", "epochs": 1},
-        "students": [{"model": "test_resnet"}],
-        "resources": {"image": image, "cpu": 1, "memoryMiB": 1024, "labelShards": 1},
-        "scheduler": {"name": "kubernetes", "queue": "default"},
-        "pendingTimeoutSeconds": 40,
-    })
+    h.create_run(namespace, run, run_spec(s3_prefix, image, pendingTimeoutSeconds=40))
     job = h.next_job(namespace, run, set(), 120)["metadata"]["name"]
 
-    def ready(status: dict[str, Any]) -> dict[str, Any]:
-        return next((c for c in status.get("conditions") or [] if c["type"] == "Ready"), {})
-
     status = h.wait_run(namespace, run, lambda s: any(
-        pull in (ready(s).get("message") or "") for pull in ("ErrImagePull", "ImagePullBackOff")), 60,
+        pull in (condition(s, "Ready").get("message") or "") for pull in ("ErrImagePull", "ImagePullBackOff")), 60,
         "JobPending quoting the image pull error")
-    assert ready(status)["reason"] == "JobPending" and image in ready(status)["message"], ready(status)
+    ready = condition(status, "Ready")
+    assert ready["reason"] == "JobPending" and image in ready["message"], ready
     assert [j["state"] for j in status["jobs"] if j["name"] == job] == ["Pending"], status["jobs"]
 
     status = h.wait_run(namespace, run, lambda s: s.get("stage") == "Failed", 90, "PendingTimeout")
-    failed = next(c for c in status["conditions"] if c["type"] == "Failed")
+    failed = condition(status, "Failed")
     assert failed["status"] == "True" and failed["reason"] == "PendingTimeout", failed
     assert "pendingTimeoutSeconds (40s)" in failed["message"] and image in failed["message"], failed
     wait_for(lambda: h.job(namespace, job) is None and not h.pods(namespace, job), 60,
@@ -369,6 +376,32 @@ def test_a_run_whose_image_is_missing_says_so_then_hits_the_pending_timeout(
              detail=lambda: kubectl("get", "vcjob,pods", "-n", namespace, "-o", "wide").stdout)
     assert podman("ps", "-a", "-q", "--filter", f"label=io.kubernetes.pod.namespace={namespace}").stdout == ""
     assert len(h.jobs(namespace, run)) == 0 and "<NONE>" not in json.dumps(status)
+
+
+@pytest.mark.timeout(3600)
+def test_a_training_stages_config_error_under_torchrun_fails_the_run_without_a_retry(
+    cluster: ApiServer, client: Any, kubectl, operator: OperatorProcess, workloads_image: str, s3_prefix: str,
+    s3_server: S3Server
+) -> None:
+    """The teacher in the workloads image, two torchrun workers, a batch of 1: each worker exits 2 with
+    a ConfigError, torchrun's agent exits 1; the worker's line in the termination message (the kubelet's
+    terminationMessagePath) makes the run InvalidConfig, with no second attempt."""
+    namespace = fresh_namespace(client)
+    apply(kubectl, namespace, {"apiVersion": "v1", "kind": "Secret", "metadata": {"name": "s3"},
+                               "stringData": s3_server.env()})
+    h = Harness(client, operator)
+    run = "bad-batch"
+    h.create_run(namespace, run, run_spec(
+        s3_prefix, workloads_image, training={"batchSize": 1},
+        resources={**run_spec(s3_prefix, workloads_image)["resources"], "train": {"procsPerNode": 2}},
+        retry={"limit": 2, "backoffSeconds": 1, "maxBackoffSeconds": 1}))
+    # Each worker imports torch: a minute on two busy cores.
+    status = h.wait_run(namespace, run, lambda s: s.get("stage") == "Failed", 900, "Failed")
+    failed = condition(status, "Failed")
+    assert failed["reason"] == "InvalidConfig", f"{failed}\n{container_logs(cluster, namespace)}"
+    assert "exited with code 1 (Error): ConfigError: batch_size: 1 is smaller than the 2 training processes" in (
+        failed["message"]), failed
+    assert len(h.jobs(namespace, run)) == 1  # never retried
 
 
 def test_the_kubelet_and_down_remove_every_container(cluster: ApiServer, client: Any, kubectl, base_image: str) -> None:
