@@ -40,6 +40,10 @@ def test_schema_is_structural_and_described():
     assert crd["spec"]["names"]["shortNames"] == ["nsr"]
     columns = [c["name"] for c in version["additionalPrinterColumns"]]
     assert columns == ["Generation", "Stage", "Teacher-Top1", "Progress", "ETA", "Ready", "Reason", "Age"]
+    # The teacher is the latest trained model, not the best (a later generation may score lower).
+    status = version["schema"]["openAPIV3Schema"]["properties"]["status"]["properties"]
+    assert "the latest trained model" in status["teacherTop1"]["description"]
+    assert "not necessarily the best" in status["teacherTop1"]["description"]
 
 
 def test_defaults_and_cel_rules_are_carried():
