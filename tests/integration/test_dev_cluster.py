@@ -155,6 +155,29 @@ def test_nodes_are_ready_with_cpu_memory_and_gpus(client: Any) -> None:
         assert int(node.status.allocatable["nvidia.com/gpu"]) > 0
 
 
+def test_a_node_marked_not_ready_is_made_ready_again_by_its_kubelet(client: Any) -> None:
+    """The node lifecycle controller sets Ready to Unknown when a node's heartbeats come late (a
+    loaded API server); only the kubelet sets it back, by posting the node's status, as a kubelet
+    checks it every nodeStatusUpdateFrequency (10 s). Posted at registration only, a node stayed
+    NotReady for good (and tainted unreachable: no pod scheduled there again)."""
+    from kubernetes import client as k8s
+
+    core = k8s.CoreV1Api(client)
+    name = sorted(n.metadata.name for n in core.list_node().items)[-1]
+    unknown = {"type": "Ready", "status": "Unknown", "reason": "NodeStatusUnknown",
+               "message": "Kubelet stopped posting node status."}
+    core.patch_node_status(name, {"status": {"conditions": [unknown]}})  # merged by type
+
+    def ready_and_untainted() -> bool:
+        node = core.read_node(name)
+        ready = next(c for c in node.status.conditions if c.type == "Ready")
+        unreachable = [t for t in node.spec.taints or [] if t.key.startswith("node.kubernetes.io/unreachable")]
+        return ready.status == "True" and not unreachable
+
+    assert next(c for c in core.read_node(name).status.conditions if c.type == "Ready").status == "Unknown"
+    wait_for(ready_and_untainted, 60, f"node {name} Ready again and its unreachable taint gone")
+
+
 def test_events_are_accepted_and_listed(client: Any) -> None:
     from kubernetes import client as k8s
 

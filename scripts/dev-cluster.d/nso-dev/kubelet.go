@@ -19,8 +19,10 @@ import (
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	"k8s.io/apimachinery/pkg/fields"
 	"k8s.io/apimachinery/pkg/types"
+	"k8s.io/apimachinery/pkg/util/wait"
 	"k8s.io/client-go/informers"
 	"k8s.io/client-go/kubernetes"
+	"k8s.io/client-go/rest"
 	"k8s.io/client-go/tools/cache"
 	"k8s.io/client-go/tools/clientcmd"
 	"k8s.io/client-go/util/retry"
@@ -32,7 +34,8 @@ import (
 // containers for real (podman.go); node registration and leases are shared.
 //
 // The fast kubelet runs no container. It registers nodes (capacity for cpu,
-// memory, pods and nvidia.com/gpu; a Lease renewed like a kubelet's), and for
+// memory, pods and nvidia.com/gpu) and keeps them Ready as a kubelet does
+// (heartbeat below), and for
 // every pod bound to one of them plays the kubelet's part of the pod
 // lifecycle, so that the controllers above (Volcano's job controller among
 // them) see what they would see on a real node:
@@ -52,16 +55,29 @@ const (
 	MessageAnnotation  = "kubelet.nso.dev/message"
 	leaseSeconds       = 40
 	kubeletVersion     = "v1.34.4-nso-fast"
+	// A kubelet's defaults: its Lease is renewed every quarter of its duration;
+	// its node status is computed every nodeStatusUpdateFrequency and posted
+	// when it changed (the node lifecycle controller set Ready to Unknown, for
+	// one) or nodeStatusReportFrequency after the last post.
+	leaseRenewInterval        = leaseSeconds * time.Second / 4
+	nodeStatusUpdateFrequency = 10 * time.Second
+	nodeStatusReportFrequency = 5 * time.Minute
 )
 
 type fastKubelet struct {
-	client    kubernetes.Interface
-	nodes     map[string]bool
-	exitAfter time.Duration
-	pods      cache.Indexer
-	queue     workqueue.TypedRateLimitingInterface[string]
-	mu        sync.Mutex
-	nextIP    int
+	client kubernetes.Interface
+	// heartbeat renews Leases and posts node status: unthrottled, each request
+	// bounded in time, like a kubelet's heartbeat client, so that a busy pod
+	// queue (client's rate limit) never delays them past the node's grace period.
+	heartbeat      kubernetes.Interface
+	nodes          map[string]bool
+	capacity       corev1.ResourceList
+	runtimeVersion string
+	exitAfter      time.Duration
+	pods           cache.Indexer
+	queue          workqueue.TypedRateLimitingInterface[string]
+	mu             sync.Mutex
+	nextIP         int
 	// real runs the pods' containers with podman (--runtime podman); nil: the fast mode.
 	real *podmanRuntime
 }
@@ -90,11 +106,19 @@ func kubelet(args []string) error {
 	if err != nil {
 		return err
 	}
+	heartbeatConfig := rest.CopyConfig(config)
+	heartbeatConfig.QPS, heartbeatConfig.Burst = -1, 0
+	heartbeatConfig.Timeout = nodeStatusUpdateFrequency
+	heartbeat, err := kubernetes.NewForConfig(heartbeatConfig)
+	if err != nil {
+		return err
+	}
 	ctx, stop := signal.NotifyContext(context.Background(), syscall.SIGINT, syscall.SIGTERM)
 	defer stop()
 
 	k := &fastKubelet{
 		client:    client,
+		heartbeat: heartbeat,
 		nodes:     map[string]bool{},
 		exitAfter: *exitAfter,
 		queue:     workqueue.NewTypedRateLimitingQueue(workqueue.DefaultTypedControllerRateLimiter[string]()),
@@ -110,7 +134,7 @@ func kubelet(args []string) error {
 		}
 		capacity[name] = quantity
 	}
-	runtimeVersion := "nso-dev://fast"
+	k.capacity, k.runtimeVersion = capacity, "nso-dev://fast"
 	switch *runtimeName {
 	case "fast":
 	case "podman":
@@ -120,18 +144,20 @@ func kubelet(args []string) error {
 		if k.real, err = newPodmanRuntime(ctx, k, *rootDir, config.Host, capacity); err != nil {
 			return err
 		}
-		runtimeVersion = k.real.version()
+		k.runtimeVersion = k.real.version()
 	default:
 		return fmt.Errorf("--runtime %q: fast or podman", *runtimeName)
 	}
 	for i := range *count {
 		name := fmt.Sprintf("%s%d", *prefix, i)
 		k.nodes[name] = true
-		if err := k.register(ctx, name, capacity, runtimeVersion); err != nil {
+		if err := k.register(ctx, name); err != nil {
 			return fmt.Errorf("register node %s: %w", name, err)
 		}
 	}
-	go k.renewLeases(ctx)
+	for name := range k.nodes {
+		go k.keepReady(ctx, name)
+	}
 
 	factory := informers.NewSharedInformerFactoryWithOptions(client, 0, informers.WithTweakListOptions(func(o *metav1.ListOptions) {
 		o.FieldSelector = fields.OneTermNotEqualSelector("spec.nodeName", "").String()
@@ -163,29 +189,96 @@ func kubelet(args []string) error {
 	return nil
 }
 
-func (k *fastKubelet) register(ctx context.Context, name string, capacity corev1.ResourceList, runtimeVersion string) error {
+func (k *fastKubelet) register(ctx context.Context, name string) error {
 	node := &corev1.Node{ObjectMeta: metav1.ObjectMeta{Name: name, Labels: map[string]string{
 		"kubernetes.io/hostname": name, "kubernetes.io/os": "linux", "kubernetes.io/arch": "amd64",
 		"node.kubernetes.io/instance-type": "nso-dev",
 	}}}
-	if _, err := k.client.CoreV1().Nodes().Create(ctx, node, metav1.CreateOptions{}); err != nil && !apierrors.IsAlreadyExists(err) {
+	if _, err := k.heartbeat.CoreV1().Nodes().Create(ctx, node, metav1.CreateOptions{}); err != nil && !apierrors.IsAlreadyExists(err) {
 		return err
 	}
 	// The node controllers update a new node too (taints, annotations): retried on a conflict.
-	return retry.RetryOnConflict(retry.DefaultBackoff, func() error { return k.postStatus(ctx, name, capacity, runtimeVersion) })
+	_, err := k.syncNodeStatus(ctx, name, true)
+	return err
 }
 
-func (k *fastKubelet) postStatus(ctx context.Context, name string, capacity corev1.ResourceList, runtimeVersion string) error {
-	current, err := k.client.CoreV1().Nodes().Get(ctx, name, metav1.GetOptions{})
-	if err != nil {
-		return err
+// keepReady is one node's heartbeat, independent of every other node's (one
+// slow request delays no other node): its Lease renewed every
+// leaseRenewInterval, its status checked every nodeStatusUpdateFrequency and
+// posted when its Ready condition is not True or nodeStatusReportFrequency
+// after the last post. Jittered like a kubelet's, so that nodes spread out.
+func (k *fastKubelet) keepReady(ctx context.Context, name string) {
+	lastReport := time.Now() // at registration
+	go wait.JitterUntilWithContext(ctx, func(ctx context.Context) {
+		if err := k.renewLease(ctx, name); err != nil && ctx.Err() == nil {
+			log.Printf("lease of %s: %v", name, err)
+		}
+	}, leaseRenewInterval, 0.04, true)
+	wait.JitterUntilWithContext(ctx, func(ctx context.Context) {
+		posted, err := k.syncNodeStatus(ctx, name, time.Since(lastReport) >= nodeStatusReportFrequency)
+		if err != nil && ctx.Err() == nil {
+			log.Printf("status of node %s: %v", name, err)
+		}
+		if posted {
+			lastReport = time.Now()
+		}
+	}, nodeStatusUpdateFrequency, 0.04, true)
+}
+
+// syncNodeStatus posts the node's status (capacity, conditions, addresses,
+// versions) when `force` or when the node is not Ready (the node lifecycle
+// controller sets Ready to Unknown when heartbeats were late; only the
+// kubelet sets it back); true when it posted.
+func (k *fastKubelet) syncNodeStatus(ctx context.Context, name string, force bool) (bool, error) {
+	posted, attempt := false, 0
+	err := retry.RetryOnConflict(retry.DefaultBackoff, func() error {
+		nodes := k.heartbeat.CoreV1().Nodes()
+		// Like a kubelet: first from the API server's cache, then, after a conflict, from etcd.
+		get := metav1.GetOptions{}
+		if attempt++; attempt == 1 {
+			get.ResourceVersion = "0"
+		}
+		current, err := nodes.Get(ctx, name, get)
+		if err != nil {
+			return err
+		}
+		if !force && nodeReady(current) {
+			return nil
+		}
+		setNodeStatus(current, k.capacity, k.runtimeVersion)
+		if _, err := nodes.UpdateStatus(ctx, current, metav1.UpdateOptions{}); err != nil {
+			return err
+		}
+		posted = true
+		return nil
+	})
+	return posted, err
+}
+
+func nodeReady(node *corev1.Node) bool {
+	for _, c := range node.Status.Conditions {
+		if c.Type == corev1.NodeReady {
+			return c.Status == corev1.ConditionTrue
+		}
 	}
+	return false
+}
+
+func setNodeStatus(node *corev1.Node, capacity corev1.ResourceList, runtimeVersion string) {
 	now := metav1.Now()
-	condition := func(kind corev1.NodeConditionType, status corev1.ConditionStatus, reason, message string) corev1.NodeCondition {
-		return corev1.NodeCondition{Type: kind, Status: status, Reason: reason, Message: message,
-			LastHeartbeatTime: now, LastTransitionTime: now}
+	previous := map[corev1.NodeConditionType]corev1.NodeCondition{}
+	for _, c := range node.Status.Conditions {
+		previous[c.Type] = c
 	}
-	current.Status = corev1.NodeStatus{
+	condition := func(kind corev1.NodeConditionType, status corev1.ConditionStatus, reason, message string) corev1.NodeCondition {
+		transition := now
+		if old, ok := previous[kind]; ok && old.Status == status {
+			transition = old.LastTransitionTime
+		}
+		return corev1.NodeCondition{Type: kind, Status: status, Reason: reason, Message: message,
+			LastHeartbeatTime: now, LastTransitionTime: transition}
+	}
+	node.Status = corev1.NodeStatus{
 		Capacity:    capacity,
 		Allocatable: capacity,
 		Phase:       corev1.NodeRunning,
@@ -195,39 +288,20 @@ func (k *fastKubelet) postStatus(ctx context.Context, name string, capacity core
 			condition(corev1.NodePIDPressure, corev1.ConditionFalse, "KubeletHasSufficientPID", "kubelet has sufficient PID available"),
 			condition(corev1.NodeReady, corev1.ConditionTrue, "KubeletReady", "nso-dev test kubelet is posting ready status"),
 		},
-		Addresses: []corev1.NodeAddress{{Type: corev1.NodeInternalIP, Address: "127.0.0.1"}, {Type: corev1.NodeHostName, Address: name}},
+		Addresses: []corev1.NodeAddress{{Type: corev1.NodeInternalIP, Address: "127.0.0.1"}, {Type: corev1.NodeHostName, Address: node.Name}},
 		NodeInfo: corev1.NodeSystemInfo{
 			KubeletVersion: kubeletVersion, OperatingSystem: "linux", Architecture: "amd64",
 			ContainerRuntimeVersion: runtimeVersion, OSImage: "nso-dev test kubelet",
 		},
 	}
-	_, err = k.client.CoreV1().Nodes().UpdateStatus(ctx, current, metav1.UpdateOptions{})
-	return err
-}
-
-// renewLeases keeps every node's Lease fresh, so that the node lifecycle
-// controller keeps the nodes Ready.
-func (k *fastKubelet) renewLeases(ctx context.Context) {
-	for {
-		for name := range k.nodes {
-			if err := k.renewLease(ctx, name); err != nil && ctx.Err() == nil {
-				log.Printf("lease of %s: %v", name, err)
-			}
-		}
-		select {
-		case <-ctx.Done():
-			return
-		case <-time.After(10 * time.Second):
-		}
-	}
 }
 
 func (k *fastKubelet) renewLease(ctx context.Context, name string) error {
-	leases := k.client.CoordinationV1().Leases(corev1.NamespaceNodeLease)
+	leases := k.heartbeat.CoordinationV1().Leases(corev1.NamespaceNodeLease)
 	now := metav1.NewMicroTime(time.Now())
 	lease, err := leases.Get(ctx, name, metav1.GetOptions{})
 	if apierrors.IsNotFound(err) {
-		node, err := k.client.CoreV1().Nodes().Get(ctx, name, metav1.GetOptions{})
+		node, err := k.heartbeat.CoreV1().Nodes().Get(ctx, name, metav1.GetOptions{})
 		if err != nil {
 			return err
 		}
