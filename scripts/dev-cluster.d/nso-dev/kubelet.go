@@ -233,9 +233,11 @@ func (k *fastKubelet) syncNodeStatus(ctx context.Context, name string, force boo
 	posted, attempt := false, 0
 	err := retry.RetryOnConflict(retry.DefaultBackoff, func() error {
 		nodes := k.heartbeat.CoreV1().Nodes()
-		// Like a kubelet: first from the API server's cache, then, after a conflict, from etcd.
+		// Like a kubelet's periodic check: first from the API server's cache, then, after a
+		// conflict, from etcd (a forced post, at registration, reads etcd: the cache may not
+		// have the node just created).
 		get := metav1.GetOptions{}
-		if attempt++; attempt == 1 {
+		if attempt++; attempt == 1 && !force {
 			get.ResourceVersion = "0"
 		}
 		current, err := nodes.Get(ctx, name, get)
