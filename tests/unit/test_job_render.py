@@ -19,7 +19,7 @@ import pytest
 import yaml
 
 from noisy_student_operator.api import RunSpec
-from noisy_student_operator.backend import JobContext, patch_volcano_job, render_app
+from noisy_student_operator.backend import JobContext, make_runner, patch_volcano_job, render_app
 from noisy_student_operator.core.layout import BALANCE, EXPORT, LABEL, PREPARE, STUDENT, TEACHER, Stage, plan_stages
 from noisy_student_operator.core.render import render_job, run_layout
 
@@ -61,11 +61,10 @@ PLACED = {
 def render_jobs(document: dict[str, Any]) -> dict[str, dict[str, Any]]:
     """Every stage's Volcano Job as JSON, by stage kind (the first generation of each)."""
     from kubernetes import client
-    from torchx.runner import get_runner
 
     spec = RunSpec.model_validate(document)
     layout = run_layout(spec, "ml", "demo", "image:test")
-    runner = get_runner()
+    runner = make_runner()  # the operator's
     jobs: dict[str, dict[str, Any]] = {}
     for stage in plan_stages(spec):
         if stage.kind in jobs:
@@ -77,6 +76,25 @@ def render_jobs(document: dict[str, Any]) -> dict[str, dict[str, Any]]:
         patch_volcano_job(resource, request, JobContext("demo", "ml", "uid-1", "s3-creds"))
         jobs[stage.kind] = client.ApiClient().sanitize_for_serialization(resource)
     return jobs
+
+
+def test_the_operators_runner_builds_a_schedulers_run_options_once(monkeypatch):
+    """TorchX builds a scheduler's run options (from its options class's source) on every call,
+    three times a dry run: the largest part of the operator's CPU per submission at 1,000 runs.
+    The operator's runner builds them once per scheduler (the tests above render with it)."""
+    from torchx.schedulers.kubernetes_scheduler import KubernetesScheduler
+
+    built = []
+    original = KubernetesScheduler._run_opts
+    monkeypatch.setattr(KubernetesScheduler, "_run_opts", lambda self: built.append(self) or original(self))
+    spec = RunSpec.model_validate(BASE)
+    layout = run_layout(spec, "ml", "demo", "image:test")
+    cfg = {"queue": "default", "namespace": "ml", "validate_spec": False}
+    runner = make_runner()
+    for stage in plan_stages(spec)[:3]:
+        app = render_app(render_job(spec, layout, stage, 0, 1000), spec.resources.image, {})
+        assert runner.dryrun(app, "kubernetes", cfg=cfg).request.resource["spec"]["tasks"]
+    assert len(built) == 1
 
 
 def pods(job: dict[str, Any]) -> list[dict[str, Any]]:
