@@ -448,10 +448,12 @@ class TorchXJobBackend:
             self.runner.cancel(handle)
         processes.end(processes.find(self._local_tag(job.name)))  # adopted ones too
 
-    def job_changed(self, event_type: str | None, job: dict[str, Any]) -> None:
-        """A Volcano Job of ours as the watch stream delivered it (observe reads it from there)."""
+    def job_changed(self, event_type: str | None, job: dict[str, Any]) -> bool:
+        """A Volcano Job of ours as the watch stream delivered it (observe reads it from there);
+        False when what a pass reads of it did not change."""
         if self.scheduler == "kubernetes":
-            self.volcano.record(event_type, job)
+            return self.volcano.record(event_type, job)
+        return True
 
     def remove(self, job: JobRecord, context: JobContext) -> None:
         """Delete a finished Volcano Job with its pods and Service; finished local processes leave

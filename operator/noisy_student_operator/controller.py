@@ -297,12 +297,15 @@ class RunController:
             metrics.RUNS.labels(condition).inc()
             self._conditions[key] = condition
 
-    def job_changed(self, event_type: str | None, job: dict[str, Any]) -> None:
-        """A Volcano Job of a run, from the watch stream: backends that observe through it keep it."""
+    def job_changed(self, event_type: str | None, job: dict[str, Any]) -> bool:
+        """A Volcano Job of a run, from the watch stream: backends that observe through it keep it.
+        False when every backend that keeps it says a pass would read nothing new of it."""
+        changed = not any(hasattr(backend, "job_changed") for backend in self.backends.values())
         for backend in self.backends.values():
             record = getattr(backend, "job_changed", None)
-            if record is not None:
-                record(event_type, job)
+            if record is not None and record(event_type, job) is not False:
+                changed = True
+        return changed
 
     def cancel_all(self, body: dict[str, Any]) -> list[str]:
         """Cancel the run's running jobs (the run is being deleted)."""

@@ -210,14 +210,14 @@ def on_job_event(
     namespace: str, labels: dict[str, str], type: str | None, status: Any, body: Any = None, **_: Any
 ) -> None:
     """A Volcano Job of a run changed: passes observe it from here (no GET), and its run is
-    looked at soon instead of at the next tick.
+    looked at soon instead of at the next tick, when what a pass reads of the Job changed
+    (its phase, not the pod counts Volcano rewrites as each of its pods starts).
 
     Debounced per run: changes arriving while a hint is pending join it. A Job that ended
     (or is gone) is looked at at once: the next stage's submission waits on that pass."""
-    if body is not None:
-        controller().job_changed(type, body)
+    changed = controller().job_changed(type, body) if body is not None else True
     run = labels.get(LABEL_RUN)
-    if run and type in ("MODIFIED", "DELETED"):
+    if run and type in ("MODIFIED", "DELETED") and changed:
         phase = ((status or {}).get("state") or {}).get("phase")
         final = type == "DELETED" or phase in FINAL_PHASES
         _hints.hint(namespace, run, 0.0 if final else HINT_DELAY)

@@ -225,15 +225,20 @@ class VolcanoJobs:
         self._watched: dict[tuple[str, str], tuple[float, dict[str, Any]]] = {}  # → (when, what observe reads)
         self._lock = threading.Lock()
 
-    def record(self, event_type: str | None, job: dict[str, Any]) -> None:
-        """A Job as the watch stream delivered it (None: listed at start; DELETED: gone)."""
+    def record(self, event_type: str | None, job: dict[str, Any]) -> bool:
+        """A Job as the watch stream delivered it (None: listed at start; DELETED: gone); False when
+        what `observe` reads of it is what it was (Volcano rewrites a Job's status as each of its
+        pods starts or ends: its counts, which no pass reads)."""
         meta = job["metadata"]
         key = (meta.get("namespace") or "default", meta["name"])
         with self._lock:
             if event_type == "DELETED":
                 self._watched.pop(key, None)
-            else:
-                self._watched[key] = (self.clock(), _observed_part(job))
+                return True
+            part = _observed_part(job)
+            previous = self._watched.get(key)
+            self._watched[key] = (self.clock(), part)
+            return previous is None or previous[1] != part
 
     def get(self, namespace: str, name: str) -> dict[str, Any] | None:
         """The Job as the watch showed it within `WATCHED_FOR` seconds, else as a GET reads it."""

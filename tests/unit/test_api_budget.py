@@ -263,6 +263,42 @@ def test_the_job_handler_feeds_the_backends_observation(monkeypatch):
     assert seen == [(None, "a"), ("DELETED", "a")]
 
 
+def test_only_a_job_change_that_a_pass_reads_brings_its_run_a_pass(monkeypatch):
+    """Volcano rewrites a Job's status as each of its pods starts (64 times for a 64-shard label
+    stage): each was a hint, a GET of the run and a pass that read nothing new. A change of what
+    a pass reads of the Job (its phase; its deletion) still is one."""
+    from noisy_student_operator.controller import RunController
+    from noisy_student_operator.volcano import VolcanoJobs
+
+    jobs = VolcanoJobs()
+    hinted = []
+
+    class Backend:
+        def job_changed(self, event_type, job):
+            return jobs.record(event_type, job)
+
+    class Recorder:
+        def hint(self, namespace, name, seconds):
+            hinted.append((name, seconds))
+
+    monkeypatch.setattr(handlers, "_controller", RunController(runs_api=None, backends={"kubernetes": Backend()}))
+    monkeypatch.setattr(handlers, "_hints", Recorder())
+    labels = {"noisystudent.dev/run": "r"}
+
+    def event(type_, phase, **counts):
+        job = volcano_job("a", phase, labels=labels)
+        job["status"].update(counts)
+        handlers.on_job_event(namespace="ml", labels=labels, type=type_, status=job["status"], body=job)
+
+    event(None, "Pending")  # listed at start
+    event("MODIFIED", "Running", running=1)
+    for running in range(2, 65):
+        event("MODIFIED", "Running", running=running)
+    event("MODIFIED", "Completed", succeeded=64)
+    event("DELETED", "Completed", succeeded=64)
+    assert hinted == [("r", handlers.HINT_DELAY), ("r", 0.0), ("r", 0.0)]
+
+
 def test_the_operators_api_clients_keep_a_connection_per_worker(tmp_path, monkeypatch):
     """urllib3 keeps 10 by default: kopf's 20 workers' passes opened and dropped connections."""
     from kubernetes import client
