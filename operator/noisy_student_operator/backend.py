@@ -228,6 +228,10 @@ def _server_message(error: Any) -> str:
 
 #: kube-apiserver's words when its admission cannot map a kind it has not rediscovered yet.
 _RESTMAPPING_LAG = "cannot find RESTMapping"
+#: What the API server answers (a 500) for an object too large to store: etcd's words over its
+#: --max-request-bytes (1.5 MiB by default), its gRPC client's over 2 MiB. TorchX renders a task per
+#: replica, so a label job of some 700 shards or more is refused every time.
+_TOO_LARGE_TO_STORE = ("etcdserver: request is too large", "trying to send message larger than max")
 
 
 def classify_submit_error(error: BaseException) -> JobSubmitError:
@@ -247,6 +251,8 @@ def classify_submit_error(error: BaseException) -> JobSubmitError:
             # discovery, refreshed every 30 s: right after the CRD is installed (`helm install`,
             # then `kubectl apply`) the owner is "unknown" for a while. It passes on a retry.
             permanent = False
+        if any(words in message for words in _TOO_LARGE_TO_STORE):
+            permanent = True
         reason = reasons.SUBMIT_REJECTED if permanent else reasons.SUBMIT_FAILED
         return JobSubmitError(f"the API server answered {status} {error.reason}: {message}", reason, permanent)
     if isinstance(error, (ValueError, TypeError, KeyError)):

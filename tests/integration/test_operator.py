@@ -477,6 +477,21 @@ def test_job_refused_by_volcano_fails_the_run_with_the_webhooks_message(h, ns, s
     assert set(reasons) == {"SubmitError", "RunFailed"}, reasons  # no kopf error Events
 
 
+def test_a_label_job_too_large_for_etcd_fails_the_run_with_the_servers_message(h, ns, s3_prefix):
+    """1,024 label shards (the most the CRD admits) are a Volcano Job of 1,024 tasks (TorchX renders one
+    task per replica), over 2 MiB: the API server cannot store it (500: its etcd client's `trying to send
+    message larger than max`; from 1.5 MiB, etcd's `request is too large`), however often it is asked.
+    The run fails SubmitRejected quoting the server, instead of retrying forever."""
+    run = "many-shards"
+    h.create_run(ns, run, spec(s3_prefix, students=1, resources={"labelShards": 1024}))
+    h.complete(ns, h.next_job(ns, run, set(), STEP))
+    status = h.wait_run(ns, run, lambda s: is_true(s, "Failed"), STEP, "Failed")
+    failed = condition(status, "Failed")
+    assert failed["reason"] == "SubmitRejected" and "500 Internal Server Error" in failed["message"], failed
+    assert "larger than max" in failed["message"] or "request is too large" in failed["message"], failed
+    assert h.jobs(ns, run)[1:] == []  # only the teacher's
+
+
 def test_an_artifact_store_that_refuses_reads_is_a_condition_quoting_the_store(h, cluster, ns, s3_prefix, s3_server,
                                                                               tmp_path):
     """The operator's S3 key may write but not read (SeaweedFS's `Write` action only): every HEAD of a

@@ -357,7 +357,7 @@ def test_a_run_whose_image_is_missing_says_so_then_hits_the_pending_timeout(
                                "stringData": s3_server.env()})
     h = Harness(client, operator)
     run = "no-image"
-    h.create_run(namespace, run, run_spec(s3_prefix, image, pendingTimeoutSeconds=40))
+    h.create_run(namespace, run, run_spec(s3_prefix, image, pendingTimeoutSeconds=20))
     job = h.next_job(namespace, run, set(), 120)["metadata"]["name"]
 
     status = h.wait_run(namespace, run, lambda s: any(
@@ -370,7 +370,7 @@ def test_a_run_whose_image_is_missing_says_so_then_hits_the_pending_timeout(
     status = h.wait_run(namespace, run, lambda s: s.get("stage") == "Failed", 90, "PendingTimeout")
     failed = condition(status, "Failed")
     assert failed["status"] == "True" and failed["reason"] == "PendingTimeout", failed
-    assert "pendingTimeoutSeconds (40s)" in failed["message"] and image in failed["message"], failed
+    assert "pendingTimeoutSeconds (20s)" in failed["message"] and image in failed["message"], failed
     wait_for(lambda: h.job(namespace, job) is None and not h.pods(namespace, job), 60,
              f"the timed-out job {job} and its pods to be gone",
              detail=lambda: kubectl("get", "vcjob,pods", "-n", namespace, "-o", "wide").stdout)

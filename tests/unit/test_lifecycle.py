@@ -93,6 +93,10 @@ FINALIZERS_FORBIDDEN = (
         (api_error(403, "Forbidden", RESTMAPPING_LAG), False, "cannot find RESTMapping"),
         (api_error(403, "Forbidden", FINALIZERS_FORBIDDEN), True, "cannot set blockOwnerDeletion"),
         (api_error(500, "Internal Server Error", "etcdserver: request timed out"), False, "request timed out"),
+        # etcd refuses an object over its --max-request-bytes (1.5 MiB by default): the same Job fails again.
+        (api_error(500, "Internal Server Error", "etcdserver: request is too large"), True, "request is too large"),
+        (api_error(500, "Internal Server Error", "rpc error: code = ResourceExhausted desc = trying to send message "
+                   "larger than max (2145974 vs. 2097152)"), True, "larger than max"),
         (api_error(503, "Service Unavailable"), False, "Service Unavailable"),
         (api_error(429, "Too Many Requests", "throttled"), False, "throttled"),
         (api_error(409, "Conflict", "the object has been modified"), False, "modified"),
