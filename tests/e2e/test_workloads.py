@@ -3,6 +3,7 @@ two-process DDP through TorchX ``local_cwd``, and a killed training job that res
 
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -17,7 +18,8 @@ import torch
 from noisy_student_workloads import balance, components, label, predictions, train
 from noisy_student_workloads.manifest import Manifest
 from noisy_student_workloads.datasets import pack_dataset
-from noisy_student_workloads.store import open_store
+from noisy_student_workloads.shards import ShardWriter, encode_png
+from noisy_student_workloads.store import FileStore, open_store
 
 pytestmark = pytest.mark.e2e
 
@@ -177,6 +179,25 @@ def test_non_finite_loss_fails_clearly_and_saves_no_weights(digits, tmp_path, ca
     assert "loss: not finite" in capsys.readouterr().err
     assert not (out / "checkpoints").exists() and not (out / "checkpoint.pt").exists()
     assert not (out / "_DONE.json").exists()
+
+
+def test_a_corrupt_png_read_by_a_data_worker_process_names_shard_and_key(digits, tmp_path, capsys, monkeypatch):
+    """The error comes from a DataLoader worker process (which wraps it in its traceback): the stage exits 2 with
+    one line naming the shard and the key, as when read in the main process."""
+    monkeypatch.setenv("NSO_CPU_SLOTS_DIR", str(tmp_path / "slots"))  # this process alone: 2 cores, 1 data worker
+    digit = np.zeros((8, 8), np.uint8)
+    with ShardWriter(FileStore(), uri(tmp_path / "labeled-%06d.tar"), 20) as w:
+        for i in range(40):
+            png = encode_png(digit + i)
+            w.write(f"img-{i:03d}", png[:40] if i == 27 else png, i % 10)  # one PNG cut short
+    cfg = train_config(digits, tmp_path / "out", labeled=uri(tmp_path / "labeled-{000000..000001}.tar"), workers=1)
+    assert train.main(["--config", json.dumps(cfg)]) == 2
+    err = capsys.readouterr().err
+    assert '"workers": 1' in err  # the sample was decoded in a worker process
+    message = err.strip().splitlines()[-1]
+    assert re.fullmatch(r"error: .*/labeled-000001\.tar: sample 'img-027': cannot decode image: .*", message), err
+    assert "Traceback" not in err
+    assert not (tmp_path / "out/_DONE.json").exists()
 
 
 def torchrun(cfg: dict, log) -> subprocess.CompletedProcess:
