@@ -1,5 +1,4 @@
-"""The training loop's device habits, checked on the CPU by structure (never by timing): no host sync per step,
-and ``torch.compile`` trains the same weights that are saved."""
+"""The training loop's device habits, checked on the CPU by structure (never by timing): no host sync per step."""
 
 import torch
 from timm.optim import create_optimizer_v2
