@@ -19,7 +19,11 @@ The bare side is the textbook loop on the same shards:
   load, worker start, parts, stats and markers included).
 
 Runs alternate (workload, bare, bare, workload, ...) so that drifting machine
-load hits both sides alike; the table shows medians over ``--rounds``.
+load hits both sides alike; the table shows medians over ``--rounds``, and
+the ratio is the median of each round's own ratio (its two sides ran next to
+each other in time: on a shared machine whose load swings several-fold
+within minutes, a ratio of medians compares moments far apart), with the
+host's load average (1 min) sampled as it ran.
 
 Command line::
 
@@ -31,6 +35,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import statistics
 import tempfile
 import time
@@ -151,7 +156,9 @@ def main() -> None:
     threads, workers = share.plan(2)
     share.close()
     results: dict[str, list[float]] = {k: [] for k in ("train", "bare_train", "label", "label_wall", "bare_label")}
+    loads = []
     for round_ in range(args.rounds):
+        loads.append(os.getloadavg()[0])
         for side in (["workload", "bare"] if round_ % 2 == 0 else ["bare", "workload"]):
             out = f"file://{root}/run-{round_}/"
             if side == "workload":
@@ -181,20 +188,23 @@ def main() -> None:
                 bare_steps = steps if results["train"] else 40
                 results["bare_train"].append(bare_train(unlabeled_paths, student_cfg, bare_steps, threads, workers))
 
+    loads.append(os.getloadavg()[0])
     med = {k: statistics.median(v) for k, v in results.items()}
     device = "cuda" if torch.cuda.is_available() else f"cpu, {threads} threads + {workers} data workers per process"
-    rows = [
-        ("student train (loop)", med["train"], med["bare_train"]),
-        ("label (loop)", med["label"], med["bare_label"]),
-        ("label (end to end)", med["label_wall"], med["bare_label"]),
-    ]
+    rows = [(name, med[w], med[b], [x / y for x, y in zip(results[w], results[b])]) for name, w, b in (
+        ("student train (loop)", "train", "bare_train"),
+        ("label (loop)", "label", "bare_label"),
+        ("label (end to end)", "label_wall", "bare_label"),
+    )]
     lines = [
         f"model {args.model} @ {args.image_size}px, {args.source}: noise (both sides) RandAugment "
         f"{noise.rand_augment.ops}/{noise.rand_augment.magnitude}, dropout {noise.dropout}, stochastic depth "
         f"{noise.stochastic_depth}; batch {args.batch_size} + {args.ratio}x pseudo; {args.rounds} rounds; {device}",
-        f"{'':24} {'workload img/s':>15} {'bare img/s':>11} {'ratio':>6}",
+        f"{'':24} {'workload img/s':>15} {'bare img/s':>11} {'ratio':>6} {'per round':>9}",
     ]
-    lines += [f"{name:24} {w:15.1f} {b:11.1f} {w / b:6.2f}" for name, w, b in rows]
+    lines += [f"{name:24} {w:15.1f} {b:11.1f} {statistics.median(r):6.2f} {min(r):.2f}-{max(r):.2f}"
+              for name, w, b, r in rows]
+    lines.append(f"host load average (1 min) while it ran: mean {statistics.mean(loads):.1f}, max {max(loads):.1f}")
     print("\n".join(lines))
     if args.json:
         Path(args.json).write_text(json.dumps({"median": med, "all": results, "threads": threads,
