@@ -3,10 +3,11 @@
 Every SeaweedFS service (master, volume, filer, S3, admin, each with a gRPC
 port) gets a free loopback port so parallel test sessions never collide;
 WebDAV is switched off. The server is started with the identities it will
-accept (``-s3.config``): the test credentials, allowed everything, and a
-write-only key (``S3Server.env(WRITE_ONLY)``), whose reads S3 refuses with 403
-(SeaweedFS answers 404 for a missing key to a key that may Read but not List,
-where AWS answers 403); and it pre-creates one bucket.
+accept (``-s3.config``): the test credentials, allowed everything; a key that
+may read and write but not list (``S3Server.env(NO_LIST)``), to which
+SeaweedFS answers 404 for a missing key where AWS answers 403; and a
+write-only key (``WRITE_ONLY``), whose reads it refuses with 403. It
+pre-creates one bucket.
 
 Run by hand::
 
@@ -32,7 +33,9 @@ ACCESS_KEY = "noisy-student-test"
 SECRET_KEY = "noisy-student-test-secret"
 BUCKET = "test-bucket"
 REGION = "us-east-1"
-#: (access key, secret key) of an identity that may only write (SeaweedFS's `Write` action).
+#: (access key, secret key) of an identity that may read and write, not list (SeaweedFS's actions) ...
+NO_LIST = ("noisy-student-no-list", "noisy-student-no-list-secret")
+#: ... and of one that may only write.
 WRITE_ONLY = ("noisy-student-write-only", "noisy-student-write-only-secret")
 
 
@@ -132,6 +135,7 @@ def identities() -> dict[str, Any]:
         return {"name": name, "credentials": [{"accessKey": keys[0], "secretKey": keys[1]}], "actions": actions}
 
     return {"identities": [identity("tests", (ACCESS_KEY, SECRET_KEY), ["Admin", "Read", "List", "Tagging", "Write"]),
+                           identity("no-list", NO_LIST, ["Read", "Write"]),
                            identity("write-only", WRITE_ONLY, ["Write"])]}
 
 

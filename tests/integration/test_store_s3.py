@@ -7,7 +7,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from s3_server import S3Server
+from s3_server import NO_LIST, WRITE_ONLY, S3Server
 from shard_data import read_shards
 
 from noisy_student_workloads.datasets import pack_dataset
@@ -127,6 +127,26 @@ def test_wrong_credentials_are_rejected(s3_env: S3Server, monkeypatch: pytest.Mo
     store = open_store(f"s3://{s3_env.bucket}/x")
     with pytest.raises(OSError, match=f"s3://{s3_env.bucket}/denied.bin"):
         store.put_bytes(f"s3://{s3_env.bucket}/denied.bin", b"x")
+
+
+def test_what_s3_answers_a_key_without_list_or_read(s3_env: S3Server, s3_prefix: str,
+                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    """AWS answers 403 for a missing key to a key without s3:ListBucket; SeaweedFS answers 404 (a
+    missing marker reads as missing), and 403 only to a key that may not read at all."""
+    present, missing = join_uri(s3_prefix, "present.json"), join_uri(s3_prefix, "missing.json")
+    open_store(s3_prefix).put_json(present, {})
+    for name, value in s3_env.env(NO_LIST).items():
+        monkeypatch.setenv(name, value)
+    store = open_store(s3_prefix)
+    assert store.exists(present) and not store.exists(missing)
+    with pytest.raises(OSError, match="AccessDenied"):
+        store.list(s3_prefix)
+    for name, value in s3_env.env(WRITE_ONLY).items():
+        monkeypatch.setenv(name, value)
+    store = open_store(s3_prefix)
+    for uri in (present, missing):
+        with pytest.raises(OSError, match=f"{uri}: .*403"):
+            store.exists(uri)
 
 
 def test_create_delete_and_sizes(s3_prefix: str) -> None:
