@@ -739,6 +739,62 @@ def test_volcano_jobs_pass_the_server_schema_and_reference_the_secret(h, ns, s3_
         assert where < 0, f"{secret!r} found: ...{everything[max(0, where - 300):where + 100]}"
 
 
+def test_volcanos_webhook_admits_every_name_the_operator_derives_and_refuses_what_check_names_refuses(h, ns):
+    """Dry-run creates (Volcano's admission webhooks judge; nothing is stored): the operator's own
+    rendering, for a 40-character run name, of a 1,024-shard label job and a 16-node student at
+    attempt 9,999,999 is admitted (a 1,024-node student is over the API server's 3 MiB: a 413); the label job renamed to the shortest name `check_names` refuses is
+    refused by the webhook too, and one character shorter admitted."""
+    from kubernetes.client import ApiClient
+    from kubernetes.client.rest import ApiException
+    from operator_harness import VOLCANO_JOBS
+
+    from noisy_student_operator.api import RunSpec
+    from noisy_student_operator.backend import JobContext, TorchXJobBackend, make_runner
+    from noisy_student_operator.core.layout import STUDENT
+    from noisy_student_operator.core.planner import JobSubmitError
+    from noisy_student_operator.core.render import render_job, run_layout
+    from noisy_student_operator.volcano import check_names
+
+    submitted: list[dict[str, Any]] = []
+
+    class DryRunRunner:
+        """TorchX's runner, whose `schedule` creates the Volcano Job with dryRun=All."""
+
+        runner = make_runner()
+
+        def dryrun(self, *args: Any, **kwargs: Any) -> Any:
+            return self.runner.dryrun(*args, **kwargs)
+
+        def schedule(self, dryrun: Any) -> None:
+            submitted.append(ApiClient().sanitize_for_serialization(dryrun.request.resource))
+            create(submitted[-1])
+
+    def create(job: dict[str, Any]) -> None:
+        h.custom.create_namespaced_custom_object(**VOLCANO_JOBS, namespace=ns, body=job, dry_run="All")
+
+    run = "r" * 40
+    run_spec = RunSpec.model_validate(spec("s3://bucket/runs/", students=1, resources={
+        "labelShards": 1024, "train": {"nodes": {"min": 16, "max": 16}}}))
+    layout = run_layout(run_spec, ns, run, "image:test")
+    backend = TorchXJobBackend("kubernetes", runner=DryRunRunner())
+    for stage in (Stage(1, LABEL), Stage(1, STUDENT)):
+        backend.submit(render_job(run_spec, layout, stage, 9_999_999, 1000), JobContext(run, ns, "uid", SECRET_NAME))
+    label, student = submitted
+    assert (len(label["spec"]["tasks"]), len(student["spec"]["tasks"])) == (1024, 16)
+
+    def renamed(length: int) -> dict[str, Any]:
+        return {**label, "metadata": {**label["metadata"], "name": "j" * length}}
+
+    longest = 63 - len(f"-{label['spec']['tasks'][-1]['name']}-1023")  # the webhook's `<job>-<task>-<position>`
+    check_names(renamed(longest))
+    create(renamed(longest))
+    with pytest.raises(JobSubmitError):
+        check_names(renamed(longest + 1))
+    with pytest.raises(ApiException) as refused:
+        create(renamed(longest + 1))
+    assert "63" in refused.value.body, refused.value.body
+
+
 # ----------------------------------------------------------------------------- (h) kubectl views
 
 
