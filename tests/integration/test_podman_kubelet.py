@@ -342,6 +342,14 @@ def run_spec(s3_prefix: str, image: str, **overrides: Any) -> dict[str, Any]:
     }
 
 
+def run_namespace(client: Any, kubectl, s3_server: S3Server) -> str:
+    """A fresh namespace with the Secret `s3`, from which `run_spec`'s pods read their S3 credentials."""
+    namespace = fresh_namespace(client)
+    apply(kubectl, namespace, {"apiVersion": "v1", "kind": "Secret", "metadata": {"name": "s3"},
+                               "stringData": s3_server.env()})
+    return namespace
+
+
 def condition(status: dict[str, Any], type_: str) -> dict[str, Any]:
     return next((c for c in status.get("conditions") or [] if c["type"] == type_), {})
 
@@ -351,10 +359,8 @@ def test_a_run_whose_image_is_missing_says_so_then_hits_the_pending_timeout(
 ) -> None:
     """The kubelet's own ErrImagePull/ImagePullBackOff reaches the run's JobPending message; with
     pendingTimeoutSeconds the run fails PendingTimeout and its Volcano Job goes with its pods."""
-    namespace = fresh_namespace(client)
+    namespace = run_namespace(client, kubectl, s3_server)
     image = f"localhost/nso-dev-absent:{uuid.uuid4().hex[:8]}"
-    apply(kubectl, namespace, {"apiVersion": "v1", "kind": "Secret", "metadata": {"name": "s3"},
-                               "stringData": s3_server.env()})
     h = Harness(client, operator)
     run = "no-image"
     h.create_run(namespace, run, run_spec(s3_prefix, image, pendingTimeoutSeconds=20))
@@ -386,9 +392,7 @@ def test_a_training_stages_config_error_under_torchrun_fails_the_run_without_a_r
     """The teacher in the workloads image, two torchrun workers, a batch of 1: each worker exits 2 with
     a ConfigError, torchrun's agent exits 1; the worker's line in the termination message (the kubelet's
     terminationMessagePath) makes the run InvalidConfig, with no second attempt."""
-    namespace = fresh_namespace(client)
-    apply(kubectl, namespace, {"apiVersion": "v1", "kind": "Secret", "metadata": {"name": "s3"},
-                               "stringData": s3_server.env()})
+    namespace = run_namespace(client, kubectl, s3_server)
     h = Harness(client, operator)
     run = "bad-batch"
     h.create_run(namespace, run, run_spec(
@@ -425,4 +429,3 @@ def test_the_kubelet_and_down_remove_every_container(cluster: ApiServer, client:
     cluster.stop()
     assert podman("ps", "-a", "-q", "--filter", f"label=dev.nso.kubelet.root={root}").stdout == ""
     assert (cluster.run_dir / "kubelet" / "logs").is_dir()
-
