@@ -406,6 +406,11 @@ class TrainingSpec(ApiModel):
         "weighs as much as a labeled one; `equal`: the two mean losses added.",
     )
     seed: int = Field(default=0, ge=0, le=MAX_SEED, description="Seed of every stage.")
+    compile: bool = Field(
+        default=False,
+        description="Train with `torch.compile` (pays on a GPU for long runs: the first steps compile for "
+        "minutes). Enters the training stages' keys only when set.",
+    )
     allow_smaller_student: bool = Field(
         default=False,
         description="Allow a student with fewer parameters than its teacher (the method "

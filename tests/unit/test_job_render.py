@@ -184,6 +184,22 @@ def test_placement_is_not_part_of_a_stage_key():
     assert keys({**BASE, "resources": {"train": {"gpu": 1}}})[Stage(0, TEACHER)] != keys(BASE)[Stage(0, TEACHER)]
 
 
+def test_training_compile_reaches_the_training_configs_and_their_keys_only_when_set():
+    from noisy_student_operator.core.render import render_train_config
+    from noisy_student_workloads.config import TrainConfig
+
+    def rendered(document):
+        spec = RunSpec.model_validate(document)
+        layout = run_layout(spec, "ml", "demo", "image:test")
+        return layout.keys, [render_train_config(spec, layout, g, 10**6) for g in (0, 1)]
+
+    keys, configs = rendered(BASE)
+    compiled_keys, compiled = rendered({**BASE, "training": {"compile": True}})
+    assert not any("compile" in c for c in configs)  # the keys of runs that never set it are unchanged
+    assert all(TrainConfig.model_validate(c).compile for c in compiled)
+    assert compiled_keys[Stage(0, TEACHER)] != keys[Stage(0, TEACHER)]
+
+
 # ----------------------------------------------------------------------------- Volcano's CRD
 
 

@@ -86,6 +86,8 @@ def render_train_config(
         "teacher": teacher,
         "allow_smaller_student": spec.training.allow_smaller_student,
         "workers": spec.resources.workers,
+        # only when set: the keys of runs that never asked for it stay as they were
+        **({"compile": True} if spec.training.compile else {}),
         # The robustness check's inputs are part of what the stage computes (its metrics): rendered, so that
         # they enter its key.
         "corruption_images": CORRUPTION_IMAGES,
