@@ -7,11 +7,14 @@ distinct) into 1,000-image shards on a real S3 server on loopback
 processes: ``label`` (one replica), ``balance`` (keeping every image, so
 that the student's epoch streams the whole set), and one epoch of the noisy
 student (RandAugment, dropout, stochastic depth; labeled + pseudo-labeled
-batches); ``--train-seconds`` stops each student after that long, when a whole
-epoch does not fit the time at hand (its peak memory and images/s are then
-those of the steps it ran). It samples the memory of each stage's whole process tree (PSS,
-data-loader workers included) and prints the peak at both sizes — their
-ratio is the figure: streaming keeps it flat — and the stages' images/s
+batches); ``--train-seconds`` stops each student after that long, when a
+whole epoch does not fit the time at hand (its peak memory and images/s are
+then those of the steps it ran). It samples the memory of each stage's whole
+process tree (PSS, data-loader workers included) and prints the peak at both
+sizes — their ratio is the figure: streaming keeps it flat. PSS divides the
+pages a process shares (torch's libraries) among all the processes mapping
+them, so it reads lower while other torch processes run on the host: compare
+sizes measured under the same conditions. It also prints the stages' images/s
 against bare streaming loops over the same S3 shards (``webdataset`` with a
 boto3 opener, the same model, noise, threads and workers), measured in the
 same run.
