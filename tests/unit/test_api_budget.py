@@ -246,6 +246,41 @@ def test_a_watched_job_is_observed_without_a_get_and_read_again_after_a_minute()
     assert jobs.observe("ml", "c").state is JobState.RUNNING and api.gets == 3  # the GET is kept too
 
 
+def test_why_a_job_waits_is_read_from_the_api_servers_cache_a_failure_from_etcd():
+    """Every pass of a Pending Job lists its pods (and the Events of its PodGroup): read from etcd,
+    a list by label reads every pod of the namespace (seconds each with 1,000 runs in it). Those
+    come from the watch cache (resourceVersion 0); a failed Job's pods, read once for its message
+    and reason, from etcd."""
+    from noisy_student_operator.core.planner import JobState
+    from noisy_student_operator.volcano import VolcanoJobs
+
+    calls = []
+
+    class Listing:
+        items = []
+
+    class Core:
+        api_client = None
+
+        def list_namespaced_pod(self, namespace, **options):
+            calls.append(("pods", options.get("resource_version")))
+            return Listing()
+
+        def list_namespaced_event(self, namespace, **options):
+            calls.append(("events", options.get("resource_version")))
+            return Listing()
+
+    jobs = VolcanoJobs()
+    jobs.objects, jobs.core = CountingJobsApi(), Core()
+    jobs.record(None, volcano_job("a", "Pending", uid="u"))
+    assert jobs.observe("ml", "a").state is JobState.PENDING
+    assert calls == [("pods", "0"), ("events", "0")]
+    calls.clear()
+    jobs.record("MODIFIED", volcano_job("a", "Failed", uid="u"))
+    assert jobs.observe("ml", "a").state is JobState.FAILED
+    assert calls == [("pods", None)]
+
+
 def test_the_job_handler_feeds_the_backends_observation(monkeypatch):
     seen = []
 
