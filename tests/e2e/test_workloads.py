@@ -279,3 +279,45 @@ def test_killed_training_resumes_from_its_checkpoint(tmp_path):
     # only the last keep_checkpoints (default 2) epoch checkpoints are kept
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["epoch-003.pt", "epoch-004.pt"]
     assert open_store(uri(out)).exists(uri(out / "_DONE.json"))
+
+
+def _two_rank_epoch(rank: int, store: str, results: str) -> None:
+    """One rank of a two-process DDP epoch (gloo); rank 1's last batch has a non-finite pseudo label."""
+    import torch.distributed as dist
+    from timm.optim import create_optimizer_v2
+    from timm.scheduler import create_scheduler_v2
+    from torch.nn.parallel import DistributedDataParallel
+
+    from noisy_student_workloads.models import create_model, normalization
+
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=2)
+    torch.manual_seed(0)
+    raw = create_model(MODEL, 10, 0.0, 0.0)
+    model = DistributedDataParallel(raw)
+    optimizer = create_optimizer_v2(model, opt="sgd", lr=0.01)
+    scheduler, _ = create_scheduler_v2(optimizer, sched="cosine", num_epochs=1, updates_per_epoch=3,
+                                       step_on_epochs=False)
+    g = torch.Generator().manual_seed(rank)
+    data = [(torch.randint(0, 256, (6, 3, IMAGE_SIZE, IMAGE_SIZE), dtype=torch.uint8, generator=g),
+             torch.softmax(torch.randn(6, 10, generator=g), dim=1), 2) for _ in range(3)]
+    if rank == 1:
+        data[-1][1][-1, 0] = float("nan")  # on this rank only, at the epoch's last step
+    mean, std = normalization(raw)
+    d = train.Dist(rank=rank, world=2, local_world=2, device=torch.device("cpu"))
+    try:
+        train.train_epoch(model, data, optimizer, scheduler, 0, mean, std, d, 0)
+        outcome = "returned"
+    except train.NonFiniteLoss:
+        outcome = "NonFiniteLoss"
+    with open(f"{results}.{rank}", "w") as f:
+        f.write(outcome)
+    dist.destroy_process_group()
+
+
+def test_a_non_finite_loss_on_one_rank_stops_every_rank(tmp_path):
+    """Were the check per rank, the others would go on to evaluation and wait in its all_reduce
+    for the rank that stopped, until the process group's timeout."""
+    import torch.multiprocessing as mp
+
+    mp.spawn(_two_rank_epoch, args=(str(tmp_path / "store"), str(tmp_path / "outcome")), nprocs=2, join=True)
+    assert [(tmp_path / f"outcome.{rank}").read_text() for rank in (0, 1)] == ["NonFiniteLoss"] * 2

@@ -477,7 +477,8 @@ def train_epoch(
     mean: list[float], std: list[float], d: Dist, epoch: int, weighting: str = "ratio",
     ema: Any = None, raw: torch.nn.Module | None = None, on_step: Callable[[int, int], None] | None = None,
 ) -> tuple[float, int]:
-    """One epoch; returns (mean loss, images this rank trained on). Raises :class:`NonFiniteLoss`.
+    """One epoch; returns (the job's mean loss, images this rank trained on). Raises
+    :class:`NonFiniteLoss` on every rank when any rank's loss was not finite.
 
     ``on_step(steps, images)`` is called after every step (progress).
     """
@@ -502,6 +503,11 @@ def train_epoch(
         steps += 1
         if on_step is not None:
             on_step(steps, images)
+    if d.world > 1:
+        # Every rank decides on the job's mean loss: a rank stopping alone would leave the others
+        # waiting for it in evaluation's all_reduce until the process group times out.
+        dist.all_reduce(total_loss)
+        total_loss /= d.world
     mean_loss = float(total_loss) / max(1, steps)
     if not math.isfinite(mean_loss):
         lr = optimizer.param_groups[0]["lr"]
