@@ -300,12 +300,11 @@ class RunController:
     def job_changed(self, event_type: str | None, job: dict[str, Any]) -> bool:
         """A Volcano Job of a run, from the watch stream: backends that observe through it keep it.
         False when every backend that keeps it says a pass would read nothing new of it."""
-        changed = not any(hasattr(backend, "job_changed") for backend in self.backends.values())
-        for backend in self.backends.values():
-            record = getattr(backend, "job_changed", None)
-            if record is not None and record(event_type, job) is not False:
-                changed = True
-        return changed
+        records = [record for backend in self.backends.values()
+                   if (record := getattr(backend, "job_changed", None)) is not None]
+        if not records:
+            return True
+        return any([record(event_type, job) is not False for record in records])  # a list: each one records
 
     def cancel_all(self, body: dict[str, Any]) -> list[str]:
         """Cancel the run's running jobs (the run is being deleted)."""
