@@ -10,11 +10,11 @@ student (RandAugment, dropout, stochastic depth; labeled + pseudo-labeled
 batches); ``--train-seconds`` stops each student after that long, when a
 whole epoch does not fit the time at hand (its peak memory and images/s are
 then those of the steps it ran). It samples the memory of each stage's whole
-process tree (PSS, data-loader workers included) and prints the peak at both
-sizes — their ratio is the figure: streaming keeps it flat. PSS divides the
-pages a process shares (torch's libraries) among all the processes mapping
-them, so it reads lower while other torch processes run on the host: compare
-sizes measured under the same conditions. It also prints the stages' images/s
+process tree (PSS and summed RSS, data-loader workers included) and prints the
+peak at both sizes — their ratio is the figure: streaming keeps it flat. PSS
+divides the pages a process shares (torch's libraries) among all the processes
+mapping them, so it reads lower while other torch processes run on the host;
+summed RSS counts them in full in each process of the tree, whatever else runs. It also prints the stages' images/s
 against bare streaming loops over the same S3 shards (``webdataset`` with a
 boto3 opener, the same model, noise, threads and workers), measured in the
 same run.
@@ -84,8 +84,10 @@ def synthetic_unlabeled(cache: Path, prefix: str, n: int, seed: int = 0) -> str:
     return join_uri(prefix, f"unlabeled-{{000000..{shards - 1:06d}}}.tar")
 
 
-def tree_rss(pid: int) -> int:
-    """Proportional resident bytes (PSS: shared pages split among their users) of ``pid`` and its descendants."""
+def tree_memory(pid: int) -> tuple[int, int]:
+    """Resident bytes of ``pid`` and its descendants: proportional (PSS: shared pages split among all their
+    users, on this host) and plain (RSS summed: shared pages counted in every process of the tree, whatever
+    else runs)."""
     children: dict[int, list[int]] = {}
     for entry in os.listdir("/proc"):
         if entry.isdigit():
@@ -95,31 +97,35 @@ def tree_rss(pid: int) -> int:
             except (OSError, IndexError, ValueError):
                 continue
             children.setdefault(ppid, []).append(int(entry))
-    total, todo = 0, [pid]
+    pss, rss, todo = 0, 0, [pid]
     while todo:
         p = todo.pop()
         todo.extend(children.get(p, []))
         try:
             with open(f"/proc/{p}/smaps_rollup") as f:
-                total += next(int(line.split()[1]) * 1024 for line in f if line.startswith("Pss:"))
-        except (OSError, StopIteration):
-            pass
-    return total
+                fields = {k: int(v.split()[0]) * 1024 for k, v in (line.split(":", 1) for line in f) if k in
+                          ("Pss", "Rss")}
+        except (OSError, ValueError):
+            continue
+        pss += fields.get("Pss", 0)
+        rss += fields.get("Rss", 0)
+    return pss, rss
 
 
 LOADS: list[float] = []  # the host's 1-minute load average, sampled while stages run (other users included)
 
 
-def run_stage(module: str, config: dict, log: Path, limit: float | None = None) -> tuple[float, int, bool]:
-    """Run a stage as its own process, stopped after ``limit`` seconds if given; returns (seconds, peak RSS of
-    its process tree in bytes, whether it ran to its end)."""
+def run_stage(module: str, config: dict, log: Path,
+              limit: float | None = None) -> tuple[float, tuple[int, int], bool]:
+    """Run a stage as its own process, stopped after ``limit`` seconds if given; returns (seconds, peak PSS and
+    peak RSS of its process tree in bytes, whether it ran to its end)."""
     cmd = [sys.executable, "-m", f"noisy_student_workloads.{module}", "--config", json.dumps(config)]
     with open(log, "a") as out:
         tic = time.perf_counter()
         proc = subprocess.Popen(cmd, stderr=out, stdout=out)
-        peak, stopped = 0, False
+        peak, stopped = (0, 0), False
         while proc.poll() is None:
-            peak = max(peak, tree_rss(proc.pid))
+            peak = tuple(map(max, peak, tree_memory(proc.pid)))
             LOADS.append(os.getloadavg()[0])
             if limit is not None and time.perf_counter() - tic > limit and not stopped:
                 proc.terminate()  # its data-loader workers follow their parent
@@ -229,17 +235,17 @@ def main() -> None:
             pattern = synthetic_unlabeled(args.cache, join_uri(root, f"synthetic-{n}/"), n)
             pack_s = time.perf_counter() - tic
             out = join_uri(root, f"run-{n}/")
-            label_s, label_rss, _ = run_stage("label", {"checkpoint": teacher + "checkpoint.pt", "unlabeled": pattern,
+            label_s, (label_pss, label_rss), _ = run_stage("label", {"checkpoint": teacher + "checkpoint.pt", "unlabeled": pattern,
                                                      "output": out + "labels/"}, log)
             part = open_store(out).get_json(out + "labels/part-00000.done.json")
-            balance_s, balance_rss, _ = run_stage("balance", {"labels": out + "labels/", "num_classes": 10,
+            balance_s, (balance_pss, balance_rss), _ = run_stage("balance", {"labels": out + "labels/", "num_classes": 10,
                                                            "confidence_threshold": 0.0, "balance": False,
                                                            "output": out + "balance/"}, log)
             student = {"role": "student", "epochs": 1, "output": out + "student/",
                        "noise": {"rand_augment": {"ops": 2, "magnitude": 9}, "dropout": 0.5, "stochastic_depth": 0.2},
                        "pseudo": {"manifest": out + "balance/manifest.json", "unlabeled": pattern,
                                   "ratio": args.ratio}, **base}
-            train_s, train_rss, whole = run_stage("train", student, log, args.train_seconds)
+            train_s, (train_pss, train_rss), whole = run_stage("train", student, log, args.train_seconds)
             # a stopped student's images/s is its last progress report's (its epoch so far)
             progress = open_store(out).get_json(out + "student/progress.json")
             train_ips = (open_store(out).get_json(out + "student/metrics.json")["images_per_second"] if whole
@@ -250,30 +256,33 @@ def main() -> None:
                               args.bare_images)
             loads, LOADS[:] = list(LOADS), []
             rows.append({"images": n, "load_mean": float(np.mean(loads)), "load_max": float(np.max(loads)),
-                         "pack_s": pack_s, "label_s": label_s, "label_rss": label_rss,
+                         "pack_s": pack_s, "label_s": label_s, "label_pss": label_pss, "label_rss": label_rss,
                          "label_ips": part["images_per_second"], "bare_label_ips": bare_label,
-                         "balance_s": balance_s, "balance_rss": balance_rss, "train_s": train_s,
-                         "train_rss": train_rss, "train_ips": train_ips, "train_epoch_done": progress["epoch"],
+                         "balance_s": balance_s, "balance_pss": balance_pss, "balance_rss": balance_rss,
+                         "train_s": train_s, "train_pss": train_pss, "train_rss": train_rss, "train_ips": train_ips, "train_epoch_done": progress["epoch"],
                          "bare_train_ips": bare_train})
             print(json.dumps(rows[-1]), file=sys.stderr, flush=True)
     finally:
         server.stop()
     mib = 2**20
     print(f"model {args.model} @ {args.image_size}px, batch {args.batch_size} + {args.ratio}x pseudo, "
-          f"{os.cpu_count()} CPUs; peak memory (PSS) of each stage's process tree")
-    print(f"{'images':>9} {'label s':>8} {'label MiB':>10} {'train s':>8} {'epoch done':>10} {'train MiB':>10} "
+          f"{os.cpu_count()} CPUs; peak memory of each stage's process tree, PSS / RSS summed (MiB)")
+    print(f"{'images':>9} {'label s':>8} {'label MiB':>11} {'train s':>8} {'epoch done':>10} {'train MiB':>11} "
           f"{'balance MiB':>12} {'label/bare':>11} {'train/bare':>11}")
     for r in rows:
-        print(f"{r['images']:>9} {r['label_s']:8.0f} {r['label_rss'] / mib:10.0f} {r['train_s']:8.0f} "
-              f"{r['train_epoch_done']:10.2f} {r['train_rss'] / mib:10.0f} {r['balance_rss'] / mib:12.0f} "
+        print(f"{r['images']:>9} {r['label_s']:8.0f} {r['label_pss'] / mib:5.0f}/{r['label_rss'] / mib:5.0f} "
+              f"{r['train_s']:8.0f} {r['train_epoch_done']:10.2f} {r['train_pss'] / mib:5.0f}/{r['train_rss'] / mib:5.0f} "
+              f"{r['balance_pss'] / mib:6.0f}/{r['balance_rss'] / mib:5.0f} "
               f"{r['label_ips'] / r['bare_label_ips']:11.2f} {r['train_ips'] / r['bare_train_ips']:11.2f}")
     for r in rows:
         print(f"{r['images']:>9}: host load average (1 min) while it ran: mean {r['load_mean']:.1f}, "
               f"max {r['load_max']:.1f}")
     if len(rows) > 1:
         a, b = rows[0], rows[-1]
-        print(f"peak RSS at {b['images']} / at {a['images']}: label {b['label_rss'] / a['label_rss']:.2f}x, "
-              f"train {b['train_rss'] / a['train_rss']:.2f}x, balance {b['balance_rss'] / a['balance_rss']:.2f}x")
+        for kind in ("pss", "rss"):
+            print(f"peak {kind.upper()} at {b['images']} / at {a['images']}: "
+                  + ", ".join(f"{stage} {b[f'{stage}_{kind}'] / a[f'{stage}_{kind}']:.2f}x"
+                              for stage in ("label", "train", "balance")))
     if args.json:
         Path(args.json).write_text(json.dumps(rows, indent=2))
 
