@@ -17,7 +17,7 @@ import logging
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Collection, Mapping
 from datetime import datetime, timezone
 from typing import Any
 
@@ -96,15 +96,25 @@ class MarkerReader:
         """Markers held in memory."""
         return len(self._cache)
 
-    def read(self, run: RunRef) -> dict[Stage, Mapping[str, Any]]:
-        """Markers of the completed prefix of the run's stages (each under its stage key)."""
+    def read(self, run: RunRef, running: Collection[str] = ()) -> dict[Stage, Mapping[str, Any]]:
+        """Markers of the completed prefix of the run's stages (each under its stage key).
+
+        `running`: keys of stages whose job is seen running. Their markers are not read unless
+        cached: a stage is not complete while its job runs (the marker is written last), and the
+        job's end brings the pass that reads it. So a pass over a running stage costs no request.
+        """
         layout = run.layout
         store = self.store_for(layout.root)
         markers: dict[Stage, Mapping[str, Any]] = {}
         started = time.monotonic()
         stages = plan_stages(run.spec)
         for stage in stages:
-            marker = self._get(store, layout.marker_uri(stage), started)
+            if layout.key(stage) in running:
+                marker = self._cached(layout.marker_uri(stage))
+                if marker is None:
+                    break
+            else:
+                marker = self._get(store, layout.marker_uri(stage), started)
             if marker is None:
                 # The export (last) may follow a gap: the generations skipped by spec.stopWhenGainBelow.
                 export = stages[-1]
@@ -122,9 +132,10 @@ class MarkerReader:
                 raise ArtifactStoreError(
                     f"the artifact store took more than {self.deadline:g} s for this pass; tried again later"
                 )
-            if not store.exists(uri):
+            try:
+                marker = store.get_json(uri)  # one GET, present or not
+            except FileNotFoundError:
                 return None
-            marker = store.get_json(uri)
             self._remember(uri, marker)
         return marker
 
@@ -150,12 +161,13 @@ class Reconciler:
 
     def observe(self, run: RunRef, context: JobContext) -> Observation:
         live = [j for j in run.status.jobs if j.state in LIVE_STATES]
+        jobs = self.backend.observe(live, context)
+        running = {j.key for j in live if j.key and j.name in jobs and jobs[j.name].state.active}
         try:
-            markers = self.markers.read(run)
+            markers = self.markers.read(run, running)
         except Exception as error:
             raise ArtifactStoreError(f"reading completion markers under {run.layout.root} failed: {error}") from error
-        return Observation(now=self.clock(), jobs=self.backend.observe(live, context), markers=markers,
-                           progress=self.read_progress(run, markers))
+        return Observation(now=self.clock(), jobs=jobs, markers=markers, progress=self.read_progress(run, markers))
 
     def read_progress(self, run: RunRef, markers: Mapping[Stage, Any]) -> dict[Stage, Mapping[str, Any]]:
         """What the training or label stage whose job runs wrote of its progress, if any (never fails the pass).
@@ -176,8 +188,9 @@ class Reconciler:
                 uris = [u for u in store.list(prefix) if u.endswith(".json")]
                 return {stage: {"replicas": [store.get_json(u) for u in uris]}} if uris else {}
             uri = run.layout.stage_uri(stage, PROGRESS_FILE)
-            store = self.markers.store_for(uri)
-            return {stage: store.get_json(uri)} if store.exists(uri) else {}
+            return {stage: self.markers.store_for(uri).get_json(uri)}
+        except FileNotFoundError:  # not written yet: one GET, not a HEAD and a GET
+            return {}
         except Exception as error:  # progress is a nicety: a pass never fails for it
             log.debug("cannot read the progress of %s: %s", stage.describe(), error)
             return {}
