@@ -7,9 +7,13 @@ and writes the full status. Nothing in a pass sleeps. A failed pass reports
 its error in the run's status (see `RunController`) and the timer looks again:
 handlers never raise for it, so kopf posts no error Event every few seconds.
 A plan's `requeue_after` (a retry's backoff) is honoured to the second, and
-Job changes are debounced per run, by `Requeuer`: one scheduler thread, the
-passes on kopf's worker pool. A run that is finished and unchanged gets no
-resume pass, no timer, and a Job hint about it reads only the run.
+Job changes are debounced per run, by `Requeuer`: one scheduler thread each.
+Requeued passes run on kopf's worker pool; hinted passes, the ones the next
+stage waits for, on a pool of their own, and the Job events that bring them
+are handled on kopf's event loop: neither ever waits behind the timer passes
+queued for kopf's workers (about a timer interval's worth at 1,000 runs). A
+run that is finished and unchanged gets no resume pass, no timer, and a Job
+hint about it reads only the run.
 """
 
 from __future__ import annotations
@@ -21,7 +25,7 @@ import logging
 import threading
 import time
 from collections.abc import Callable
-from concurrent.futures import Executor
+from concurrent.futures import Executor, ThreadPoolExecutor
 from typing import Any
 
 import kopf
@@ -40,8 +44,10 @@ HINT_DELAY = 0.5
 #: Phases that end a Job (see volcano.PHASES): the next stage waits on them, so their pass is not delayed.
 FINAL_PHASES = frozenset({"Completed", "Failed", "Terminated", "Aborted"})
 ANNOTATION_PREFIX = GROUP
-#: kopf's sync-handler workers; requeued and hinted passes run on the same pool.
+#: kopf's sync-handler workers (timers, creates, updates); requeued passes run on the same pool.
 MAX_WORKERS = 20
+#: Workers of the hinted passes (a Job ended or changed phase): a lane of their own.
+HINT_WORKERS = 8
 
 _controller: RunController | None = None
 
@@ -137,8 +143,6 @@ class Requeuer:
 
 
 def _fallback_executor() -> Executor:
-    from concurrent.futures import ThreadPoolExecutor
-
     return ThreadPoolExecutor(max_workers=MAX_WORKERS, thread_name_prefix="requeuer")
 
 
@@ -161,7 +165,8 @@ def on_startup(settings: kopf.OperatorSettings, **_: Any) -> None:
     settings.posting.level = logging.WARNING  # Events come from the controller, not from logs
     settings.watching.server_timeout = 300
     settings.execution.max_workers = MAX_WORKERS
-    _hints.executor = _requeues.executor = settings.execution.executor
+    _requeues.executor = settings.execution.executor
+    _hints.executor = ThreadPoolExecutor(max_workers=HINT_WORKERS, thread_name_prefix="hints")
     # The Volcano Job watch is cluster-wide: filter it on the server, or every team's Jobs stream
     # in (a handler's `labels=` only filters after they arrived).
     settings.watching.label_selectors[VOLCANO_JOBS] = JOB_SELECTOR
@@ -206,7 +211,7 @@ def on_run_deleted(namespace: str, name: str, body: Any, **_: Any) -> None:
         log.info("run %s/%s deleted; cancelled %s", namespace, name, ", ".join(cancelled))
 
 
-def on_job_event(
+async def on_job_event(
     namespace: str, labels: dict[str, str], type: str | None, status: Any, body: Any = None, **_: Any
 ) -> None:
     """A Volcano Job of a run changed: passes observe it from here (no GET), and its run is
@@ -214,7 +219,9 @@ def on_job_event(
     (its phase, not the pod counts Volcano rewrites as each of its pods starts).
 
     Debounced per run: changes arriving while a hint is pending join it. A Job that ended
-    (or is gone) is looked at at once: the next stage's submission waits on that pass."""
+    (or is gone) is looked at at once: the next stage's submission waits on that pass.
+    Asynchronous, so kopf runs it on its event loop (it only records and schedules: no
+    request, no wait) rather than queueing it for a worker behind timer passes."""
     changed = controller().job_changed(type, body) if body is not None else True
     run = labels.get(LABEL_RUN)
     if run and type in ("MODIFIED", "DELETED") and changed:

@@ -39,9 +39,9 @@ def build_controller(scheduler_override: str | None = None):
     from .kube import RunsApi, load_kube_config
     from .reconcile import Reconciler
 
-    from .handlers import MAX_WORKERS
+    from .handlers import HINT_WORKERS, MAX_WORKERS
 
-    load_kube_config(connections=MAX_WORKERS)  # a connection for each of kopf's workers
+    load_kube_config(connections=MAX_WORKERS + HINT_WORKERS)  # a connection for each worker
     # Only `kubernetes` unless asked: `local_cwd` runs stages inside this process's pod, with its
     # S3 keys and ServiceAccount token, so a run author must not be able to choose it.
     names = [scheduler_override] if scheduler_override else ["kubernetes"]
