@@ -1,6 +1,6 @@
 """Operator scale benchmark: many concurrent runs on the real test control plane, the harness playing the workloads.
 
-    python bench/operator_scale.py --runs 1000 [--interval 10] [--idle-seconds 60] \
+    python bench/operator_scale.py --runs 1000 [--interval 10] [--stage-seconds 10] [--idle-seconds 60] \
         [--shard-runs 3 --label-shards 64] [--restart-seconds 60]
 
 From a clean checkout (as `scripts/test` prepares it):
@@ -23,8 +23,9 @@ derives each Job's phase):
 
 * idle, running: every run has a Running job; the operator's API requests
   are counted for `--idle-seconds`;
-* latency: job completions are spread over about one operator interval per
-  round; one watch on Volcano Jobs records when each Job is first seen
+* latency: each round's job completions are spread evenly over
+  `--stage-seconds` (a steady stream, as from runs whose stages last about
+  that long; the achieved completions per second are printed); one watch on Volcano Jobs records when each Job is first seen
   Completed and when each next-stage job appears; latency = the one − the
   other;
 * idle, settled: every run Succeeded; requests counted again;
@@ -221,7 +222,7 @@ def play(function: Any, items: list[Any]) -> list[Any]:
 
 def bench_size(
     n: int, server: Any, client: Any, audit_log: Path, s3: Any, interval: float, idle_seconds: float,
-    restart_seconds: float, workdir: Path,
+    restart_seconds: float, workdir: Path, stage_seconds: float,
 ) -> dict[str, Any]:
     h = Harness(client)
     ns = f"bench-{n}-{uuid.uuid4().hex[:5]}"
@@ -253,19 +254,22 @@ def bench_size(
         idle_running = measure_idle(audit_log, idle_seconds, ns)
 
         latencies: list[float] = []
+        rates: list[float] = []
         for index in range(stages):
-            spacing = max(interval, 5.0) / n
-
             def finish(run: str) -> None:  # the workload's last write, then its pods exit
                 job = watch.jobs[current[run]]
                 h.write_marker(layouts[run], job_stage(job))
                 h.exit_pods(ns, job["metadata"]["name"], 0)
 
-            def paced(run: str) -> None:  # PLAYERS at once: about n completions per interval
-                time.sleep(spacing * PLAYERS * random.random())
+            start, order = time.monotonic(), random.sample(runs, n)
+            due = {run: start + stage_seconds * k / n for k, run in enumerate(order)}
+
+            def paced(run: str) -> None:  # a steady stream: n completions over stage_seconds
+                time.sleep(max(0.0, due[run] - time.monotonic()))
                 finish(run)
 
-            play(paced, random.sample(runs, n))
+            play(paced, order)
+            rates.append(n / (time.monotonic() - start))
             wait_for(lambda: watch.all_in(current.values(), "Completed"), budget,
                      f"round {index + 1}: every job Completed", interval=0.5, detail=operator.log_tail)
             if index == stages - 1:
@@ -311,6 +315,7 @@ def bench_size(
         "latency_p95": percentile(latencies, 0.95),
         "latency_max": max(latencies),
         "transitions": len(latencies),
+        "completions_per_second": statistics.median(rates),
         "idle_running": ours(idle_running) / n / minutes,
         "idle_running_verbs": dict(idle_running),
         "idle_settled": ours(idle_settled) / n / minutes,
@@ -367,6 +372,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--runs", type=int, nargs="+", default=[1000], help="concurrent runs per round")
     parser.add_argument("--interval", type=float, default=10.0, help="operator --interval (its default: 10)")
+    parser.add_argument("--stage-seconds", type=float, default=10.0,
+                        help="each round's job completions are spread evenly over this many seconds (runs whose "
+                             "stages last about that long; 10: 1,000 runs make 100 completions a second)")
     parser.add_argument("--idle-seconds", type=float, default=60.0, help="length of each idle measurement")
     parser.add_argument("--restart-seconds", type=float, default=60.0, help="window after a restart")
     parser.add_argument("--shard-runs", type=int, default=3, help="runs held in a sharded label stage (0: skip)")
@@ -400,7 +408,7 @@ def main(argv: list[str] | None = None) -> int:
                 log.info("sharded runs: %s (load average %s)", shards, os.getloadavg())
             for n in args.runs:
                 results.append(bench_size(n, server, client, audit / "audit.log", s3, args.interval,
-                                          args.idle_seconds, args.restart_seconds, workdir))
+                                          args.idle_seconds, args.restart_seconds, workdir, args.stage_seconds))
                 log.info("N=%d: %s (load average %s)", n, results[-1], os.getloadavg())
         finally:
             server.stop()
@@ -409,11 +417,12 @@ def main(argv: list[str] | None = None) -> int:
     print(f"\noperator --interval {args.interval:g}; {os.cpu_count()} CPUs, load average {os.getloadavg()}, "
           f"{os.environ['NSO_DEV_NODES']} test nodes; "
           f"idle windows {args.idle_seconds:g}s, restart window {args.restart_seconds:g}s")
-    print(f"{'runs':>5} {'peak RSS MiB':>13} {'next-job p50 s':>15} {'p95 s':>7} {'max s':>7} "
+    print(f"{'runs':>5} {'peak RSS MiB':>13} {'completions/s':>14} {'next-job p50 s':>15} {'p95 s':>7} {'max s':>7} "
           f"{'req/run/min running':>20} {'req/run/min settled':>20} {'restart API/run':>16} {'restart S3/run':>15} "
           f"{'restart cluster-wide':>21}")
     for r in results:
-        print(f"{r['runs']:>5} {r['peak_rss_mib']:>13.0f} {r['latency_p50']:>15.2f} {r['latency_p95']:>7.2f} "
+        print(f"{r['runs']:>5} {r['peak_rss_mib']:>13.0f} {r['completions_per_second']:>14.1f} "
+              f"{r['latency_p50']:>15.2f} {r['latency_p95']:>7.2f} "
               f"{r['latency_max']:>7.2f} {r['idle_running']:>20.2f} {r['idle_settled']:>20.2f} "
               f"{r['restart_api'] / r['runs']:>16.3f} {r['restart_s3'] / r['runs']:>15.3f} {r['restart_cluster_wide']:>21}")
     for r in results:
