@@ -11,6 +11,10 @@
   a waiting Job whose pods say nothing (Volcano has not created them: the
   gang does not fit) gets its PodGroup read for Volcano's `Unschedulable`
   condition, or, before the gang is admitted, the Events about the PodGroup.
+  Those are up to three reads, so a waiting Job is asked why once it has
+  waited `EXPLAIN_PENDING_AFTER` seconds and then at most that often: most
+  Jobs wait a second or two for Volcano to place their pods, and at 1,000
+  runs those reads were most of the operator's requests.
 * **Cancel**: a DELETE with foreground propagation. The Job object stays
   (with a deletion timestamp) until the garbage collector has deleted its
   pods, so "gone" (404) means no pod of it runs any more. TorchX's cancel
@@ -41,6 +45,8 @@ PODGROUPS = ("scheduling.volcano.sh", "v1beta1", "podgroups")
 JOB_NAME_LABEL = "volcano.sh/job-name"
 #: Seconds a Job as the watch last showed it stands for a GET.
 WATCHED_FOR = 60.0
+#: Seconds a Job waits to start before it is asked why (and between two askings).
+EXPLAIN_PENDING_AFTER = 10.0
 
 PHASES = {
     "Pending": JobState.PENDING,
@@ -223,6 +229,7 @@ class VolcanoJobs:
         self.core = client.CoreV1Api(api_client)
         self.clock = clock
         self._watched: dict[tuple[str, str], tuple[float, dict[str, Any]]] = {}  # → (when, what observe reads)
+        self._asked: dict[tuple[str, str], float] = {}  # a waiting Job → when it was (or will be) asked why
         self._lock = threading.Lock()
 
     def record(self, event_type: str | None, job: dict[str, Any]) -> bool:
@@ -234,6 +241,7 @@ class VolcanoJobs:
         with self._lock:
             if event_type == "DELETED":
                 self._watched.pop(key, None)
+                self._asked.pop(key, None)
                 return True
             part = _observed_part(job)
             previous = self._watched.get(key)
@@ -304,7 +312,24 @@ class VolcanoJobs:
             message, reason = job_failure(job, self.pods(namespace, name))
             return JobObservation(state, message, reason)
         if state is JobState.PENDING:
-            pods = self.pods(namespace, name, cached=True)
-            podgroup, events = (None, []) if pod_reason(pods) else self.podgroup(job)  # when the pods do not say
-            return JobObservation(state, pending_reason(job, pods, podgroup, events))
+            return JobObservation(state, self._why_pending(job) if self._time_to_ask(namespace, name) else None)
+        with self._lock:
+            self._asked.pop((namespace, name), None)
         return JobObservation(state)
+
+    def _time_to_ask(self, namespace: str, name: str) -> bool:
+        """Whether a waiting Job is due to be asked why; None on the other passes leaves the run's
+        status with the last answer."""
+        now, key = self.clock(), (namespace, name)
+        with self._lock:
+            due = self._asked.setdefault(key, now + EXPLAIN_PENDING_AFTER)
+            if now < due:
+                return False
+            self._asked[key] = now + EXPLAIN_PENDING_AFTER
+            return True
+
+    def _why_pending(self, job: dict[str, Any]) -> str:
+        meta = job["metadata"]
+        pods = self.pods(meta["namespace"], meta["name"], cached=True)
+        podgroup, events = (None, []) if pod_reason(pods) else self.podgroup(job)  # when the pods do not say
+        return pending_reason(job, pods, podgroup, events)

@@ -280,13 +280,15 @@ def test_a_watched_job_is_observed_without_a_get_and_read_again_after_a_minute()
     assert jobs.observe("ml", "c").state is JobState.RUNNING and api.gets == 3  # the GET is kept too
 
 
-def test_why_a_job_waits_is_read_from_the_api_servers_cache_a_failure_from_etcd():
-    """Every pass of a Pending Job lists its pods (and the Events of its PodGroup): read from etcd,
+def test_why_a_job_waits_is_asked_once_it_waited_from_the_api_servers_cache_a_failure_from_etcd():
+    """Every pass of a Pending Job listed its pods (and the Events of its PodGroup): read from etcd,
     a list by label reads every pod of the namespace (seconds each with 1,000 runs in it). Those
-    come from the watch cache (resourceVersion 0); a failed Job's pods, read once for its message
-    and reason, from etcd."""
-    from noisy_student_operator.core.planner import JobState
-    from noisy_student_operator.volcano import VolcanoJobs
+    come from the watch cache (resourceVersion 0), and only once the Job has waited
+    EXPLAIN_PENDING_AFTER seconds, then at most that often: at 1,000 runs most of the operator's
+    requests asked why Jobs waited that Volcano placed a second later. A failed Job's pods, read
+    once for its message and reason, come from etcd."""
+    from noisy_student_operator.core.planner import JobObservation, JobState
+    from noisy_student_operator.volcano import EXPLAIN_PENDING_AFTER, VolcanoJobs
 
     calls = []
 
@@ -304,11 +306,23 @@ def test_why_a_job_waits_is_read_from_the_api_servers_cache_a_failure_from_etcd(
             calls.append(("events", options.get("resource_version")))
             return Listing()
 
-    jobs = VolcanoJobs()
+    now = [0.0]
+    jobs = VolcanoJobs(clock=lambda: now[0])
     jobs.objects, jobs.core = CountingJobsApi(), Core()
     jobs.record(None, volcano_job("a", "Pending", uid="u"))
-    assert jobs.observe("ml", "a").state is JobState.PENDING
+    for _ in range(4):  # passes in its first seconds: nothing asked, nothing said
+        assert jobs.observe("ml", "a") == JobObservation(JobState.PENDING)
+        now[0] += EXPLAIN_PENDING_AFTER / 4
+    waiting = jobs.observe("ml", "a")
+    assert waiting.state is JobState.PENDING and "Volcano has not created its pods yet" in waiting.message
     assert calls == [("pods", "0"), ("events", "0")]
+    assert jobs.observe("ml", "a").message is None and len(calls) == 2  # the status keeps the answer
+    now[0] += EXPLAIN_PENDING_AFTER
+    assert jobs.observe("ml", "a").message and len(calls) == 4
+    jobs.record("MODIFIED", volcano_job("a", "Running", uid="u"))
+    assert jobs.observe("ml", "a") == JobObservation(JobState.RUNNING)
+    jobs.record("MODIFIED", volcano_job("a", "Pending", uid="u"))  # waiting again (Volcano restarted it)
+    assert jobs.observe("ml", "a").message is None and len(calls) == 4
     calls.clear()
     jobs.record("MODIFIED", volcano_job("a", "Failed", uid="u"))
     assert jobs.observe("ml", "a").state is JobState.FAILED
