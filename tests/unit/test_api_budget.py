@@ -1,10 +1,14 @@
 """What the operator asks of the API server: the Job watch filtered on the server, hints debounced."""
 
 import asyncio
+import platform
+import subprocess
+import sys
 import threading
 import time
 
 import kopf
+import pytest
 
 from noisy_student_operator import handlers
 from noisy_student_operator.handlers import JOB_SELECTOR, Requeuer
@@ -404,3 +408,39 @@ def test_the_operators_api_clients_keep_a_connection_per_worker(tmp_path, monkey
         assert pool == handlers.MAX_WORKERS + handlers.HINT_WORKERS
     finally:
         client.Configuration.set_default(previous)
+
+
+ARENA_PROBE = """
+import ctypes, sys, threading
+from noisy_student_operator.operator_main import limit_malloc_arenas
+if sys.argv[1] == "capped":
+    assert limit_malloc_arenas()
+together = threading.Barrier(8)
+def worker():  # alive at once, as the operator's workers are
+    kept = [bytearray(10_000) for _ in range(20)]
+    together.wait()
+threads = [threading.Thread(target=worker) for _ in range(8)]
+for thread in threads:
+    thread.start()
+for thread in threads:
+    thread.join()
+ctypes.CDLL(None).malloc_stats()  # 'Arena N:' for each, on stderr
+"""
+
+
+@pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="malloc arenas are glibc's")
+def test_the_operator_caps_glibcs_malloc_arenas(monkeypatch):
+    """Each of the operator's threads got a malloc arena of its own (up to eight per core), and an
+    arena keeps what its thread freed."""
+    monkeypatch.delenv("MALLOC_ARENA_MAX", raising=False)
+
+    def arenas(mode):
+        out = subprocess.run([sys.executable, "-c", ARENA_PROBE, mode], capture_output=True, text=True, check=True)
+        return out.stderr.count("Arena ")
+
+    assert arenas("uncapped") >= 8  # the main thread's and one per worker (up to 8 per core)
+    assert arenas("capped") == 2
+    monkeypatch.setenv("MALLOC_ARENA_MAX", "4")  # the environment wins
+    from noisy_student_operator.operator_main import limit_malloc_arenas
+
+    assert limit_malloc_arenas() is False
