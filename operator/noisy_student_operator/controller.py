@@ -1,13 +1,13 @@
 """The operator's reconcile of one NoisyStudentRun, independent of kopf.
 
-`RunController.reconcile(namespace, name)` reads the run fresh from the API
-(so concurrent hints and timers never act on a stale status), runs the shared
+`RunController.reconcile(namespace, name)` reads the run (from the API
+server's watch cache, or the body kopf's watch holds), runs the shared
 observe → plan → act pass, posts the plan's Events, updates metrics, and
 writes the full status when it changed. Passes over the same run are
 serialised by a per-run lock. Status writes carry the resourceVersion that
-was read: when another writer changed the run meanwhile (409), the pass is
-done again from a fresh read (its actions are idempotent), never written
-over what the other wrote.
+was read: when the run changed meanwhile, or what was read was stale (409),
+the pass is done again from a fresh read from etcd (its actions are
+idempotent), never written over what the other wrote.
 
 A pass that fails (the artifact store or the API server cannot be read)
 still reports: the run's `Ready` condition says why (`ArtifactStoreError`,
@@ -166,12 +166,13 @@ class RunController:
         with `unless_idle` (a hint from a Job of the run), when the run has nothing to do now.
 
         `body`: the run as the watch stream last showed it (a timer's), read instead of a GET;
-        if it is stale, the status write meets the newer run (409) and the pass is done again
-        from a fresh read."""
+        without it, the run is read from the API server's watch cache. If what was read is
+        stale, the status write meets the newer run (409) and the pass is done again from a
+        fresh read (from etcd)."""
         started = time.perf_counter()
         key = f"{namespace}/{name}"
         with self._locks[key]:
-            body = copy.deepcopy(dict(body)) if body is not None else self.runs_api.get(namespace, name)
+            body = copy.deepcopy(dict(body)) if body is not None else self.runs_api.get(namespace, name, cached=True)
             if body is None or body["metadata"].get("deletionTimestamp"):
                 return None
             if unless_idle and self.idle(body):

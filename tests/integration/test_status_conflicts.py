@@ -12,7 +12,7 @@ import uuid
 
 import pytest
 from kube_server import ensure_namespace
-from operator_harness import api_client, apply_crds, run_crd
+from operator_harness import api_client, apply_crds, run_crd, wait_for
 
 from noisy_student_operator.backend import InMemoryJobBackend
 from noisy_student_operator.controller import RunController
@@ -32,8 +32,8 @@ class RacingRunsApi(RunsApi):
         self.races = races
         self.conflicts = 0
 
-    def get(self, namespace, name):
-        body = super().get(namespace, name)
+    def get(self, namespace, name, cached=False):
+        body = super().get(namespace, name, cached)
         if body is not None and self.races:
             self.races -= 1
             self.api.patch_namespaced_custom_object(
@@ -69,3 +69,24 @@ def test_a_status_write_that_meets_another_writer_is_redone_and_keeps_its_change
     assert [j["state"] for j in body["status"]["jobs"]] == ["Pending"]
     assert len(backend.jobs) == 1  # three passes, one job (create-if-absent)
     assert body["status"]["observedGeneration"] == body["metadata"]["generation"]
+
+
+def test_a_cached_read_of_a_run_is_the_run_and_none_once_it_is_gone(kube_api, s3_prefix):
+    """`RunsApi.get(cached=True)` (resourceVersion 0: the API server's watch cache, what hinted
+    passes read) returns what a read from etcd returns, and None for a run that does not exist."""
+    client = api_client(kube_api.kubeconfig)
+    apply_crds(client, [run_crd()])
+    namespace = f"t-{uuid.uuid4().hex[:8]}"
+    ensure_namespace(client, namespace)
+    runs = RunsApi(client)
+    assert runs.get(namespace, "demo", cached=True) is None
+    runs.api.create_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, {
+        "apiVersion": f"{GROUP}/{VERSION}", "kind": "NoisyStudentRun", "metadata": {"name": "demo"},
+        "spec": {"data": {"labeled": "s3://d/l.tar", "unlabeled": "s3://d/u.tar", "validation": "s3://d/v.tar",
+                          "numClasses": 10},
+                 "artifacts": {"uri": s3_prefix}, "teacher": {"model": "resnet18"},
+                 "students": [{"model": "resnet18"}]}})
+    fresh = runs.get(namespace, "demo")
+    assert runs.get(namespace, "demo", cached=True)["metadata"]["uid"] == fresh["metadata"]["uid"]
+    runs.api.delete_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, "demo")
+    wait_for(lambda: runs.get(namespace, "demo", cached=True) is None, 10, "the cache to see the deletion")

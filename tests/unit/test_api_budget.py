@@ -204,7 +204,7 @@ def test_at_start_a_finished_run_waiting_to_remove_its_jobs_is_requeued_without_
     from noisy_student_operator.controller import RunController
 
     class NoApi:
-        def get(self, namespace, name):
+        def get(self, namespace, name, cached=False):
             raise AssertionError("a request about a finished run at start")
 
     scheduled = []

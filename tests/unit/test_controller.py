@@ -31,7 +31,7 @@ class InMemoryRunsApi:
         body["metadata"]["resourceVersion"] = "1"
         self.objects[(body["metadata"]["namespace"], body["metadata"]["name"])] = body
 
-    def get(self, namespace, name):
+    def get(self, namespace, name, cached=False):
         body = self.objects.get((namespace, name))
         return copy.deepcopy(body) if body else None
 

@@ -275,8 +275,8 @@ class RacingRunsApi(InMemoryRunsApi):
         super().__init__()
         self.races = races
 
-    def get(self, namespace, name):
-        body = super().get(namespace, name)
+    def get(self, namespace, name, cached=False):
+        body = super().get(namespace, name, cached)
         if body is not None and self.races:
             self.races -= 1
             stored = self.objects[(namespace, name)]
