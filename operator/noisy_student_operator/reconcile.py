@@ -24,7 +24,7 @@ from typing import Any
 from noisy_student_workloads.store import ArtifactStore, open_store
 
 from .backend import JobBackend, JobContext
-from .core.layout import LABEL, LABEL_PROGRESS_PREFIX, PROGRESS_FILE, Stage, plan_stages
+from .core.layout import LABEL, PROGRESS_FILE, Stage, label_progress_file, plan_stages
 from .core import reasons
 from .core.planner import (
     ACTIVE_STATES,
@@ -173,7 +173,7 @@ class Reconciler:
         """What the training or label stage whose job runs wrote of its progress, if any (never fails the pass).
 
         Training: its `progress.json`; labeling: `{"replicas": [...]}`, each replica's `progress-RRRRR.json`
-        (one listing and a GET per replica).
+        (a GET per replica).
         """
         stage = next((s for s in plan_stages(run.spec) if s not in markers), None)
         if stage is None or not (stage.is_training or stage.kind == LABEL):
@@ -183,10 +183,14 @@ class Reconciler:
             return {}
         try:
             if stage.kind == LABEL:
-                prefix = run.layout.stage_uri(stage, LABEL_PROGRESS_PREFIX)
-                store = self.markers.store_for(prefix)
-                uris = [u for u in store.list(prefix) if u.endswith(".json")]
-                return {stage: {"replicas": [store.get_json(u) for u in uris]}} if uris else {}
+                store = self.markers.store_for(run.layout.root)
+                replicas = []
+                for replica in range(run.spec.resources.label_shards):
+                    try:
+                        replicas.append(store.get_json(run.layout.stage_uri(stage, label_progress_file(replica))))
+                    except FileNotFoundError:  # not started yet, or not written yet
+                        continue
+                return {stage: {"replicas": replicas}} if replicas else {}
             uri = run.layout.stage_uri(stage, PROGRESS_FILE)
             return {stage: self.markers.store_for(uri).get_json(uri)}
         except FileNotFoundError:  # not written yet: one GET, not a HEAD and a GET

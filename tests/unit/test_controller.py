@@ -140,7 +140,9 @@ def test_status_progress_of_a_running_label_stage_sums_its_replicas_files(setup)
     from noisy_student_workloads.predictions import progress_name
     from noisy_student_workloads.stage import ImageProgress
 
-    api, backend, controller, events, store, layout = setup
+    api, backend, controller, events, store, _ = setup
+    api.objects[("ml", "demo")]["spec"]["resources"] = {"labelShards": 2}
+    layout = layout_of(api)
     controller.reconcile("ml", "demo")
     backend.jobs[name(layout, TEACHER_0)] = JobState.SUCCEEDED
     write_marker(store, layout, TEACHER_0, {"top1": 0.6, "parameters": 10})
@@ -347,7 +349,7 @@ def test_a_pass_over_a_running_stage_makes_no_store_request_and_its_end_reads_th
     assert backend.submissions == [name(layout, TEACHER_0), name(layout, Stage(1, LABEL))]
     counting.calls.clear()
     controller.reconcile("ml", "demo")  # the teacher's marker is cached; the label job runs
-    assert [m for m, _ in counting.calls] == ["list"]  # its replicas' progress files
+    assert [m for m, _ in counting.calls] == ["get_json"]  # its replica's progress file
 
 
 def test_a_slow_store_ends_the_pass_at_its_deadline(setup):

@@ -30,8 +30,7 @@ STATUS_FILE = "status.json"
 MANIFEST_FILE = "stages.json"
 #: A running training stage's progress (see `noisy_student_workloads.stage.ProgressFile`).
 PROGRESS_FILE = "progress.json"
-#: A running label replica's progress, `progress-RRRRR.json` (see `noisy_student_workloads.stage.ImageProgress`).
-LABEL_PROGRESS_PREFIX = "progress-"
+
 STAGES_DIR = "stages"
 #: Stands for a stage's own key while the key is being computed (see `keys`).
 PENDING_KEY = "<self>"
@@ -72,6 +71,12 @@ class Stage:
         if self.kind == EXPORT:
             return "export of the best model"
         return f"{self.kind} of generation {self.generation}"
+
+
+def label_progress_file(replica: int) -> str:
+    """A running label replica's progress, `progress-RRRRR.json` (`noisy_student_workloads.predictions.
+    progress_name`, written by `noisy_student_workloads.stage.ImageProgress`)."""
+    return f"progress-{replica:05d}.json"
 
 
 def plan_stages(spec: RunSpec) -> list[Stage]:
