@@ -317,12 +317,24 @@ def _run_opts_once(factory: Callable[..., Any]) -> Callable[..., Any]:
 
 def make_runner() -> Any:
     """TorchX's runner with every registered scheduler; `local_cwd` starts replicas that end
-    with the driver (`processes.create_scheduler`)."""
+    with the driver (`processes.create_scheduler`).
+
+    It forgets the apps it schedules on `kubernetes`: TorchX's `Runner.schedule` keeps every
+    AppDef it scheduled (`Runner._apps`, for `describe`; dropped only when a `status` finds the
+    app gone), and the operator never asks the runner about a Volcano Job, so its memory grew
+    with every job it ever submitted."""
     from torchx.runner import Runner
     from torchx.schedulers import get_scheduler_factories
 
+    class ForgetfulRunner(Runner):
+        def schedule(self, dryrun_info: Any) -> Any:
+            handle = super().schedule(dryrun_info)
+            if dryrun_info._scheduler == "kubernetes":
+                self._apps.pop(handle, None)
+            return handle
+
     factories = {**get_scheduler_factories(), "local_cwd": processes.create_scheduler}
-    return Runner("torchx", {name: _run_opts_once(factory) for name, factory in factories.items()})
+    return ForgetfulRunner("torchx", {name: _run_opts_once(factory) for name, factory in factories.items()})
 
 
 class TorchXJobBackend:

@@ -97,6 +97,26 @@ def test_the_operators_runner_builds_a_schedulers_run_options_once(monkeypatch):
     assert len(built) == 1
 
 
+def test_the_operators_runner_keeps_nothing_of_the_jobs_it_submitted(monkeypatch):
+    """TorchX's `Runner.schedule` keeps every AppDef it scheduled, until a `status` finds the app
+    gone; the operator never asks the runner about a Volcano Job, so with 1,000 runs its memory
+    grew with every job it ever submitted."""
+    from torchx.schedulers.kubernetes_scheduler import KubernetesScheduler
+
+    from noisy_student_operator.backend import TorchXJobBackend
+
+    created = []
+    monkeypatch.setattr(KubernetesScheduler, "schedule",  # the Volcano Job's create
+                        lambda self, dryrun: created.append(dryrun.request.resource) or f"ml:j{len(created)}")
+    spec = RunSpec.model_validate(BASE)
+    layout = run_layout(spec, "ml", "demo", "image:test")
+    backend = TorchXJobBackend("kubernetes")
+    for stage in plan_stages(spec):
+        backend.submit(render_job(spec, layout, stage, 0, 1000), JobContext("demo", "ml", "uid-1", "s3-creds"))
+    assert len(created) == len(plan_stages(spec))
+    assert backend.runner._apps == {}  # TorchX's cache of what it scheduled
+
+
 def pods(job: dict[str, Any]) -> list[dict[str, Any]]:
     return [task["template"] for task in job["spec"]["tasks"]]
 
