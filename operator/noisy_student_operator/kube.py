@@ -24,11 +24,27 @@ def load_kube_config(connections: int | None = None) -> None:
 
 
 def get_custom_object(
-    objects: Any, group: str, version: str, namespace: str, plural: str, name: str
+    objects: Any, group: str, version: str, namespace: str, plural: str, name: str, cached: bool = False
 ) -> dict[str, Any] | None:
-    """One namespaced custom object through a `CustomObjectsApi`, or None when it does not exist."""
+    """One namespaced custom object through a `CustomObjectsApi`, or None when it does not exist.
+
+    `cached`: from the API server's watch cache (resourceVersion 0: as fresh as the watch
+    streams, no etcd read; under a thousand runs' writes an etcd read took longer than a write),
+    for readers that tolerate a read a moment old; an object the cache does not have yet is
+    read from etcd."""
     from kubernetes.client.rest import ApiException
 
+    if cached:
+        try:
+            return objects.api_client.call_api(
+                "/apis/{group}/{version}/namespaces/{namespace}/{plural}/{name}", "GET",
+                path_params={"group": group, "version": version, "namespace": namespace, "plural": plural,
+                             "name": name},
+                query_params=[("resourceVersion", "0")], header_params={"Accept": "application/json"},
+                response_types_map={200: "object"}, auth_settings=["BearerToken"], _return_http_data_only=True)
+        except ApiException as error:
+            if error.status != 404:
+                raise
     try:
         return objects.get_namespaced_custom_object(group, version, namespace, plural, name)
     except ApiException as error:
@@ -50,23 +66,9 @@ class RunsApi:
         self.api = client.CustomObjectsApi(api_client)
 
     def get(self, namespace: str, name: str, cached: bool = False) -> dict[str, Any] | None:
-        """The run, or None when it does not exist. `cached`: from the API server's watch cache
-        (resourceVersion 0: as fresh as the watch streams, no etcd read, which under a thousand
-        runs' writes took longer than the writes) for a pass whose status write is conditional
-        anyway; a run the cache does not have yet is read from etcd."""
-        if cached:
-            from kubernetes.client.rest import ApiException
-
-            try:
-                return self.api.api_client.call_api(
-                    f"/apis/{GROUP}/{VERSION}/namespaces/{{namespace}}/{PLURAL}/{{name}}", "GET",
-                    path_params={"namespace": namespace, "name": name}, query_params=[("resourceVersion", "0")],
-                    header_params={"Accept": "application/json"}, response_types_map={200: "object"},
-                    auth_settings=["BearerToken"], _return_http_data_only=True)
-            except ApiException as error:
-                if error.status != 404:
-                    raise
-        return get_custom_object(self.api, GROUP, VERSION, namespace, PLURAL, name)
+        """The run, or None; `cached`: see `get_custom_object` (a pass whose status write is
+        conditional anyway)."""
+        return get_custom_object(self.api, GROUP, VERSION, namespace, PLURAL, name, cached)
 
     def patch_status(
         self, namespace: str, name: str, status: dict[str, Any], resource_version: str | None = None

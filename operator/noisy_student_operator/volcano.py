@@ -255,7 +255,7 @@ class VolcanoJobs:
             seen = self._watched.get(key)
         if seen is not None and self.clock() - seen[0] < WATCHED_FOR:
             return seen[1]
-        job = get_custom_object(self.objects, GROUP, VERSION, namespace, PLURAL, name)
+        job = get_custom_object(self.objects, GROUP, VERSION, namespace, PLURAL, name, cached=True)
         with self._lock:
             if job is None:
                 self._watched.pop(key, None)
@@ -283,7 +283,7 @@ class VolcanoJobs:
         meta = job["metadata"]
         name = f"{meta['name']}-{meta['uid']}"
         group, version, plural = PODGROUPS
-        podgroup = get_custom_object(self.objects, group, version, meta["namespace"], plural, name)
+        podgroup = get_custom_object(self.objects, group, version, meta["namespace"], plural, name, cached=True)
         if podgroup_reason(podgroup):
             return podgroup, []
         listing = self.core.list_namespaced_event(  # from the watch cache, as `pods(cached=True)`

@@ -233,18 +233,31 @@ def test_at_start_a_finished_run_waiting_to_remove_its_jobs_is_requeued_without_
 
 
 class CountingJobsApi:
-    """`CustomObjectsApi.get_namespaced_custom_object` over a dict of Volcano Jobs, counting GETs."""
+    """`CustomObjectsApi` GETs over a dict of Volcano Jobs, each one recorded as read from the API
+    server's watch cache (resourceVersion 0) or from etcd."""
 
     def __init__(self):
-        self.jobs, self.gets = {}, 0
+        self.jobs, self.reads = {}, []
+        self.api_client = self
 
-    def get_namespaced_custom_object(self, group, version, namespace, plural, name):
+    @property
+    def gets(self):
+        return len(self.reads)
+
+    def _get(self, namespace, name, source):
         from kubernetes.client.rest import ApiException
 
-        self.gets += 1
+        self.reads.append(source)
         if (namespace, name) not in self.jobs:
             raise ApiException(status=404)
         return self.jobs[(namespace, name)]
+
+    def get_namespaced_custom_object(self, group, version, namespace, plural, name):
+        return self._get(namespace, name, "etcd")
+
+    def call_api(self, path, method, path_params, query_params, **_):
+        assert method == "GET" and ("resourceVersion", "0") in query_params
+        return self._get(path_params["namespace"], path_params["name"], "cache")
 
 
 def volcano_job(name, phase, **meta):
@@ -267,21 +280,22 @@ def test_a_watched_job_is_observed_without_a_get_and_read_again_after_a_minute()
     assert api.gets == 0
     jobs.record("MODIFIED", volcano_job("a", "Completed"))
     assert jobs.observe("ml", "a").state is JobState.SUCCEEDED and api.gets == 0
-    # Not shown by the watch for WATCHED_FOR seconds (a deletion missed while it reconnected): read.
+    # Not shown by the watch for WATCHED_FOR seconds (a deletion missed while it reconnected): read,
+    # from the watch cache; gone there, from etcd.
     del api.jobs[("ml", "a")]
     now[0] += WATCHED_FOR
-    assert jobs.observe("ml", "a").state is JobState.MISSING and api.gets == 1
+    assert jobs.observe("ml", "a").state is JobState.MISSING and api.reads == ["cache", "etcd"]
     assert jobs.watched() == 0
     # Deleted on the watch: a GET says whether it is gone; a job the watch never showed is read.
     api.jobs[("ml", "b")] = volcano_job("b", "Pending")
     jobs.record("MODIFIED", volcano_job("b", "Running", deletionTimestamp="2026-01-01T00:00:00Z"))
-    assert jobs.observe("ml", "b").state is JobState.RUNNING and api.gets == 1  # being deleted: running
+    assert jobs.observe("ml", "b").state is JobState.RUNNING and api.gets == 2  # being deleted: running
     jobs.record("DELETED", volcano_job("b", "Running"))
     del api.jobs[("ml", "b")]
-    assert jobs.observe("ml", "b").state is JobState.MISSING and api.gets == 2
+    assert jobs.observe("ml", "b").state is JobState.MISSING and api.gets == 4
     api.jobs[("ml", "c")] = volcano_job("c", "Running")
-    assert jobs.observe("ml", "c").state is JobState.RUNNING and api.gets == 3
-    assert jobs.observe("ml", "c").state is JobState.RUNNING and api.gets == 3  # the GET is kept too
+    assert jobs.observe("ml", "c").state is JobState.RUNNING and api.reads[4:] == ["cache"]
+    assert jobs.observe("ml", "c").state is JobState.RUNNING and api.gets == 5  # the GET is kept too
 
 
 def test_why_a_job_waits_is_asked_once_it_waited_from_the_api_servers_cache_a_failure_from_etcd():
