@@ -333,7 +333,17 @@ def make_runner() -> Any:
                 self._apps.pop(handle, None)
             return handle
 
-    factories = {**get_scheduler_factories(), "local_cwd": processes.create_scheduler}
+    torchx_factories = get_scheduler_factories()
+
+    def kubernetes_on_our_client(session_name: str, **kwargs: Any) -> Any:
+        """TorchX's kubernetes scheduler on an API client of the default configuration (what
+        `kube.load_kube_config` set: a connection per worker); its own read the kubeconfig into
+        a fresh configuration that keeps 10, so concurrent submissions dropped connections."""
+        from kubernetes.client import ApiClient
+
+        return torchx_factories["kubernetes"](session_name, client=ApiClient(), **kwargs)
+
+    factories = {**torchx_factories, "kubernetes": kubernetes_on_our_client, "local_cwd": processes.create_scheduler}
     return ForgetfulRunner("torchx", {name: _run_opts_once(factory) for name, factory in factories.items()})
 
 

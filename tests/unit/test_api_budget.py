@@ -69,6 +69,7 @@ def test_the_operators_s3_calls_fail_fast_and_a_pass_has_a_deadline(monkeypatch)
     config = reader.store_for("s3://bucket/runs/").client.meta.config
     assert (config.connect_timeout, config.read_timeout) == (2.0, 5.0)
     assert config.retries["total_max_attempts"] == 2
+    assert config.max_pool_connections == handlers.MAX_WORKERS + handlers.HINT_WORKERS  # botocore keeps 10
     assert reader.deadline == PASS_DEADLINE <= 10
     assert reader.store_for("file:///tmp/x/") is not reader.store_for("s3://bucket/runs/")
 
@@ -420,6 +421,11 @@ def test_the_operators_api_clients_keep_a_connection_per_worker(tmp_path, monkey
         load_kube_config(connections=handlers.MAX_WORKERS + handlers.HINT_WORKERS)
         pool = client.ApiClient().rest_client.pool_manager.connection_pool_kw["maxsize"]
         assert pool == handlers.MAX_WORKERS + handlers.HINT_WORKERS
+        # TorchX's scheduler submits on a client of that configuration, not on one of its own
+        from noisy_student_operator.backend import make_runner
+
+        submitter = make_runner()._scheduler("kubernetes")._api_client()
+        assert submitter.rest_client.pool_manager.connection_pool_kw["maxsize"] == pool
     finally:
         client.Configuration.set_default(previous)
 

@@ -265,17 +265,19 @@ class S3Store(ArtifactStore):
     MULTIPART_THRESHOLD = 64 * 1024 * 1024
 
     def __init__(
-        self, max_attempts: int | None = None, connect_timeout: float = 10.0, read_timeout: float = 60.0
+        self, max_attempts: int | None = None, connect_timeout: float = 10.0, read_timeout: float = 60.0,
+        connections: int = 10,
     ) -> None:
         self.max_attempts = max_attempts or int(os.environ.get("AWS_MAX_ATTEMPTS", "8"))
         self.connect_timeout = connect_timeout
         self.read_timeout = read_timeout
+        self.connections = connections  # kept open (botocore's max_pool_connections)
         self._client: Any = None
         self._lock = threading.Lock()
 
     def __getstate__(self) -> dict[str, Any]:
         return {"max_attempts": self.max_attempts, "connect_timeout": self.connect_timeout,
-                "read_timeout": self.read_timeout}
+                "read_timeout": self.read_timeout, "connections": self.connections}
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         self.__init__(**state)  # type: ignore[misc]
@@ -305,6 +307,7 @@ class S3Store(ArtifactStore):
             retries={"mode": "standard", "total_max_attempts": self.max_attempts},
             connect_timeout=self.connect_timeout,
             read_timeout=self.read_timeout,
+            max_pool_connections=self.connections,
             # Self-hosted S3 servers rarely resolve bucket.host names.
             s3={"addressing_style": "path"} if endpoint else None,
         )
