@@ -95,6 +95,9 @@ class RunController:
         self.post_event = post_event
         self.requeue = requeue
         self._errors: dict[str, str] = {}  # the last failed pass's message, by run
+        #: The resourceVersion each run had when this operator last wrote its status: a body read
+        #: with it (kopf's, the watch cache's) predates that write.
+        self._written_over: dict[str, str] = {}
         self._locks: dict[str, threading.Lock] = defaultdict(threading.Lock)
         self._conditions: dict[str, str] = {}
 
@@ -173,6 +176,10 @@ class RunController:
         key = f"{namespace}/{name}"
         with self._locks[key]:
             body = copy.deepcopy(dict(body)) if body is not None else self.runs_api.get(namespace, name, cached=True)
+            if body is not None and body["metadata"].get("resourceVersion") == self._written_over.get(key, ""):
+                # It predates this operator's last status write (the watch has not delivered that yet):
+                # acting on it would ask again for what that pass did, and its write would meet a 409.
+                body = self.runs_api.get(namespace, name)
             if body is None or body["metadata"].get("deletionTimestamp"):
                 return None
             if unless_idle and self.idle(body):
@@ -249,7 +256,10 @@ class RunController:
         new_status = plan.status.model_dump(mode="json", by_alias=True)
         old_status = run.status.model_dump(mode="json", by_alias=True)
         if new_status != old_status:
-            self.runs_api.patch_status(run.namespace, run.name, new_status, body["metadata"].get("resourceVersion"))
+            version = body["metadata"].get("resourceVersion")
+            self.runs_api.patch_status(run.namespace, run.name, new_status, version)
+            if version is not None:
+                self._written_over[f"{run.namespace}/{run.name}"] = version
         for event in plan.events:
             self.post_event(body, event.type, event.reason, event.message)
         return plan
@@ -319,6 +329,7 @@ class RunController:
         reconciler = self.reconcilers[self._scheduler(run.spec)]
         with self._locks[f"{run.namespace}/{run.name}"]:
             cancelled = reconciler.cancel_all(run, context)
+        self._written_over.pop(f"{run.namespace}/{run.name}", None)
         key = f"{run.status.artifacts}"
         old = self._conditions.pop(key, None)
         if old is not None:

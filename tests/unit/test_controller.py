@@ -222,13 +222,24 @@ def test_a_timer_pass_reads_the_body_kopf_holds_and_a_stale_one_is_redone_from_a
     stale = get("ml", "demo")
     controller.reconcile("ml", "demo", body=get("ml", "demo"))
     assert gets == [] and backend.submissions == [name(layout, TEACHER_0)]
-    # Before the first pass's status: its submission is asked again (the backend answers that the job
-    # exists), its status write meets the newer run (409) and the pass is done again from a fresh read.
+    # Before the first pass's status write (the watch has not delivered it yet): the pass reads the run
+    # fresh instead, and does not ask for the teacher again.
     controller.reconcile("ml", "demo", body=stale)
-    assert gets == ["demo"] and list(backend.jobs) == [name(layout, TEACHER_0)]
+    assert gets == ["demo"] and backend.submissions == [name(layout, TEACHER_0)]
     status = api.objects[("ml", "demo")]["status"]
     assert [j["name"] for j in status["jobs"]] == [name(layout, TEACHER_0)] and status["jobs"][0]["state"] == "Running"
     assert [r for _, r, _ in events] == ["JobSubmitted"]  # the stale pass posted nothing
+
+
+def test_a_body_stale_for_another_reason_meets_a_409_and_the_pass_is_done_again_from_a_fresh_read(setup):
+    api, backend, controller, events, store, layout = setup
+    stale = api.get("ml", "demo")
+    api.patch_status("ml", "demo", {"otherWriter": 1})  # someone else wrote since
+    controller.reconcile("ml", "demo", body=stale)
+    status = api.objects[("ml", "demo")]["status"]
+    assert status["otherWriter"] == 1 and [j["name"] for j in status["jobs"]] == [name(layout, TEACHER_0)]
+    assert backend.submissions == [name(layout, TEACHER_0)] * 2  # asked again: the backend says it exists
+    assert list(backend.jobs) == [name(layout, TEACHER_0)]
 
 
 def test_a_hint_about_a_finished_runs_job_reads_the_run_and_nothing_else(setup, monkeypatch):
