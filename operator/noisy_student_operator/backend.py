@@ -336,12 +336,12 @@ def make_runner() -> Any:
     torchx_factories = get_scheduler_factories()
 
     def kubernetes_on_our_client(session_name: str, **kwargs: Any) -> Any:
-        """TorchX's kubernetes scheduler on an API client of the default configuration (what
-        `kube.load_kube_config` set: a connection per worker); its own read the kubeconfig into
-        a fresh configuration that keeps 10, so concurrent submissions dropped connections."""
-        from kubernetes.client import ApiClient
+        """TorchX's kubernetes scheduler on the operator's API client (`kube.new_api_client`: a
+        connection per worker); its own read the kubeconfig into a fresh configuration that
+        keeps 10, so concurrent submissions dropped connections."""
+        from .kube import new_api_client
 
-        return torchx_factories["kubernetes"](session_name, client=ApiClient(), **kwargs)
+        return torchx_factories["kubernetes"](session_name, client=new_api_client(), **kwargs)
 
     factories = {**torchx_factories, "kubernetes": kubernetes_on_our_client, "local_cwd": processes.create_scheduler}
     return ForgetfulRunner("torchx", {name: _run_opts_once(factory) for name, factory in factories.items()})

@@ -7,20 +7,35 @@ from typing import Any
 from .api import GROUP, PLURAL, VERSION
 
 
+#: The client configuration `load_kube_config` made; `new_api_client` builds on it.
+_configuration: Any = None
+
+
 def load_kube_config(connections: int | None = None) -> None:
     """In-cluster configuration when running in a pod, else the kubeconfig; `connections`: how
     many connections to the API server the clients keep open (urllib3's default, 10, makes
     more concurrent passes open and drop a connection each)."""
+    global _configuration
     from kubernetes import client, config
 
     try:
         config.load_incluster_config()
     except config.ConfigException:
         config.load_kube_config()
+    configuration = client.Configuration.get_default_copy()
     if connections is not None:
-        configuration = client.Configuration.get_default_copy()
         configuration.connection_pool_maxsize = connections
         client.Configuration.set_default(configuration)
+    _configuration = configuration
+
+
+def new_api_client() -> Any:
+    """An API client of the configuration `load_kube_config` made (else the default one). Not
+    the default configuration itself: kopf's login loads the kubeconfig into it again, with 10
+    connections, after the operator configured its clients."""
+    from kubernetes import client
+
+    return client.ApiClient(_configuration)
 
 
 def get_custom_object(
@@ -63,7 +78,7 @@ class RunsApi:
     def __init__(self, api_client: Any = None) -> None:
         from kubernetes import client
 
-        self.api = client.CustomObjectsApi(api_client)
+        self.api = client.CustomObjectsApi(api_client or new_api_client())
 
     def get(self, namespace: str, name: str, cached: bool = False) -> dict[str, Any] | None:
         """The run, or None; `cached`: see `get_custom_object` (a pass whose status write is

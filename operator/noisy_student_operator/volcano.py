@@ -33,7 +33,7 @@ from typing import Any
 
 from noisy_student_workloads.stage import CONFIG_ERROR_EXIT_CODE, CONFIG_ERROR_PREFIX
 
-from . import api
+from . import api, kube
 from .core import reasons
 from .core.planner import JobObservation, JobState, JobSubmitError
 from .kube import get_custom_object
@@ -225,6 +225,7 @@ class VolcanoJobs:
     def __init__(self, api_client: Any = None, clock: Any = time.monotonic) -> None:
         from kubernetes import client
 
+        api_client = api_client or kube.new_api_client()
         self.objects = client.CustomObjectsApi(api_client)
         self.core = client.CoreV1Api(api_client)
         self.clock = clock

@@ -403,29 +403,33 @@ def test_only_a_job_change_that_a_pass_reads_brings_its_run_a_pass(monkeypatch):
 
 def test_the_operators_api_clients_keep_a_connection_per_worker(tmp_path, monkeypatch):
     """urllib3 keeps 10 by default: the operator's 28 workers' passes opened and dropped connections."""
-    from kubernetes import client
+    from kubernetes import client, config
 
+    from noisy_student_operator import kube
+    from noisy_student_operator.backend import make_runner
     from noisy_student_operator.kube import load_kube_config
+    from noisy_student_operator.volcano import VolcanoJobs
 
     kubeconfig = tmp_path / "kubeconfig"
     kubeconfig.write_text(
         "apiVersion: v1\nkind: Config\ncurrent-context: c\n"
         "clusters: [{name: c, cluster: {server: 'https://127.0.0.1:6443'}}]\n"
         "contexts: [{name: c, context: {cluster: c, user: u}}]\nusers: [{name: u, user: {token: t}}]\n")
-    from kubernetes import config
-
     load = config.load_kube_config
     monkeypatch.setattr(config, "load_kube_config", lambda: load(config_file=str(kubeconfig)))
+    monkeypatch.setattr(kube, "_configuration", None)  # what load_kube_config keeps, restored after
     previous = client.Configuration.get_default_copy()
     try:
         load_kube_config(connections=handlers.MAX_WORKERS + handlers.HINT_WORKERS)
         pool = client.ApiClient().rest_client.pool_manager.connection_pool_kw["maxsize"]
         assert pool == handlers.MAX_WORKERS + handlers.HINT_WORKERS
-        # TorchX's scheduler submits on a client of that configuration, not on one of its own
-        from noisy_student_operator.backend import make_runner
-
-        submitter = make_runner()._scheduler("kubernetes")._api_client()
-        assert submitter.rest_client.pool_manager.connection_pool_kw["maxsize"] == pool
+        # kopf's login then loads the kubeconfig into the default configuration again (10
+        # connections); the clients made after it, on the first passes, keep the operator's.
+        config.load_kube_config()
+        assert client.ApiClient().rest_client.pool_manager.connection_pool_kw["maxsize"] != pool
+        submitter = make_runner()._scheduler("kubernetes")._api_client()  # TorchX's, for the Volcano Jobs
+        for later in (submitter, VolcanoJobs().objects.api_client, VolcanoJobs().core.api_client):
+            assert later.rest_client.pool_manager.connection_pool_kw["maxsize"] == pool
     finally:
         client.Configuration.set_default(previous)
 
