@@ -48,18 +48,28 @@ class RacingRunsApi(RunsApi):
             raise
 
 
-def test_a_status_write_that_meets_another_writer_is_redone_and_keeps_its_change(kube_api, s3_prefix):
+def fresh_namespace(kube_api):
+    """An API client of the test server with the run CRD applied, and a new namespace."""
     client = api_client(kube_api.kubeconfig)
     apply_crds(client, [run_crd()])
     namespace = f"t-{uuid.uuid4().hex[:8]}"
     ensure_namespace(client, namespace)
-    runs = RacingRunsApi(client, races=2)
+    return client, namespace
+
+
+def create_demo_run(runs, namespace, s3_prefix):
     runs.api.create_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, {
         "apiVersion": f"{GROUP}/{VERSION}", "kind": "NoisyStudentRun", "metadata": {"name": "demo"},
         "spec": {"data": {"labeled": "s3://d/l.tar", "unlabeled": "s3://d/u.tar", "validation": "s3://d/v.tar",
                           "numClasses": 10},
                  "artifacts": {"uri": s3_prefix}, "teacher": {"model": "resnet18"},
                  "students": [{"model": "resnet18"}]}})
+
+
+def test_a_status_write_that_meets_another_writer_is_redone_and_keeps_its_change(kube_api, s3_prefix):
+    client, namespace = fresh_namespace(kube_api)
+    runs = RacingRunsApi(client, races=2)
+    create_demo_run(runs, namespace, s3_prefix)
     backend = InMemoryJobBackend()
     controller = RunController(runs, {"kubernetes": backend}, reconciler_for=lambda b: Reconciler(b, MarkerReader()))
     assert controller.reconcile(namespace, "demo") is not None
@@ -74,18 +84,10 @@ def test_a_status_write_that_meets_another_writer_is_redone_and_keeps_its_change
 def test_a_cached_read_of_a_run_is_the_run_and_none_once_it_is_gone(kube_api, s3_prefix):
     """`RunsApi.get(cached=True)` (resourceVersion 0: the API server's watch cache, what hinted
     passes read) returns what a read from etcd returns, and None for a run that does not exist."""
-    client = api_client(kube_api.kubeconfig)
-    apply_crds(client, [run_crd()])
-    namespace = f"t-{uuid.uuid4().hex[:8]}"
-    ensure_namespace(client, namespace)
+    client, namespace = fresh_namespace(kube_api)
     runs = RunsApi(client)
     assert runs.get(namespace, "demo", cached=True) is None
-    runs.api.create_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, {
-        "apiVersion": f"{GROUP}/{VERSION}", "kind": "NoisyStudentRun", "metadata": {"name": "demo"},
-        "spec": {"data": {"labeled": "s3://d/l.tar", "unlabeled": "s3://d/u.tar", "validation": "s3://d/v.tar",
-                          "numClasses": 10},
-                 "artifacts": {"uri": s3_prefix}, "teacher": {"model": "resnet18"},
-                 "students": [{"model": "resnet18"}]}})
+    create_demo_run(runs, namespace, s3_prefix)
     fresh = runs.get(namespace, "demo")
     assert runs.get(namespace, "demo", cached=True)["metadata"]["uid"] == fresh["metadata"]["uid"]
     runs.api.delete_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, "demo")
