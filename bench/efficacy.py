@@ -172,13 +172,18 @@ def run_pipeline(run: dict[str, Any], out: Path, env: dict[str, str]) -> float:
 
 
 def run_direct(name: str, config: dict[str, Any], out: Path, env: dict[str, str]) -> tuple[dict[str, Any], float]:
-    """A train workload outside any run (references); resumes, and skips a finished one."""
+    """A train workload outside any run (references); resumes, and skips a finished one, when it
+    was given the same configuration (else its directory is started afresh: a changed recipe
+    must not score the old model)."""
     stage = out / "direct" / name
     config = {**config, "output": stage.as_uri() + "/"}
+    given = stage / "input-config.json"
+    if given.exists() and json.loads(given.read_text()) != config:
+        shutil.rmtree(stage)
     seconds = 0.0
     if not (stage / "_DONE.json").exists():
         stage.mkdir(parents=True, exist_ok=True)
-        (stage / "input-config.json").write_text(json.dumps(config, indent=1))
+        given.write_text(json.dumps(config, indent=1))
         seconds = run_logged([sys.executable, "-m", "noisy_student_workloads.train", "--config",
                               (stage / "input-config.json").as_uri()], out / "logs" / f"{name}.log", env)
     return json.loads((stage / "metrics.json").read_text()), seconds

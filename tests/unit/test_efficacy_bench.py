@@ -103,3 +103,25 @@ def test_one_seed_judges_no_ablation(efficacy):
     r = efficacy.summarise([seed_results(0, [0.83, 0.85], [0.83, 0.80], [0.83, 0.86])])
     assert r["variants"]["default"]["top1_sd"] == [None, None]
     assert {e["verdict"] for e in efficacy.ablation_effects(r).values()} == {"one seed"}
+
+
+def test_a_reference_is_reused_only_for_the_same_configuration(efficacy, tmp_path, monkeypatch):
+    """References resume by name under --out; one trained with another recipe was scored again as
+    if it were the new one."""
+    import json
+
+    trained = []
+
+    def train(cmd, log, env):  # what the train workload leaves: its metrics, then its marker
+        config = json.loads(Path(cmd[-1].removeprefix("file://")).read_text())
+        stage = Path(config["output"].removeprefix("file://"))
+        trained.append(config["lr"])
+        (stage / "metrics.json").write_text(json.dumps({"top1": config["lr"]}))
+        (stage / "_DONE.json").write_text("{}")
+        return 1.0
+
+    monkeypatch.setattr(efficacy, "run_logged", train)
+    assert efficacy.run_direct("ref", {"lr": 0.1}, tmp_path, {})[0] == {"top1": 0.1}
+    assert efficacy.run_direct("ref", {"lr": 0.1}, tmp_path, {}) == ({"top1": 0.1}, 0.0)  # kept
+    assert efficacy.run_direct("ref", {"lr": 0.2}, tmp_path, {})[0] == {"top1": 0.2}  # trained again
+    assert trained == [0.1, 0.2]
