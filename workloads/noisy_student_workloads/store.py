@@ -327,7 +327,8 @@ class S3Store(ArtifactStore):
     def _wrap(self, uri: str, exc: Exception) -> Exception:
         if self._missing(exc):
             return FileNotFoundError(f"{uri}: no such object")
-        return OSError(f"{uri}: {exc}")
+        status = getattr(exc, "response", {}).get("ResponseMetadata", {}).get("HTTPStatusCode")
+        return OSError(f"{uri}: {exc}" + (f" (HTTP {status})" if status else ""))
 
     def put_bytes(self, uri: str, data: bytes) -> None:
         from botocore.exceptions import BotoCoreError, ClientError
