@@ -27,7 +27,10 @@ derives each Job's phase):
   `--stage-seconds` (a steady stream, as from runs whose stages last about
   that long; the achieved completions per second are printed); one watch on Volcano Jobs records when each Job is first seen
   Completed and when each next-stage job appears; latency = the one − the
-  other;
+  other. The operator's own share, from its `noisy_student_handoff_seconds`
+  histogram (its watch shows the end → the next job submitted and the status
+  written), is printed beside it: the rest is the control plane's (Volcano
+  marking the Job, the API server's watches);
 * idle, settled: every run Succeeded; requests counted again;
 * restart: the operator is restarted with N finished runs; its API requests
   (audit log) and S3 requests (a counting proxy in front of the S3 server)
@@ -75,6 +78,7 @@ from operator_harness import (  # noqa: E402
     api_client,
     apply_crds,
     audit_args,
+    free_port,
     is_operator_request,
     job_phase,
     job_stage,
@@ -215,6 +219,21 @@ def percentile(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, max(0, round(q * (len(ordered) - 1))))]
 
 
+def histogram_bounds(url: str, name: str, quantiles: tuple[float, ...]) -> tuple[int, list[float]]:
+    """Scrape a Prometheus histogram: its count and, for each quantile, the upper bound of the
+    bucket it falls in (a histogram keeps no finer figure)."""
+    from urllib.request import urlopen
+
+    from prometheus_client.parser import text_string_to_metric_families
+
+    with urlopen(url, timeout=10) as response:
+        text = response.read().decode()
+    family = next(f for f in text_string_to_metric_families(text) if f.name == name)
+    buckets = sorted((float(s.labels["le"]), s.value) for s in family.samples if s.name == f"{name}_bucket")
+    count = int(buckets[-1][1])
+    return count, [next(le for le, cumulative in buckets if cumulative >= q * count) for q in quantiles]
+
+
 def play(function: Any, items: list[Any]) -> list[Any]:
     with ThreadPoolExecutor(PLAYERS) as pool:
         return list(pool.map(function, items))
@@ -229,7 +248,9 @@ def bench_size(
     prefix = f"s3://{s3.bucket}/{ns}/"
     kubeconfig = operator_kubeconfig(server.kubeconfig, server.run_dir / "pki", workdir / f"operator-{n}")
     args = ["--all-namespaces", "--interval", str(interval), "--metrics-port", "0"]
-    operator = OperatorProcess(kubeconfig, workdir / f"operator-{n}.log", env=s3.env(), args=args)
+    metrics_port = free_port()  # the operator's own share of each transition: its handoff histogram
+    operator = OperatorProcess(kubeconfig, workdir / f"operator-{n}.log", env=s3.env(),
+                               args=[*args[:-1], str(metrics_port)])
     ensure_namespace(client, ns)
     operator.start()
     watch = JobWatch(client)
@@ -289,6 +310,8 @@ def bench_size(
         log.info("N=%d: all runs Succeeded; measuring idle for %.0fs", n, idle_seconds)
         idle_settled = measure_idle(audit_log, idle_seconds, ns)
         rss = operator.peak_rss_bytes()
+        handoffs, (handoff_p50, handoff_p95) = histogram_bounds(
+            f"http://127.0.0.1:{metrics_port}/metrics", "noisy_student_handoff_seconds", (0.5, 0.95))
     finally:
         watch.stop()
         operator.stop()
@@ -315,6 +338,9 @@ def bench_size(
         "latency_p95": percentile(latencies, 0.95),
         "latency_max": max(latencies),
         "transitions": len(latencies),
+        "handoffs": handoffs,
+        "handoff_p50_le": handoff_p50,
+        "handoff_p95_le": handoff_p95,
         "completions_per_second": statistics.median(rates),
         "idle_running": ours(idle_running) / n / minutes,
         "idle_running_verbs": dict(idle_running),
@@ -426,6 +452,9 @@ def main(argv: list[str] | None = None) -> int:
               f"{r['latency_max']:>7.2f} {r['idle_running']:>20.2f} {r['idle_settled']:>20.2f} "
               f"{r['restart_api'] / r['runs']:>16.3f} {r['restart_s3'] / r['runs']:>15.3f} {r['restart_cluster_wide']:>21}")
     for r in results:
+        print(f"N={r['runs']}: the operator's handoff (its watch shows a job's end → the next stage's job "
+              f"submitted and status written; histogram bucket bounds) over {r['handoffs']} transitions: "
+              f"p50 ≤ {r['handoff_p50_le']:g} s, p95 ≤ {r['handoff_p95_le']:g} s")
         print(f"N={r['runs']}: idle requests by verb, running {r['idle_running_verbs']}, "
               f"settled {r['idle_settled_verbs']}; restart: {r['restart_api_verbs']} API, {r['restart_s3']} S3")
     if shards:

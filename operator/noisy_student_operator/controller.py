@@ -100,6 +100,8 @@ class RunController:
         self._written_over: dict[str, str] = {}
         self._locks: dict[str, threading.Lock] = defaultdict(threading.Lock)
         self._conditions: dict[str, str] = {}
+        #: When a job of each run was seen ending (monotonic), until a pass has looked at the run.
+        self._ended: dict[str, float] = {}
 
     # -- parsing -----------------------------------------------------------------
 
@@ -175,6 +177,7 @@ class RunController:
         started = time.perf_counter()
         key = f"{namespace}/{name}"
         with self._locks[key]:
+            ended = self._ended.pop(key, None)  # this pass sees that end: it submits what follows, or nothing will
             body = copy.deepcopy(dict(body)) if body is not None else self.runs_api.get(namespace, name, cached=True)
             if body is not None and body["metadata"].get("resourceVersion") == self._written_over.get(key, ""):
                 # It predates this operator's last status write (the watch has not delivered that yet):
@@ -198,6 +201,9 @@ class RunController:
             finally:
                 metrics.RECONCILE_SECONDS.observe(time.perf_counter() - started)
             self._errors.pop(key, None)
+            if ended is not None and any(isinstance(a, Submit) and a.request.attempt == 0 and not a.resubmit
+                                         for a in plan.actions):
+                metrics.HANDOFF_SECONDS.observe(time.monotonic() - ended)
         if plan.requeue_after is not None:
             self.requeue(namespace, name, plan.requeue_after)
         return plan
@@ -308,6 +314,11 @@ class RunController:
             metrics.RUNS.labels(condition).inc()
             self._conditions[key] = condition
 
+    def job_ended(self, namespace: str, name: str) -> None:
+        """A job of the run was seen ending: the next pass that submits a stage's first attempt
+        measures the handoff (`noisy_student_handoff_seconds`) from now."""
+        self._ended.setdefault(f"{namespace}/{name}", time.monotonic())
+
     def job_changed(self, event_type: str | None, job: dict[str, Any]) -> bool:
         """A Volcano Job of a run, from the watch stream: backends that observe through it keep it.
         False when every backend that keeps it says a pass would read nothing new of it."""
@@ -330,6 +341,7 @@ class RunController:
         with self._locks[f"{run.namespace}/{run.name}"]:
             cancelled = reconciler.cancel_all(run, context)
         self._written_over.pop(f"{run.namespace}/{run.name}", None)
+        self._ended.pop(f"{run.namespace}/{run.name}", None)
         key = f"{run.status.artifacts}"
         old = self._conditions.pop(key, None)
         if old is not None:

@@ -227,6 +227,8 @@ async def on_job_event(
     if run and type in ("MODIFIED", "DELETED") and changed:
         phase = ((status or {}).get("state") or {}).get("phase")
         final = type == "DELETED" or phase in FINAL_PHASES
+        if final:
+            controller().job_ended(namespace, run)
         _hints.hint(namespace, run, 0.0 if final else HINT_DELAY)
 
 

@@ -23,6 +23,12 @@ RECONCILE_SECONDS = Histogram(
     "Duration of one reconcile pass (observe, plan, act).",
     buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
 )
+HANDOFF_SECONDS = Histogram(
+    "noisy_student_handoff_seconds",
+    "From a stage's job seen ending on the watch to the end of the pass that submitted the next "
+    "stage's job (status written): how long the operator keeps a run waiting between stages.",
+    buckets=(0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 0.75, 1, 1.5, 2, 3, 5, 10, 30, 60),
+)
 RECONCILE_ERRORS = Counter("noisy_student_reconcile_errors_total", "Reconcile passes that raised.")
 
 

@@ -145,6 +145,9 @@ def test_a_finished_jobs_pass_never_waits_behind_kopfs_busy_workers(monkeypatch)
         def job_changed(self, event_type, job):
             return True
 
+        def job_ended(self, namespace, name):
+            pass
+
         def reconcile(self, namespace, name, unless_idle=False, body=None):
             passed.set()
 
@@ -177,14 +180,19 @@ def test_a_job_that_ended_is_looked_at_at_once_other_changes_are_debounced(monke
         def hint(self, namespace, name, seconds):
             hinted.append((name, seconds))
 
+    class Controller:  # the handoff from a job's end to the next submission is measured from here
+        def job_ended(self, namespace, name):
+            hinted.append((name, "ended"))
+
     monkeypatch.setattr(handlers, "_hints", Recorder())
+    monkeypatch.setattr(handlers, "_controller", Controller())
     labels = {"noisystudent.dev/run": "a"}
     for phase in ("Pending", "Running", "Completing", "Completed", "Failed", "Aborted"):
         job_event(namespace="ml", labels=labels, type="MODIFIED", status={"state": {"phase": phase}})
     job_event(namespace="ml", labels=labels, type="DELETED", status={"state": {"phase": "Running"}})
     job_event(namespace="ml", labels=labels, type=None, status={})  # the initial listing
-    delay = handlers.HINT_DELAY
-    assert hinted == [("a", delay), ("a", delay), ("a", delay), ("a", 0.0), ("a", 0.0), ("a", 0.0), ("a", 0.0)]
+    delay, ended = handlers.HINT_DELAY, [("a", "ended"), ("a", 0.0)]
+    assert hinted == [("a", delay), ("a", delay), ("a", delay), *ended * 4]
 
 
 def finished_run(finished_at, removed_at=None, ttl=None):

@@ -281,6 +281,35 @@ def test_metrics_count_submissions_failures_retries_and_conditions(setup):
     assert sample("noisy_student_reconcile_duration_seconds_count") == passes + 2
 
 
+def test_the_handoff_from_a_jobs_end_to_the_next_stages_submission_is_measured_once(setup):
+    """`noisy_student_handoff_seconds`: from the job's end seen on the watch to the pass that
+    submitted what follows; a retry after a failure and a run's last job are not handoffs."""
+    api, backend, controller, events, store, layout = setup
+    api.objects[("ml", "demo")]["spec"]["retry"] = {"limit": 1, "backoffSeconds": 0}
+    handoffs = sample("noisy_student_handoff_seconds_count")
+    total = sample("noisy_student_handoff_seconds_sum")
+    controller.reconcile("ml", "demo")
+    backend.jobs[name(layout, TEACHER_0)] = JobState.FAILED
+    controller.job_ended("ml", "demo")
+    controller.reconcile("ml", "demo")  # the teacher's retry: not a handoff
+    assert backend.submissions == [name(layout, TEACHER_0), name(layout, TEACHER_0, 1)]
+    assert sample("noisy_student_handoff_seconds_count") == handoffs
+    backend.jobs[name(layout, TEACHER_0, 1)] = JobState.SUCCEEDED
+    write_marker(store, layout, TEACHER_0, {"top1": 0.6, "parameters": 10})
+    controller.job_ended("ml", "demo")
+    time.sleep(0.05)
+    controller.job_ended("ml", "demo")  # a second event about the same end: the first one counts
+    controller.reconcile("ml", "demo")
+    assert backend.submissions[-1] == name(layout, Stage(1, LABEL))
+    assert sample("noisy_student_handoff_seconds_count") == handoffs + 1
+    assert sample("noisy_student_handoff_seconds_sum") - total >= 0.05
+    controller.reconcile("ml", "demo")  # nothing ended since: nothing measured
+    assert sample("noisy_student_handoff_seconds_count") == handoffs + 1
+    controller.job_ended("ml", "demo")
+    controller.cancel_all(api.objects[("ml", "demo")])  # the run is deleted: its end is forgotten
+    assert controller._ended == {}
+
+
 def test_stored_spec_and_status_with_unknown_fields_are_read(setup):
     """A newer operator (or a rollback) left fields this version does not know: the run goes on."""
     api, backend, controller, events, store, layout = setup
