@@ -172,11 +172,45 @@ def place_pod(spec: Any, placement: PlacementFields) -> None:
         spec.image_pull_secrets = [client.V1LocalObjectReference(name=s.name) for s in placement.image_pull_secrets]
 
 
+#: Each pod's index in its task, from Volcano's `env` plugin (TorchX enables it); Kubernetes expands
+#: `$(VAR)` in a container's command and args from the container's environment.
+TASK_INDEX = "$(VC_TASK_INDEX)"
+#: What TorchX writes into each replica's task that differs between replicas.
+_REPLICA_ID_LABEL = "torchx.pytorch.org/replica-id"
+_RANK0_HOST = "TORCHX_RANK0_HOST"
+
+
+def one_task_of_replicas(resource: dict[str, Any], role: str) -> None:
+    """Make the label job's tasks, one per replica as TorchX renders them (its replica id written
+    into each), one task of N replicas whose pods read their index from Volcano.
+
+    Each copy of the pod template is about 2 kB: a Job of 700 label shards or more was larger
+    than etcd stores (1.5 MiB), and every shard made every read of the Job larger. The replicas
+    do not meet (no rendezvous), so the rank-0 host TorchX gives them is dropped."""
+    tasks = resource["spec"]["tasks"]
+    task = tasks[0]
+    pod = task["template"]
+    for container in pod.spec.containers:
+        for field in ("command", "args"):  # TorchX writes it all as the command
+            words = list(getattr(container, field) or [])
+            if "--replica-id" in words:
+                words[words.index("--replica-id") + 1] = TASK_INDEX
+                setattr(container, field, words)
+        container.env = [e for e in container.env or [] if e.name != _RANK0_HOST]
+        container.name = role
+    (pod.metadata.labels or {}).pop(_REPLICA_ID_LABEL, None)
+    resource["spec"].setdefault("plugins", {}).setdefault("env", [])
+    resource["spec"]["tasks"] = [{**task, "name": role, "replicas": len(tasks)}]
+
+
 def patch_volcano_job(resource: dict[str, Any], request: JobRequest, context: JobContext) -> None:
     """Rename, label and own the Volcano Job; harden, size and place its pods; give them the
-    Secret by reference. The operator's own labels win over the run's."""
+    Secret by reference. The operator's own labels win over the run's. A label job's replicas
+    become one task (`one_task_of_replicas`)."""
     from kubernetes import client
 
+    if request.component == "label":
+        one_task_of_replicas(resource, "label")
     placement = request.placement
     metadata = resource.setdefault("metadata", {})
     metadata["name"] = request.name
@@ -230,7 +264,7 @@ def _server_message(error: Any) -> str:
 _RESTMAPPING_LAG = "cannot find RESTMapping"
 #: What the API server answers (a 500) for an object too large to store: etcd's words over its
 #: --max-request-bytes (1.5 MiB by default), its gRPC client's over 2 MiB. TorchX renders a task per
-#: replica, so a label job of some 700 shards or more is refused every time.
+#: replica; a label job's are made one (`one_task_of_replicas`), so no shard count comes near it.
 _TOO_LARGE_TO_STORE = ("etcdserver: request is too large", "trying to send message larger than max")
 
 

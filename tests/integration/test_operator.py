@@ -477,19 +477,22 @@ def test_job_refused_by_volcano_fails_the_run_with_the_webhooks_message(h, ns, s
     assert set(reasons) == {"SubmitError", "RunFailed"}, reasons  # no kopf error Events
 
 
-def test_a_label_job_too_large_for_etcd_fails_the_run_with_the_servers_message(h, ns, s3_prefix):
-    """1,024 label shards (the most the CRD admits) are a Volcano Job of 1,024 tasks (TorchX renders one
-    task per replica), over 2 MiB: the API server cannot store it (500: its etcd client's `trying to send
-    message larger than max`; from 1.5 MiB, etcd's `request is too large`), however often it is asked.
-    The run fails SubmitRejected quoting the server, instead of retrying forever."""
+def test_a_label_job_of_the_most_shards_the_crd_admits_is_stored_as_one_task(h, ns, s3_prefix):
+    """1,024 label shards (the most the CRD admits). TorchX renders a task per replica: 1,024 tasks,
+    2.15 MB, which the API server could not store (500: `trying to send message larger than max`;
+    from 1.5 MiB, etcd's `request is too large`), so the run failed. The operator makes them one
+    task of 1,024 replicas (each pod's index from Volcano's env plugin): the Job is stored, and
+    Volcano's admission webhook, which names pods `<job>-<task>-<index>`, admits it."""
     run = "many-shards"
     h.create_run(ns, run, spec(s3_prefix, students=1, resources={"labelShards": 1024}))
-    h.complete(ns, h.next_job(ns, run, set(), STEP))
-    status = h.wait_run(ns, run, lambda s: is_true(s, "Failed"), STEP, "Failed")
-    failed = condition(status, "Failed")
-    assert failed["reason"] == "SubmitRejected" and "500 Internal Server Error" in failed["message"], failed
-    assert "larger than max" in failed["message"] or "request is too large" in failed["message"], failed
-    assert h.jobs(ns, run)[1:] == []  # only the teacher's
+    seen: set[str] = set()
+    h.complete(ns, h.next_job(ns, run, seen, STEP))
+    label = h.next_job(ns, run, seen, STEP)
+    [task] = label["spec"]["tasks"]
+    assert (task["name"], task["replicas"]) == ("label", 1024)
+    assert len(json.dumps(label)) < 20_000
+    status = h.status(ns, run)
+    assert not is_true(status, "Failed"), status
 
 
 def test_an_artifact_store_that_refuses_reads_is_a_condition_quoting_the_store(h, cluster, ns, s3_prefix, s3_server,
@@ -742,8 +745,11 @@ def test_volcano_jobs_pass_the_server_schema_and_reference_the_secret(h, ns, s3_
 def test_volcanos_webhook_admits_every_name_the_operator_derives_and_refuses_what_check_names_refuses(h, ns):
     """Dry-run creates (Volcano's admission webhooks judge; nothing is stored): the operator's own
     rendering, for a 40-character run name, of a 1,024-shard label job and a 16-node student at
-    attempt 9,999,999 is admitted (a 1,024-node student is over the API server's 3 MiB: a 413); the label job renamed to the shortest name `check_names` refuses is
-    refused by the webhook too, and one character shorter admitted."""
+    attempt 9,999,999 is admitted (a 1,024-node student is over the API server's 3 MiB: a 413); the student
+    renamed to the shortest name `check_names` refuses is refused by the webhook too, and one character
+    shorter admitted. The label job is one task of 1,024 replicas, whose pods the webhook judges by the
+    task's position (`<job>-label-0`): `check_names` refuses the name whose last pod,
+    `<job>-label-1023`, would be over 63 characters, which the webhook would admit."""
     from kubernetes.client import ApiClient
     from kubernetes.client.rest import ApiException
     from operator_harness import VOLCANO_JOBS
@@ -780,19 +786,26 @@ def test_volcanos_webhook_admits_every_name_the_operator_derives_and_refuses_wha
     for stage in (Stage(1, LABEL), Stage(1, STUDENT)):
         backend.submit(render_job(run_spec, layout, stage, 9_999_999, 1000), JobContext(run, ns, "uid", SECRET_NAME))
     label, student = submitted
-    assert (len(label["spec"]["tasks"]), len(student["spec"]["tasks"])) == (1024, 16)
+    assert [(t["name"], t["replicas"]) for t in label["spec"]["tasks"]] == [("label", 1024)]
+    assert len(student["spec"]["tasks"]) == 16
 
-    def renamed(length: int) -> dict[str, Any]:
-        return {**label, "metadata": {**label["metadata"], "name": "j" * length}}
+    def renamed(job: dict[str, Any], length: int) -> dict[str, Any]:
+        return {**job, "metadata": {**job["metadata"], "name": "j" * length}}
 
-    longest = 63 - len(f"-{label['spec']['tasks'][-1]['name']}-1023")  # the webhook's `<job>-<task>-<position>`
-    check_names(renamed(longest))
-    create(renamed(longest))
+    longest = 63 - len(f"-{student['spec']['tasks'][-1]['name']}-15")  # the webhook's `<job>-<task>-<position>`
+    check_names(renamed(student, longest))
+    create(renamed(student, longest))
     with pytest.raises(JobSubmitError):
-        check_names(renamed(longest + 1))
+        check_names(renamed(student, longest + 1))
     with pytest.raises(ApiException) as refused:
-        create(renamed(longest + 1))
+        create(renamed(student, longest + 1))
     assert "63" in refused.value.body, refused.value.body
+    longest = 63 - len("-label-1023")  # the last pod's name
+    check_names(renamed(label, longest))
+    create(renamed(label, longest))
+    with pytest.raises(JobSubmitError, match="label-1023"):
+        check_names(renamed(label, longest + 1))
+    create(renamed(label, longest + 1))  # the webhook sees `-label-0`; the pod `-label-1023` would be refused
 
 
 # ----------------------------------------------------------------------------- (h) kubectl views

@@ -20,6 +20,7 @@ import yaml
 
 from noisy_student_operator.api import RunSpec
 from noisy_student_operator.backend import JobContext, make_runner, patch_volcano_job, render_app
+from noisy_student_operator.volcano import check_names
 from noisy_student_operator.core.layout import BALANCE, EXPORT, LABEL, PREPARE, STUDENT, TEACHER, Stage, plan_stages
 from noisy_student_operator.core.render import render_job, run_layout
 
@@ -150,6 +151,36 @@ def test_each_stage_gets_its_own_resources_and_balancing_never_a_gpu():
         for container in containers(jobs[kind]):
             assert container["resources"]["limits"] == container["resources"]["requests"] == {
                 "cpu": "1", "memory": "2048Mi"}, kind
+
+
+def test_a_label_jobs_replicas_are_one_task_each_pod_reading_its_index_from_volcano():
+    """TorchX renders a task per replica, ~2 kB each: 700 shards or more made a Job etcd refuses
+    to store. One task of N replicas; Volcano's env plugin gives each pod `VC_TASK_INDEX` (its
+    position in the task), which the kubelet expands into `--replica-id`."""
+    import json
+
+    def label_job(shards: int) -> dict[str, Any]:
+        return render_jobs({**PLACED, "resources": {**PLACED["resources"], "labelShards": shards}})[LABEL]
+
+    job = label_job(3)
+    [task] = job["spec"]["tasks"]
+    assert (task["name"], task["replicas"]) == ("label", 3)
+    assert "env" in job["spec"]["plugins"]  # the plugin that sets VC_TASK_INDEX
+    [container] = task["template"]["spec"]["containers"]
+    args = container["command"] + container.get("args", [])  # TorchX writes it all as the command
+    assert args[args.index("--replica-id") + 1] == "$(VC_TASK_INDEX)"
+    assert args[args.index("--num-replicas") + 1] == "3"
+    assert "TORCHX_RANK0_HOST" not in {e["name"] for e in container["env"]}
+    assert "torchx.pytorch.org/replica-id" not in task["template"]["metadata"]["labels"]
+    for index in range(3):  # what the kubelet runs in pod `<job>-label-<index>`
+        env = {e["name"]: e.get("value") for e in container["env"]} | {"VC_TASK_INDEX": str(index)}
+        expanded = [re.sub(r"\$\((\w+)\)", lambda m: env.get(m.group(1), m.group(0)), a) for a in args]
+        assert expanded[expanded.index("--replica-id") + 1] == str(index)
+    # the Job's size no longer grows with its shards (1,024: 2.15 MB before)
+    assert len(json.dumps(label_job(1024))) - len(json.dumps(job)) < 10
+    check_names(label_job(1024))
+    # other stages keep TorchX's tasks (training replicas meet at rank 0's host)
+    assert [t["name"] for t in render_jobs(PLACED)[TEACHER]["spec"]["tasks"]] == ["train-0", "train-1"]
 
 
 def test_pods_meet_pod_security_restricted_and_get_no_token_by_default():
