@@ -89,6 +89,8 @@ def run_operator(args: argparse.Namespace) -> int:
         # kopf says at INFO that each handler call succeeded: at 1,000 runs, a hundred lines a
         # second written from its event loop (a quarter of its time). Its warnings and errors stay.
         logging.getLogger("kopf.objects").setLevel(logging.WARNING)
+        # TorchX's runner says "tracker configurations: {}" at each submission; ours says what it submitted.
+        logging.getLogger("torchx.runner.api").setLevel(logging.WARNING)
     controller = build_controller(args.scheduler)
     handlers.register(controller, interval=args.interval, watch_jobs=args.scheduler != "local_cwd")
     metrics.serve(args.metrics_port)
