@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 from test_planner import World, make_run
 
-from noisy_student_operator.api import RunStatus, parse_run
+from noisy_student_operator.api import RunSpec, RunStatus, parse_run
 from noisy_student_operator.core import reasons
 from noisy_student_operator.core.conditions import is_true
 from noisy_student_operator.core.keys import workload_identity
@@ -84,7 +84,7 @@ def test_a_field_changes_exactly_the_keys_of_the_stages_it_affects(path, value, 
 
 
 @pytest.mark.parametrize("change", ["levels", "images", "set"])
-def test_the_robustness_checks_corruptions_enter_the_keys_of_the_stages_that_score_them(monkeypatch, change):
+def test_the_robustness_checks_corruptions_enter_the_keys_of_the_stages_that_score_them(monkeypatch, request, change):
     """The corruption table and image count are workload defaults that the operator renders into every training
     config: changing them (a new workload version, or an edit) reruns the training stages and what follows."""
     from noisy_student_operator.core import render
@@ -98,6 +98,8 @@ def test_the_robustness_checks_corruptions_enter_the_keys_of_the_stages_that_sco
         monkeypatch.setattr(render, "CORRUPTION_IMAGES", 500)
     else:
         monkeypatch.delitem(config.CORRUPTIONS, "pixelate")
+    render.forget_layouts()  # a process's workload defaults are constants: layouts are kept
+    request.addfinalizer(render.forget_layouts)
     assert changed(before, keys(spec)) == sorted(
         [(0, TEACHER), (1, LABEL), (1, BALANCE), (1, STUDENT), *ALL_OF_GEN_2, *EXPORTED])
 
@@ -270,3 +272,23 @@ def test_an_edit_says_what_it_keeps_and_what_it_runs_again():
         "label of generation 1, balance of generation 1, student of generation 1, label of generation 2, "
         "balance of generation 2."
     ]
+
+
+def test_a_runs_layout_is_computed_once_per_spec_and_shared_read_only(monkeypatch):
+    """A pass computes every stage's key (half of a timer pass's CPU): kept per spec, namespace,
+    run name and workload; a spec edit computes them again."""
+    from noisy_student_operator.core import render
+
+    calls = []
+    compute = render._run_layout
+    monkeypatch.setattr(render, "_run_layout", lambda *args: calls.append(args) or compute(*args))
+    spec = make_run()
+    first = render.run_layout(spec, "ml", "kept", "image:test")
+    assert render.run_layout(RunSpec.model_validate(spec.model_dump(by_alias=True)), "ml", "kept", "image:test") is first
+    assert len(calls) == 1
+    edited = edit(spec, **{"training.seed": 7})
+    assert render.run_layout(edited, "ml", "kept", "image:test").keys != first.keys
+    assert render.run_layout(spec, "ml", "kept", "image:other").keys != first.keys
+    assert len(calls) == 3
+    with pytest.raises(TypeError):
+        first.keys[Stage(0, TEACHER)] = "0" * 16  # type: ignore[index]

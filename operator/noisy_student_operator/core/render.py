@@ -8,8 +8,11 @@ arguments are those of `noisy_student_workloads.components`.
 from __future__ import annotations
 
 import dataclasses
+import threading
+from collections import OrderedDict
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from types import MappingProxyType
 from typing import Any
 
 from noisy_student_workloads.config import CORRUPTION_IMAGES, CORRUPTIONS
@@ -153,15 +156,47 @@ def _replica_args(spec: RunSpec, kind: str) -> dict[str, Any]:
     return args
 
 
+#: Layouts computed lately (a pass over a run computes its keys: half of a timer pass's CPU).
+_LAYOUTS: OrderedDict[tuple[str, str, str, str], RunLayout] = OrderedDict()
+#: Runs whose layouts are kept: a timer interval's worth of passes at a thousand runs, and more.
+LAYOUT_CACHE = 4096
+_layouts_lock = threading.Lock()
+
+
 def run_layout(spec: RunSpec, namespace: str, name: str, workload: str) -> RunLayout:
-    """The run's layout with the key of every stage of its spec (see `keys`)."""
+    """The run's layout with the key of every stage of its spec (see `keys`).
+
+    A pure function of its arguments, kept for the last `LAYOUT_CACHE` of them (the spec by its
+    JSON); the layout returned is shared, its keys read-only. The workload defaults that keys
+    cover (`noisy_student_workloads.config`) are constants of a process."""
+    cache_key = (spec.model_dump_json(), namespace, name, workload)
+    with _layouts_lock:
+        layout = _LAYOUTS.get(cache_key)
+        if layout is not None:
+            _LAYOUTS.move_to_end(cache_key)
+            return layout
+    layout = _run_layout(spec, namespace, name, workload)
+    with _layouts_lock:
+        _LAYOUTS[cache_key] = layout
+        while len(_LAYOUTS) > LAYOUT_CACHE:
+            _LAYOUTS.popitem(last=False)
+    return layout
+
+
+def forget_layouts() -> None:
+    """Drop the kept layouts (after a change to the workload defaults that keys cover: in tests)."""
+    with _layouts_lock:
+        _LAYOUTS.clear()
+
+
+def _run_layout(spec: RunSpec, namespace: str, name: str, workload: str) -> RunLayout:
     root = stage_root(spec.artifacts.uri, namespace)
 
     def render(stage: Stage, keys: Mapping[Stage, str]) -> tuple[dict[str, Any], dict[str, Any] | None]:
         request = render_job(spec, RunLayout(root, name, keys), stage, 0, None)
         return request.args, request.config
 
-    return RunLayout(root, name, stage_keys(spec, root, workload, render))
+    return RunLayout(root, name, MappingProxyType(stage_keys(spec, root, workload, render)))
 
 
 def render_job(
