@@ -100,6 +100,8 @@ PLAYERS = 8
 NODE_CPUS = 16
 #: The key of requests about other namespaces (another benchmark's leftovers) in `count_requests`.
 OTHER = "(other namespaces)"
+#: The operator's histogram of its own share of a transition (see `metrics.HANDOFF_SECONDS`).
+HANDOFF = "noisy_student_handoff_seconds"
 #: The prefix of cluster-wide requests (no namespace) in `count_requests`.
 CLUSTER = "cluster-wide: "
 
@@ -249,6 +251,7 @@ def bench_size(
     kubeconfig = operator_kubeconfig(server.kubeconfig, server.run_dir / "pki", workdir / f"operator-{n}")
     args = ["--all-namespaces", "--interval", str(interval), "--metrics-port", "0"]
     metrics_port = free_port()  # the operator's own share of each transition: its handoff histogram
+    metrics_url = f"http://127.0.0.1:{metrics_port}/metrics"
     operator = OperatorProcess(kubeconfig, workdir / f"operator-{n}.log", env=s3.env(),
                                args=[*args[:-1], str(metrics_port)])
     ensure_namespace(client, ns)
@@ -299,9 +302,11 @@ def bench_size(
             wait_for(lambda: all(watch.seen(k) for k in nexts.values()), budget,
                      f"round {index + 1}: every next-stage job", interval=0.5, detail=operator.log_tail)
             latencies += [watch.seen(nexts[r]) - watch.completed_at(current[r]) for r in runs]
-            log.info("N=%d: round %d of %d done; latency so far p50 %.2f s, p95 %.2f s (load average %s)",
+            handoffs, bounds = histogram_bounds(metrics_url, HANDOFF, (0.5, 0.95))
+            log.info("N=%d: round %d of %d done; latency so far p50 %.2f s, p95 %.2f s; the operator's handoff "
+                     "over %d: p50 <= %g s, p95 <= %g s (load average %s)",
                      n, index + 1, stages - 1, statistics.median(latencies), percentile(latencies, 0.95),
-                     os.getloadavg())
+                     handoffs, *bounds, os.getloadavg())
             current = nexts
             wait_for(lambda: watch.all_in(current.values(), "Running"), budget,
                      f"round {index + 1}: every next-stage job Running", interval=0.5, detail=operator.log_tail)
@@ -310,8 +315,7 @@ def bench_size(
         log.info("N=%d: all runs Succeeded; measuring idle for %.0fs", n, idle_seconds)
         idle_settled = measure_idle(audit_log, idle_seconds, ns)
         rss = operator.peak_rss_bytes()
-        handoffs, (handoff_p50, handoff_p95) = histogram_bounds(
-            f"http://127.0.0.1:{metrics_port}/metrics", "noisy_student_handoff_seconds", (0.5, 0.95))
+        handoffs, (handoff_p50, handoff_p95) = histogram_bounds(metrics_url, HANDOFF, (0.5, 0.95))
     finally:
         watch.stop()
         operator.stop()
