@@ -14,7 +14,12 @@
   Those are up to three reads, so a waiting Job is asked why once it has
   waited `EXPLAIN_PENDING_AFTER` seconds and then at most that often: most
   Jobs wait a second or two for Volcano to place their pods, and at 1,000
-  runs those reads were most of the operator's requests.
+  runs those reads were most of the operator's requests. The pods and the
+  PodGroup come from the API server's watch cache, but it keeps none of
+  Events (kube-apiserver's `DefaultWatchCacheSizes`): each Events list reads
+  every Event of the namespace from etcd. So the operator asks at most
+  `EXPLAIN_PER_SECOND` waiting Jobs a second, whatever their number; a Job
+  not asked keeps its last answer and is asked on a later pass.
 * **Cancel**: a DELETE with foreground propagation. The Job object stays
   (with a deletion timestamp) until the garbage collector has deleted its
   pods, so "gone" (404) means no pod of it runs any more. TorchX's cancel
@@ -47,6 +52,10 @@ JOB_NAME_LABEL = "volcano.sh/job-name"
 WATCHED_FOR = 60.0
 #: Seconds a Job waits to start before it is asked why (and between two askings).
 EXPLAIN_PENDING_AFTER = 10.0
+#: Waiting Jobs asked why per second, across the operator (a burst of as many): with 1,000 runs'
+#: new Jobs waiting on a busy cluster, every pass asked, and the Events lists (from etcd) of
+#: the passes the next stages waited on took seconds each.
+EXPLAIN_PER_SECOND = 2.0
 
 PHASES = {
     "Pending": JobState.PENDING,
@@ -231,6 +240,7 @@ class VolcanoJobs:
         self.clock = clock
         self._watched: dict[tuple[str, str], tuple[float, dict[str, Any]]] = {}  # → (when, what observe reads)
         self._asked: dict[tuple[str, str], float] = {}  # a waiting Job → when it was (or will be) asked why
+        self._budget = (EXPLAIN_PER_SECOND, clock())  # askings left, and when that was counted
         self._lock = threading.Lock()
 
     def record(self, event_type: str | None, job: dict[str, Any]) -> bool:
@@ -287,7 +297,7 @@ class VolcanoJobs:
         podgroup = get_custom_object(self.objects, group, version, meta["namespace"], plural, name, cached=True)
         if podgroup_reason(podgroup):
             return podgroup, []
-        listing = self.core.list_namespaced_event(  # from the watch cache, as `pods(cached=True)`
+        listing = self.core.list_namespaced_event(  # from etcd: the API server caches no Events
             meta["namespace"], field_selector=f"involvedObject.kind=PodGroup,involvedObject.name={name}",
             resource_version="0")
         return podgroup, [self.core.api_client.sanitize_for_serialization(e) for e in listing.items]
@@ -319,14 +329,23 @@ class VolcanoJobs:
         return JobObservation(state)
 
     def _time_to_ask(self, namespace: str, name: str) -> bool:
-        """Whether a waiting Job is due to be asked why; None on the other passes leaves the run's
-        status with the last answer."""
+        """Whether a waiting Job is due to be asked why, and the operator's budget of askings
+        (`EXPLAIN_PER_SECOND`) allows it; None on the other passes leaves the run's status with
+        the last answer. A Job due but over the budget stays due; a Job asked is due again once
+        every waiting Job could have been asked."""
         now, key = self.clock(), (namespace, name)
         with self._lock:
             due = self._asked.setdefault(key, now + EXPLAIN_PENDING_AFTER)
             if now < due:
                 return False
-            self._asked[key] = now + EXPLAIN_PENDING_AFTER
+            left, counted = self._budget
+            left = min(EXPLAIN_PER_SECOND, left + (now - counted) * EXPLAIN_PER_SECOND)
+            if left < 1:
+                self._budget = (left, now)
+                return False
+            self._budget = (left - 1, now)
+            # Round-robin: the next asking waits for every other waiting Job to have had a turn.
+            self._asked[key] = now + max(EXPLAIN_PENDING_AFTER, len(self._asked) / EXPLAIN_PER_SECOND)
             return True
 
     def _why_pending(self, job: dict[str, Any]) -> str:

@@ -356,6 +356,49 @@ def test_why_a_job_waits_is_asked_once_it_waited_from_the_api_servers_cache_a_fa
     assert calls == [("pods", None)]
 
 
+def test_the_operator_asks_at_most_a_few_waiting_jobs_a_second_why_whatever_their_number():
+    """The API server keeps no watch cache of Events: each Events list (why a gang waits) reads
+    every Event of the namespace from etcd. At 1,000 runs whose new Jobs waited on a busy cluster,
+    every pass asked, and the passes the next stages waited on spent seconds in those lists
+    (hand-off p50 10 s). Askings are budgeted operator-wide: EXPLAIN_PER_SECOND, a due Job over the
+    budget stays due and is asked on a later pass."""
+    from noisy_student_operator.volcano import EXPLAIN_PENDING_AFTER, EXPLAIN_PER_SECOND, VolcanoJobs
+
+    events = []
+
+    class Listing:
+        items = []
+
+    class Core:
+        api_client = None
+
+        def list_namespaced_pod(self, namespace, **options):
+            return Listing()
+
+        def list_namespaced_event(self, namespace, **options):
+            events.append(namespace)
+            return Listing()
+
+    now = [0.0]
+    jobs = VolcanoJobs(clock=lambda: now[0])
+    jobs.objects, jobs.core = CountingJobsApi(), Core()
+    names = [f"j{i}" for i in range(100)]
+    for name in names:
+        jobs.record(None, volcano_job(name, "Pending", uid=name))
+        jobs.observe("ml", name)  # seen waiting: due in EXPLAIN_PENDING_AFTER
+    now[0] += EXPLAIN_PENDING_AFTER
+    asked = set()
+    for _ in range(3):  # three passes over every waiting Job within a second
+        asked |= {name for name in names if jobs.observe("ml", name).message}
+        now[0] += 0.3
+    assert 0 < len(events) <= EXPLAIN_PER_SECOND * 2, len(events)
+    for _ in range(int(60 * EXPLAIN_PER_SECOND)):  # passes over a minute: every Job has its turn
+        now[0] += 1.0 / EXPLAIN_PER_SECOND
+        asked |= {name for name in names if jobs.observe("ml", name).message}
+    assert asked == set(names)
+    assert len(events) <= (60 + 1) * EXPLAIN_PER_SECOND + 2, len(events)
+
+
 def test_the_job_handler_feeds_the_backends_observation(monkeypatch):
     seen = []
 
