@@ -17,9 +17,12 @@
   runs those reads were most of the operator's requests. The pods and the
   PodGroup come from the API server's watch cache, but it keeps none of
   Events (kube-apiserver's `DefaultWatchCacheSizes`): each Events list reads
-  every Event of the namespace from etcd. So the operator asks at most
-  `EXPLAIN_PER_SECOND` waiting Jobs a second, whatever their number; a Job
-  not asked keeps its last answer and is asked on a later pass.
+  every Event of the namespace from etcd, seconds each once a namespace
+  holds tens of thousands. So no pass asks: a pass over a Job due to be
+  asked queues it, and one explainer thread asks the queued Jobs one at a
+  time, at most `EXPLAIN_PER_SECOND` a second, whatever their number; the
+  next pass after an answer reports it, and until then the run's status
+  keeps the last one.
 * **Cancel**: a DELETE with foreground propagation. The Job object stays
   (with a deletion timestamp) until the garbage collector has deleted its
   pods, so "gone" (404) means no pod of it runs any more. TorchX's cancel
@@ -31,9 +34,11 @@
 
 from __future__ import annotations
 
+import logging
 import re
 import threading
 import time
+from collections import deque
 from typing import Any
 
 from noisy_student_workloads.stage import CONFIG_ERROR_EXIT_CODE, CONFIG_ERROR_PREFIX
@@ -42,6 +47,8 @@ from . import api, kube
 from .core import reasons
 from .core.planner import JobObservation, JobState, JobSubmitError
 from .kube import get_custom_object
+
+log = logging.getLogger(__name__)
 
 GROUP, VERSION, PLURAL = "batch.volcano.sh", "v1alpha1", "jobs"
 #: Volcano's scheduler says on a Job's PodGroup (`<job>-<job uid>`) why the gang cannot be scheduled.
@@ -52,9 +59,9 @@ JOB_NAME_LABEL = "volcano.sh/job-name"
 WATCHED_FOR = 60.0
 #: Seconds a Job waits to start before it is asked why (and between two askings).
 EXPLAIN_PENDING_AFTER = 10.0
-#: Waiting Jobs asked why per second, across the operator (a burst of as many): with 1,000 runs'
-#: new Jobs waiting on a busy cluster, every pass asked, and the Events lists (from etcd) of
-#: the passes the next stages waited on took seconds each.
+#: Waiting Jobs asked why per second, across the operator, one at a time (see `VolcanoJobs.explain`):
+#: with 1,000 runs' new Jobs waiting on a busy cluster, every pass asked, and the Events lists
+#: (from etcd) of the passes the next stages waited on took seconds each.
 EXPLAIN_PER_SECOND = 2.0
 
 PHASES = {
@@ -231,17 +238,26 @@ def _observed_part(job: dict[str, Any]) -> dict[str, Any]:
 class VolcanoJobs:
     """The Volcano Jobs of a namespace through the Kubernetes API: get, pods of, delete."""
 
-    def __init__(self, api_client: Any = None, clock: Any = time.monotonic) -> None:
+    def __init__(
+        self, api_client: Any = None, clock: Any = time.monotonic, explainer: bool = True, sleep: Any = time.sleep
+    ) -> None:
+        """`explainer`: ask why Jobs wait on a thread of its own (started on the first asking);
+        without it, `explain` is called by hand (tests)."""
         from kubernetes import client
 
         api_client = api_client or kube.new_api_client()
         self.objects = client.CustomObjectsApi(api_client)
         self.core = client.CoreV1Api(api_client)
         self.clock = clock
+        self.sleep = sleep
         self._watched: dict[tuple[str, str], tuple[float, dict[str, Any]]] = {}  # → (when, what observe reads)
-        self._asked: dict[tuple[str, str], float] = {}  # a waiting Job → when it was (or will be) asked why
-        self._budget = (EXPLAIN_PER_SECOND, clock())  # askings left, and when that was counted
-        self._lock = threading.Lock()
+        self._asked: dict[tuple[str, str], float] = {}  # a waiting Job → when it is due to be asked why
+        self._queue: deque[tuple[tuple[str, str], dict[str, Any]]] = deque()  # due, not asked yet: the Job
+        self._queued: set[tuple[str, str]] = set()
+        self._answers: dict[tuple[str, str], str] = {}  # answered, not reported by a pass yet
+        self._lock = threading.Condition()
+        self._background = explainer
+        self._explainer: threading.Thread | None = None
 
     def record(self, event_type: str | None, job: dict[str, Any]) -> bool:
         """A Job as the watch stream delivered it (None: listed at start; DELETED: gone); False when
@@ -253,6 +269,7 @@ class VolcanoJobs:
             if event_type == "DELETED":
                 self._watched.pop(key, None)
                 self._asked.pop(key, None)
+                self._answers.pop(key, None)
                 return True
             part = _observed_part(job)
             previous = self._watched.get(key)
@@ -322,31 +339,61 @@ class VolcanoJobs:
         if state is JobState.FAILED:
             message, reason = job_failure(job, self.pods(namespace, name))
             return JobObservation(state, message, reason)
+        key = (namespace, name)
         if state is JobState.PENDING:
-            return JobObservation(state, self._why_pending(job) if self._time_to_ask(namespace, name) else None)
+            return JobObservation(state, self._waiting(key, job))
         with self._lock:
-            self._asked.pop((namespace, name), None)
+            self._asked.pop(key, None)
+            self._answers.pop(key, None)
         return JobObservation(state)
 
-    def _time_to_ask(self, namespace: str, name: str) -> bool:
-        """Whether a waiting Job is due to be asked why, and the operator's budget of askings
-        (`EXPLAIN_PER_SECOND`) allows it; None on the other passes leaves the run's status with
-        the last answer. A Job due but over the budget stays due; a Job asked is due again once
-        every waiting Job could have been asked."""
-        now, key = self.clock(), (namespace, name)
+    def _waiting(self, key: tuple[str, str], job: dict[str, Any]) -> str | None:
+        """A pass over a waiting Job: why it waits, when the explainer answered since the last
+        pass (None leaves the run's status with the last answer). A Job due to be asked is
+        queued for the explainer, never asked here; once asked, it is due again when every
+        other waiting Job could have had its turn (round-robin)."""
+        now = self.clock()
         with self._lock:
             due = self._asked.setdefault(key, now + EXPLAIN_PENDING_AFTER)
-            if now < due:
-                return False
-            left, counted = self._budget
-            left = min(EXPLAIN_PER_SECOND, left + (now - counted) * EXPLAIN_PER_SECOND)
-            if left < 1:
-                self._budget = (left, now)
-                return False
-            self._budget = (left - 1, now)
-            # Round-robin: the next asking waits for every other waiting Job to have had a turn.
-            self._asked[key] = now + max(EXPLAIN_PENDING_AFTER, len(self._asked) / EXPLAIN_PER_SECOND)
-            return True
+            if now >= due and key not in self._queued:
+                self._asked[key] = now + max(EXPLAIN_PENDING_AFTER, len(self._asked) / EXPLAIN_PER_SECOND)
+                self._queued.add(key)
+                self._queue.append((key, _observed_part(job)))
+                if self._background and self._explainer is None:
+                    self._explainer = threading.Thread(target=self._explain_forever, name="explainer", daemon=True)
+                    self._explainer.start()
+                self._lock.notify()
+            return self._answers.pop(key, None)
+
+    def explain(self) -> int:
+        """Ask each queued Job that still waits why, one at a time, pausing 1/`EXPLAIN_PER_SECOND`
+        s after each; returns how many were asked. A failed asking is left to the Job's next turn."""
+        asked = 0
+        while True:
+            with self._lock:
+                if not self._queue:
+                    return asked
+                key, job = self._queue.popleft()
+                self._queued.discard(key)
+                if key not in self._asked:  # started, failed or gone meanwhile
+                    continue
+            try:
+                answer = self._why_pending(job)
+            except Exception as error:  # the API server is busy: the Job's next turn asks again
+                log.debug("asking why %s/%s waits failed: %s", *key, error)
+                answer = None
+            asked += 1
+            with self._lock:
+                if answer is not None and key in self._asked:
+                    self._answers[key] = answer
+            self.sleep(1.0 / EXPLAIN_PER_SECOND)
+
+    def _explain_forever(self) -> None:
+        while True:
+            with self._lock:
+                while not self._queue:
+                    self._lock.wait()
+            self.explain()
 
     def _why_pending(self, job: dict[str, Any]) -> str:
         meta = job["metadata"]
