@@ -307,12 +307,15 @@ class VolcanoJobs:
         return [api_client.sanitize_for_serialization(pod) for pod in listing.items]
 
     def podgroup(self, job: dict[str, Any]) -> tuple[dict[str, Any] | None, list[dict[str, Any]]]:
-        """The Job's PodGroup (`<job>-<uid>`) and, when it has no Unschedulable condition, the Events about it."""
+        """The Job's PodGroup (`<job>-<uid>`) and, while the gang is not admitted (phase `Pending`:
+        Volcano's scheduler says why only in Events then; once admitted, its pods and the
+        PodGroup's condition say), the Events about it."""
         meta = job["metadata"]
         name = f"{meta['name']}-{meta['uid']}"
         group, version, plural = PODGROUPS
         podgroup = get_custom_object(self.objects, group, version, meta["namespace"], plural, name, cached=True)
-        if podgroup_reason(podgroup):
+        if podgroup is None or podgroup_reason(podgroup) or (podgroup.get("status") or {}).get("phase") not in (
+                None, "Pending"):
             return podgroup, []
         listing = self.core.list_namespaced_event(  # from etcd: the API server caches no Events
             meta["namespace"], field_selector=f"involvedObject.kind=PodGroup,involvedObject.name={name}",

@@ -307,6 +307,10 @@ def test_a_watched_job_is_observed_without_a_get_and_read_again_after_a_minute()
     assert jobs.observe("ml", "c").state is JobState.RUNNING and api.gets == 5  # the GET is kept too
 
 
+def podgroup(phase):
+    return {"status": {"phase": phase}}
+
+
 class CountingCore:
     """`CoreV1Api` lists of a Job's pods and of its PodGroup's Events, each one recorded with the
     resourceVersion asked (\"0\": the watch cache), all of them empty. `held`: an Events list
@@ -344,6 +348,7 @@ def test_why_a_job_waits_is_asked_once_it_waited_from_the_api_servers_cache_a_fa
     now = [0.0]
     jobs = VolcanoJobs(clock=lambda: now[0], explainer=False, sleep=lambda seconds: None)
     jobs.objects, jobs.core = CountingJobsApi(), CountingCore()
+    jobs.objects.jobs[("ml", "a-u")] = podgroup("Pending")  # the gang not admitted: Volcano says why in Events
     calls = jobs.core.calls
     jobs.record(None, volcano_job("a", "Pending", uid="u"))
     for _ in range(4):  # passes in its first seconds: nothing asked, nothing said
@@ -358,8 +363,13 @@ def test_why_a_job_waits_is_asked_once_it_waited_from_the_api_servers_cache_a_fa
     now[0] += EXPLAIN_PENDING_AFTER
     jobs.observe("ml", "a")
     assert jobs.explain() == 1 and jobs.observe("ml", "a").message and len(calls) == 4
+    jobs.objects.jobs[("ml", "a-u")] = podgroup("Inqueue")  # admitted: its pods say why, no Events are listed
+    now[0] += EXPLAIN_PENDING_AFTER
+    jobs.observe("ml", "a")
+    assert jobs.explain() == 1 and jobs.observe("ml", "a").message and calls[4:] == [("pods", "0")]
     jobs.record("MODIFIED", volcano_job("a", "Running", uid="u"))
     assert jobs.observe("ml", "a") == JobObservation(JobState.RUNNING)
+    calls[:] = calls[:4]
     jobs.record("MODIFIED", volcano_job("a", "Pending", uid="u"))  # waiting again (Volcano restarted it)
     assert jobs.observe("ml", "a").message is None and jobs.explain() == 0 and len(calls) == 4
     now[0] += EXPLAIN_PENDING_AFTER
@@ -392,6 +402,7 @@ def test_the_operator_asks_waiting_jobs_why_one_at_a_time_a_few_a_second_and_nev
     jobs.objects, jobs.core = CountingJobsApi(), CountingCore()
     names = [f"j{i}" for i in range(100)]
     for name in names:
+        jobs.objects.jobs[("ml", f"{name}-{name}")] = podgroup("Pending")
         jobs.record(None, volcano_job(name, "Pending", uid=name))
         jobs.observe("ml", name)  # seen waiting: due in EXPLAIN_PENDING_AFTER
     now[0] += EXPLAIN_PENDING_AFTER
@@ -412,6 +423,7 @@ def test_the_operator_asks_waiting_jobs_why_one_at_a_time_a_few_a_second_and_nev
     held = threading.Event()
     jobs = VolcanoJobs(clock=lambda: now[0], sleep=lambda seconds: None)
     jobs.objects, jobs.core = CountingJobsApi(), CountingCore(held)
+    jobs.objects.jobs[("ml", "slow-slow")] = podgroup("Pending")
     jobs.record(None, volcano_job("slow", "Pending", uid="slow"))
     jobs.observe("ml", "slow")
     now[0] += EXPLAIN_PENDING_AFTER
