@@ -38,7 +38,7 @@ def build_controller(scheduler_override: str | None = None):
     from .backend import TorchXJobBackend
     from .controller import RunController
     from .kube import RunsApi, load_kube_config
-    from .reconcile import Reconciler
+    from .reconcile import PROGRESS_EVERY, Reconciler
 
     from .handlers import HINT_WORKERS, MAX_WORKERS
 
@@ -50,7 +50,7 @@ def build_controller(scheduler_override: str | None = None):
     return RunController(
         RunsApi(),
         backends,
-        reconciler_for=lambda backend: Reconciler(backend, marker_reader()),
+        reconciler_for=lambda backend: Reconciler(backend, marker_reader(), progress_every=PROGRESS_EVERY),
         scheduler_override=scheduler_override,
     )
 

@@ -392,6 +392,36 @@ def test_a_pass_over_a_running_stage_makes_no_store_request_and_its_end_reads_th
     assert [m for m, _ in counting.calls] == ["get_json"]  # its replica's progress file
 
 
+def test_the_operators_passes_read_a_running_stages_progress_at_most_every_progress_every_seconds(setup):
+    """At 1,000 runs the timer's passes (every 10 s per run) read a progress file each: 100 GETs
+    a second, most of the S3 server's requests and a fifth of the operator's CPU (botocore), for
+    figures that move over minutes. The operator's passes show the progress as last read for
+    PROGRESS_EVERY seconds; status keeps showing it meanwhile."""
+    from datetime import datetime, timedelta, timezone
+
+    from noisy_student_operator.reconcile import PROGRESS_EVERY
+
+    api, backend, _, events, store, layout = setup
+    counting = CountingStore(store)
+    now = [datetime(2026, 1, 1, tzinfo=timezone.utc)]
+    controller = RunController(api, {"kubernetes": backend}, reconciler_for=lambda b: Reconciler(
+        b, MarkerReader(lambda uri: counting), clock=lambda: now[0], progress_every=PROGRESS_EVERY))
+    controller.reconcile("ml", "demo")
+    progress_uri = layout.stage_uri(TEACHER_0, "progress.json")
+    store.put_json(progress_uri, {"epoch": 1.0, "epochs": 4, "updated": "2026-01-01T00:00:00Z"})
+    counting.calls.clear()
+    for _ in range(3):  # passes within PROGRESS_EVERY seconds: one read, the progress shown on each
+        controller.reconcile("ml", "demo")
+        assert api.objects[("ml", "demo")]["status"]["progress"]["epoch"] == 1.0
+        now[0] += timedelta(seconds=PROGRESS_EVERY / 3 - 0.1)
+    assert counting.calls == [("get_json", progress_uri)]
+    store.put_json(progress_uri, {"epoch": 2.0, "epochs": 4, "updated": "2026-01-01T00:00:30Z"})
+    now[0] += timedelta(seconds=1)
+    controller.reconcile("ml", "demo")
+    assert counting.calls == [("get_json", progress_uri)] * 2
+    assert api.objects[("ml", "demo")]["status"]["progress"]["epoch"] == 2.0
+
+
 def test_a_slow_store_ends_the_pass_at_its_deadline(setup):
     api, backend, _, events, store, layout = setup
     for stage in (TEACHER_0, Stage(1, LABEL), Stage(1, BALANCE)):
