@@ -335,19 +335,16 @@ class VolcanoJobs:
                 raise
 
     def observe(self, namespace: str, name: str) -> JobObservation:
-        job = self.get(namespace, name)
-        if job is None:
-            return JobObservation(JobState.MISSING)
-        state = job_state(job)
+        job, key = self.get(namespace, name), (namespace, name)
+        state = job_state(job) if job is not None else JobState.MISSING
+        if state is JobState.PENDING:
+            return JobObservation(state, self._waiting(key, job))
+        with self._lock:  # not waiting (any more): nothing to ask
+            self._asked.pop(key, None)
+            self._answers.pop(key, None)
         if state is JobState.FAILED:
             message, reason = job_failure(job, self.pods(namespace, name))
             return JobObservation(state, message, reason)
-        key = (namespace, name)
-        if state is JobState.PENDING:
-            return JobObservation(state, self._waiting(key, job))
-        with self._lock:
-            self._asked.pop(key, None)
-            self._answers.pop(key, None)
         return JobObservation(state)
 
     def _waiting(self, key: tuple[str, str], job: dict[str, Any]) -> str | None:

@@ -343,7 +343,7 @@ def test_why_a_job_waits_is_asked_once_it_waited_from_the_api_servers_cache_a_fa
     requests asked why Jobs waited that Volcano placed a second later. A failed Job's pods, read
     once for its message and reason, come from etcd."""
     from noisy_student_operator.core.planner import JobObservation, JobState
-    from noisy_student_operator.volcano import EXPLAIN_PENDING_AFTER, VolcanoJobs
+    from noisy_student_operator.volcano import EXPLAIN_PENDING_AFTER, WATCHED_FOR, VolcanoJobs
 
     now = [0.0]
     jobs = VolcanoJobs(clock=lambda: now[0], explainer=False, sleep=lambda seconds: None)
@@ -381,6 +381,15 @@ def test_why_a_job_waits_is_asked_once_it_waited_from_the_api_servers_cache_a_fa
     jobs.record("MODIFIED", volcano_job("a", "Failed", uid="u"))
     assert jobs.observe("ml", "a").state is JobState.FAILED
     assert calls == [("pods", None)]
+    # Queued, then gone without a watch event (read again after WATCHED_FOR: not found): not asked.
+    jobs.record("MODIFIED", volcano_job("b", "Pending", uid="v"))
+    jobs.observe("ml", "b")
+    now[0] += WATCHED_FOR
+    jobs.record("MODIFIED", volcano_job("b", "Pending", uid="v"))
+    jobs.observe("ml", "b")  # queued
+    now[0] += WATCHED_FOR
+    assert jobs.observe("ml", "b").state is JobState.MISSING
+    assert jobs.explain() == 0
 
 
 def test_the_operator_asks_waiting_jobs_why_one_at_a_time_a_few_a_second_and_never_in_a_pass():
