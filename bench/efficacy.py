@@ -46,7 +46,13 @@ nothing is tuned on, per generation for every variant, and *gap closed* = (best 
 ``efficacy.png``, and one log per job under ``logs/``. Rerunning resumes: every
 finished stage is kept. Seeds are fixed (``training.seed``, the split seed).
 
-Budgets: the default fits two CPU cores in under an hour; ``--quick`` trains a
+Jobs run side by side (``--jobs``; on a CPU one per core by default), each pinned to cores of its own,
+and each starts as soon as what it needs is done: the teacher without noise once the default run's
+teacher is, the ablations once its first pseudo labels are balanced, the supervised references once it
+ends, a later seed's default run once the data is prepared. These small models do not scale across
+threads: on two cores, two one-core jobs train about 1.7× the images per second of one two-core job.
+
+Budgets: the default is sized for two CPU cores; ``--quick`` trains a
 40-epoch teacher and 3-epoch students on 1,000 pseudo labels per class (a
 smoke test: its students are too short to beat the teacher). On a GPU use
 ``--device cuda`` and ``--scale-epochs`` (multiplies every epoch count); see
@@ -59,7 +65,11 @@ the README's "Does it learn?" section.
 from __future__ import annotations
 
 import argparse
+import concurrent.futures
+import contextlib
 import copy
+import heapq
+import itertools
 import json
 import math
 import os
@@ -68,7 +78,9 @@ import shutil
 import statistics
 import subprocess
 import sys
+import threading
 import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -149,9 +161,16 @@ def child_env(device: str) -> dict[str, str]:
     return env
 
 
-def run_logged(cmd: list[str], log: Path, env: dict[str, str]) -> float:
-    """Run ``cmd`` with its output in ``log``; returns wall seconds, exits on failure."""
+#: Replaces the process by ``argv[2:]`` pinned to the cores listed in ``argv[1]`` (its children inherit them).
+PIN = "import os, sys; os.sched_setaffinity(0, map(int, sys.argv[1].split(','))); os.execvp(sys.argv[2], sys.argv[2:])"
+
+
+def run_logged(cmd: list[str], log: Path, env: dict[str, str], cores: list[int] | None = None) -> float:
+    """Run ``cmd`` (on ``cores`` only, when given) with its output in ``log``; returns wall seconds, exits on
+    failure."""
     log.parent.mkdir(parents=True, exist_ok=True)
+    if cores is not None:
+        cmd = [sys.executable, "-c", PIN, ",".join(map(str, cores)), *cmd]
     tic = time.perf_counter()
     with log.open("a") as f:
         code = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, env=env, cwd=ROOT).returncode
@@ -161,17 +180,18 @@ def run_logged(cmd: list[str], log: Path, env: dict[str, str]) -> float:
     return time.perf_counter() - tic
 
 
-def run_pipeline(run: dict[str, Any], out: Path, env: dict[str, str]) -> float:
+def run_pipeline(run: dict[str, Any], out: Path, env: dict[str, str], cores: list[int] | None = None) -> float:
     """One run file through ``noisy-student run``; stages with a marker under their key are reused."""
     run_file = out / "runfiles" / f"{run['metadata']['name']}.yaml"
     run_file.parent.mkdir(parents=True, exist_ok=True)
     run_file.write_text(yaml.safe_dump(run, sort_keys=False))
     cli = shutil.which("noisy-student", path=str(Path(sys.executable).parent)) or "noisy-student"
     return run_logged([cli, "run", str(run_file), "--artifacts", (out / "runs").as_uri(), "--output", "json"],
-                      out / "logs" / f"{run['metadata']['name']}.log", env)
+                      out / "logs" / f"{run['metadata']['name']}.log", env, cores)
 
 
-def run_direct(name: str, config: dict[str, Any], out: Path, env: dict[str, str]) -> tuple[dict[str, Any], float]:
+def run_direct(name: str, config: dict[str, Any], out: Path, env: dict[str, str],
+               cores: list[int] | None = None) -> tuple[dict[str, Any], float]:
     """A train workload outside any run (references); resumes, and skips a finished one, when it
     was given the same configuration (else its directory is started afresh: a changed recipe
     must not score the old model)."""
@@ -185,8 +205,102 @@ def run_direct(name: str, config: dict[str, Any], out: Path, env: dict[str, str]
         stage.mkdir(parents=True, exist_ok=True)
         given.write_text(json.dumps(config, indent=1))
         seconds = run_logged([sys.executable, "-m", "noisy_student_workloads.train", "--config",
-                              (stage / "input-config.json").as_uri()], out / "logs" / f"{name}.log", env)
+                              (stage / "input-config.json").as_uri()], out / "logs" / f"{name}.log", env, cores)
     return json.loads((stage / "metrics.json").read_text()), seconds
+
+
+class Slots:
+    """Cores for jobs run side by side: ``jobs`` disjoint sets of this process's cores, one per running job.
+
+    A workload process sizes its torch threads and data workers by the cores it may run on
+    (``noisy_student_workloads.runtime``), so a job pinned to one core trains on one thread. On a CPU
+    these small models do not scale across threads: two one-core jobs side by side train about 1.7×
+    the images per second of one job on both cores (README, "Does it learn?"). A waiting job with a
+    lower ``priority`` gets the next free set first (ties: the earlier request).
+    """
+
+    def __init__(self, jobs: int, cores: list[int] | None = None) -> None:
+        cores = sorted(cores if cores is not None else os.sched_getaffinity(0))
+        jobs = max(1, min(jobs, len(cores)))
+        self.sets = [cores[i * len(cores) // jobs:(i + 1) * len(cores) // jobs] for i in range(jobs)]
+        self._free = list(self.sets)
+        self._waiting: list[tuple[int, int]] = []
+        self._tickets = itertools.count()
+        self._cv = threading.Condition()
+
+    @contextlib.contextmanager
+    def cores(self, priority: int) -> Iterator[list[int]]:
+        with self._cv:
+            ticket = (priority, next(self._tickets))
+            heapq.heappush(self._waiting, ticket)
+            self._cv.wait_for(lambda: bool(self._free) and self._waiting[0] == ticket)
+            heapq.heappop(self._waiting)
+            cores = self._free.pop(0)
+            self._cv.notify_all()
+        try:
+            yield cores
+        finally:
+            with self._cv:
+                self._free.append(cores)
+                self._cv.notify_all()
+
+
+class Jobs:
+    """The benchmark's jobs, each in a thread: it waits for the futures it needs, then for free cores
+    (:class:`Slots`), then runs. A failed dependency fails the jobs that wait for it; the others run to
+    their end (what they finish is kept: a rerun resumes from it)."""
+
+    #: priorities: the default run (the critical path) first, then what waits on it the least
+    DEFAULT, DATA, TEACHER_PLAIN, ABLATION, SUPERVISED = range(5)
+
+    def __init__(self, slots: Slots) -> None:
+        self.slots = slots
+        # every job waits in a thread of its own: a smaller pool could queue a job behind the ones waiting for it
+        self.pool = concurrent.futures.ThreadPoolExecutor(max_workers=1024, thread_name_prefix="job")
+        self.seconds: dict[str, float] = {}
+
+    def submit(self, name: str, priority: int, fn: Callable[[list[int]], Any],
+               after: tuple[concurrent.futures.Future, ...] = ()) -> concurrent.futures.Future:
+        def job() -> Any:
+            for dependency in after:
+                dependency.result()
+            with self.slots.cores(priority) as cores:
+                tic = time.perf_counter()
+                value = fn(cores)
+                self.seconds[name] = time.perf_counter() - tic
+                return value
+
+        return self.pool.submit(job)
+
+    def when(self, fn: Callable[[], Any]) -> concurrent.futures.Future:
+        """``fn`` in a thread of its own, holding no cores (a wait)."""
+        return self.pool.submit(fn)
+
+
+def wait_for_stage(prefix: Path, stage: str, generation: int, run: concurrent.futures.Future,
+                   poll_seconds: float = 5.0) -> None:
+    """Block until the run writing ``prefix`` has the stage done (its status says Complete or Reused);
+    raise if the run ends without it. A status written before this call (by an earlier invocation, maybe
+    of another spec) is not believed."""
+    status, not_before = prefix / "status.json", time.time()
+
+    def done() -> bool:
+        try:
+            if status.stat().st_mtime < not_before:
+                return False
+            stages = json.loads(status.read_text())["stages"]
+        except (OSError, ValueError, KeyError):
+            return False
+        return any(s["stage"] == stage and s["generation"] == generation and s["state"] in ("Complete", "Reused")
+                   for s in stages)
+
+    while not done():
+        if run.done():
+            run.result()  # its error, if it failed
+            if not done():
+                raise SystemExit(f"{prefix}: the run ended without its {stage} stage of generation {generation}")
+            return
+        time.sleep(poll_seconds)
 
 
 def run_status(prefix: Path) -> dict[str, Any]:
@@ -346,52 +460,81 @@ def plot(results: dict[str, Any], path: Path) -> None:
     fig.savefig(path, dpi=120)
 
 
-def run_seed(args: argparse.Namespace, idx: Path, out: Path, env: dict[str, str], seed: int,
-             selected: set[str]) -> dict[str, Any]:
-    """Every selected variant and reference at ``training.seed = seed``; all seeds share one artifact root
-    (the prepared data is one stage for all of them) and ``-s<seed>`` names (none for seed 0)."""
+def pack_supervised_data(idx: Path, out: Path, spec: dict[str, Any], env: dict[str, str],
+                         cores: list[int] | None = None) -> Path:
+    """Every training label but validation's, for the supervised references (packed once, for all seeds)."""
+    all_data = out / "supervised-data"
+    if not (all_data / "_DONE.json").exists():
+        prep = spec["data"]["prepare"]
+        run_logged([sys.executable, "-m", "noisy_student_workloads.data", "pack", "--source", "fashion-mnist",
+                    "--path", str(idx), "--labels-per-class", str(ALL_LABELS_PER_CLASS), "--seed",
+                    str(prep["seed"]), "--shard-size", str(prep["shardSize"]), "--output", all_data.as_uri()],
+                   out / "logs" / "supervised-data.log", env, cores)
+    return all_data
+
+
+def schedule_seed(jobs: Jobs, args: argparse.Namespace, idx: Path, out: Path, env: dict[str, str], seed: int,
+                  selected: set[str], data: concurrent.futures.Future | None,
+                  prepared: concurrent.futures.Future | None) -> tuple[concurrent.futures.Future,
+                                                                       concurrent.futures.Future]:
+    """Every selected variant and reference at ``training.seed = seed``, as jobs; all seeds share one artifact
+    root (the prepared data is one stage for all of them) and ``-s<seed>`` names (none for seed 0).
+
+    Each job starts as soon as what it needs is done: the teacher without noise once the default run's
+    teacher is (it copies that teacher's configuration), the ablations once its first pseudo labels are
+    balanced (they reuse every stage before that), the supervised references once the default run ends
+    (their budget is its longest student's), a later seed's default run once the data is prepared
+    (``prepared``; ``data`` is the supervised references' data). Returns the seed's results and the
+    prepare stage's wait, as futures."""
     suffix = f"-s{seed}" if seed else ""
     base = default_run(args, idx)
     spec = base["spec"]
     spec["training"]["seed"] = seed
     base["metadata"]["name"] += suffix
     default_prefix = prefix_dir(out, base)
-    seconds: dict[str, float] = {}
+    label = f"seed {seed}: " if args.seeds > 1 else ""
 
     # default run: teacher + three noisy students
-    seconds["default"] = run_pipeline(base, out, env)
-    teacher_config = json.loads(stage_file(run_status(default_prefix)["generations"][0], "config.json").read_text())
-    student_metrics = generation_metrics(default_prefix)
+    default = jobs.submit(f"{label}default", Jobs.DEFAULT, lambda cores: run_pipeline(base, out, env, cores),
+                          after=(prepared,) if prepared else ())
+    teacher_done = jobs.when(lambda: wait_for_stage(default_prefix, "teacher", 0, default))
+    labels_done = jobs.when(lambda: wait_for_stage(default_prefix, "balance", 1, default))
+    prepare_done = jobs.when(lambda: wait_for_stage(default_prefix, "prepare", 0, default))
 
-    # references through the train workload
-    references: dict[str, Any] = {}
+    def teacher_config() -> dict[str, Any]:
+        return json.loads(stage_file(run_status(default_prefix)["generations"][0], "config.json").read_text())
+
+    plain_noise = {"rand_augment": None, "dropout": 0.0, "stochastic_depth": 0.0}
+    references: dict[str, concurrent.futures.Future] = {}
     if "references" in selected:
-        plain = {**teacher_config, "noise": {"rand_augment": None, "dropout": 0.0, "stochastic_depth": 0.0}}
-        m, seconds["teacher-plain"] = run_direct("teacher-plain" + suffix, plain, out, env)
-        references["teacher without noise"] = {"top1": m.get("test_top1", m["top1"]),
-                                               "corruption_top1": m.get("corruption_top1"),
-                                               "epochs": m["epochs"]}
-        all_data = out / "supervised-data"
-        if not (all_data / "_DONE.json").exists():
-            prep = spec["data"]["prepare"]
-            run_logged([sys.executable, "-m", "noisy_student_workloads.data", "pack", "--source", "fashion-mnist",
-                        "--path", str(idx), "--labels-per-class", str(ALL_LABELS_PER_CLASS), "--seed",
-                        str(prep["seed"]), "--shard-size", str(prep["shardSize"]), "--output", all_data.as_uri()],
-                       out / "logs" / "supervised-data.log", env)
-        batch, epochs = student_budget(spec, student_metrics[1]["pseudo_images"])
-        biggest = max(student_metrics[1:], key=lambda m: m["parameters"])  # the bound of the largest student
-        largest = biggest["model"]
+        def plain(cores: list[int]) -> dict[str, Any]:
+            m, _ = run_direct("teacher-plain" + suffix, {**teacher_config(), "noise": plain_noise}, out, env, cores)
+            return {"top1": m.get("test_top1", m["top1"]), "corruption_top1": m.get("corruption_top1"),
+                    "epochs": m["epochs"]}
+
+        references["teacher without noise"] = jobs.submit(f"{label}teacher-plain", Jobs.TEACHER_PLAIN, plain,
+                                                          after=(teacher_done,))
+
+        def supervised(noisy: bool, name: str) -> Callable[[list[int]], dict[str, Any]]:
+            def train(cores: list[int]) -> dict[str, Any]:
+                student_metrics = generation_metrics(default_prefix)
+                batch, epochs = student_budget(spec, student_metrics[1]["pseudo_images"])
+                biggest = max(student_metrics[1:], key=lambda m: m["parameters"])  # the bound of the largest student
+                config = {**teacher_config(), "model": biggest["model"], "model_args": biggest.get("model_args", {}),
+                          "labeled": data.result().as_uri() + "/labeled-*.tar",
+                          "batch_size": batch, "epochs": epochs, "warmup_epochs": 0}
+                if not noisy:
+                    config["noise"] = plain_noise
+                m, _ = run_direct(name.replace(", ", "-").replace(" ", "-") + suffix, config, out, env, cores)
+                return {"top1": m.get("test_top1", m["top1"]), "corruption_top1": m.get("corruption_top1"),
+                        "model": biggest["model"], "epochs": epochs, "batch_size": batch,
+                        "labeled_images": m["labeled_images"]}
+            return train
+
         for noisy in (True, False):
             name = "supervised, noise" if noisy else "supervised, no noise"
-            config = {**teacher_config, "model": largest, "model_args": biggest.get("model_args", {}),
-                      "labeled": all_data.as_uri() + "/labeled-*.tar",
-                      "batch_size": batch, "epochs": epochs, "warmup_epochs": 0}
-            if not noisy:
-                config["noise"] = plain["noise"]
-            m, seconds[name] = run_direct(name.replace(", ", "-").replace(" ", "-") + suffix, config, out, env)
-            references[name] = {"top1": m.get("test_top1", m["top1"]), "corruption_top1": m.get("corruption_top1"),
-                                "model": largest,
-                                "epochs": epochs, "batch_size": batch, "labeled_images": m["labeled_images"]}
+            references[name] = jobs.submit(f"{label}{name}", Jobs.SUPERVISED, supervised(noisy, name),
+                                           after=(default, data))
 
     def variant(change: str, found: list[dict[str, Any]]) -> dict[str, Any]:
         # report the test split (nothing was chosen by it); validation is what the recipe was tuned on
@@ -400,17 +543,28 @@ def run_seed(args: argparse.Namespace, idx: Path, out: Path, env: dict[str, str]
                 "corruption_top1": [g.get("corruption_top1") for g in found],
                 "pseudo_images": [g.get("pseudo_images", 0) for g in found]}
 
-    variants = {"default": variant("—", student_metrics)}
+    ablations: dict[str, concurrent.futures.Future] = {}
     for name, (change, _) in ABLATIONS.items():
         if name not in selected:
             continue
         run = variant_run(base, name)
         run["metadata"]["name"] = f"fashion-mnist-{name}{suffix}"
-        seconds[name] = run_pipeline(run, out, env)
-        variants[name] = {**variant(change, generation_metrics(prefix_dir(out, run))),
-                          "shared": reused_stages(prefix_dir(out, run))}
-    return {"seed": seed, "run_file": base, "variants": variants, "references": references,
-            "job_seconds": {k: round(v, 1) for k, v in seconds.items()}}
+
+        def ablate(cores: list[int], run: dict[str, Any] = run, change: str = change) -> dict[str, Any]:
+            run_pipeline(run, out, env, cores)
+            return {**variant(change, generation_metrics(prefix_dir(out, run))),
+                    "shared": reused_stages(prefix_dir(out, run))}
+
+        ablations[name] = jobs.submit(f"{label}{name}", Jobs.ABLATION, ablate, after=(labels_done,))
+
+    def results() -> dict[str, Any]:
+        default.result()
+        variants = {"default": variant("—", generation_metrics(default_prefix))}
+        variants.update({name: f.result() for name, f in ablations.items()})
+        return {"seed": seed, "run_file": base, "variants": variants,
+                "references": {name: f.result() for name, f in references.items()}}
+
+    return jobs.when(results), prepare_done
 
 
 def mean_sd(values: list[float | None]) -> tuple[float | None, float | None]:
@@ -462,6 +616,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     parser.add_argument("--scale-epochs", type=float, default=1.0, help="multiply every epoch count (GPU budgets)")
     parser.add_argument("--data", help="directory of the Fashion-MNIST IDX files")
+    parser.add_argument("--jobs", type=int, default=0,
+                        help="jobs side by side, each pinned to its share of the cores (default: one per core, at "
+                             "most 8, on a CPU; 1 with --device cuda)")
     parser.add_argument("--only", nargs="*", help="what to run besides the default run: references and/or ablation names (default: all)")
     args = parser.parse_args(argv)
     if args.seeds < 1:
@@ -477,8 +634,18 @@ def main(argv: list[str] | None = None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     env = child_env(args.device)
     selected = set(args.only or ["default", "references", *ABLATIONS])
+    slots = Slots(args.jobs if args.jobs else 1 if args.device == "cuda" else min(len(os.sched_getaffinity(0)), 8))
+    jobs = Jobs(slots)
     started = time.perf_counter()
-    per_seed = [run_seed(args, idx, out, env, seed, selected) for seed in range(args.seeds)]
+    data = (jobs.submit("supervised-data", Jobs.DATA,
+                        lambda cores: pack_supervised_data(idx, out, default_run(args, idx)["spec"], env, cores))
+            if "references" in selected else None)
+    scheduled, prepared = [], None
+    for seed in range(args.seeds):
+        seed_results, prepare_done = schedule_seed(jobs, args, idx, out, env, seed, selected, data, prepared)
+        scheduled.append(seed_results)
+        prepared = prepared or prepare_done  # later seeds wait for seed 0's data, then share it
+    per_seed = [f.result() for f in scheduled]
     results = {
         "dataset": "fashion-mnist",
         "labels_per_class": args.labels_per_class,
@@ -486,6 +653,8 @@ def main(argv: list[str] | None = None) -> int:
         "device": args.device,
         "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, {platform.node()}",
         "wall_seconds": round(time.perf_counter() - started, 1),
+        "jobs_side_by_side": len(slots.sets),
+        "job_seconds": {k: round(v, 1) for k, v in jobs.seconds.items()},
         "run_file": per_seed[0]["run_file"],
         **summarise(per_seed),
         "per_seed": per_seed,

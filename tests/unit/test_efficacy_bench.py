@@ -112,7 +112,7 @@ def test_a_reference_is_reused_only_for_the_same_configuration(efficacy, tmp_pat
 
     trained = []
 
-    def train(cmd, log, env):  # what the train workload leaves: its metrics, then its marker
+    def train(cmd, log, env, cores=None):  # what the train workload leaves: its metrics, then its marker
         config = json.loads(Path(cmd[-1].removeprefix("file://")).read_text())
         stage = Path(config["output"].removeprefix("file://"))
         trained.append(config["lr"])
@@ -125,3 +125,94 @@ def test_a_reference_is_reused_only_for_the_same_configuration(efficacy, tmp_pat
     assert efficacy.run_direct("ref", {"lr": 0.1}, tmp_path, {}) == ({"top1": 0.1}, 0.0)  # kept
     assert efficacy.run_direct("ref", {"lr": 0.2}, tmp_path, {})[0] == {"top1": 0.2}  # trained again
     assert trained == [0.1, 0.2]
+
+
+def test_slots_split_the_cores_and_hand_the_next_free_set_to_the_most_urgent_waiter(efficacy):
+    import threading
+    import time
+
+    slots = efficacy.Slots(2, cores=[0, 1, 2, 3, 4])
+    assert slots.sets == [[0, 1], [2, 3, 4]]
+    assert efficacy.Slots(8, cores=[0, 1]).sets == [[0], [1]]  # never more jobs than cores
+    order = []
+    with slots.cores(0) as a, slots.cores(0) as b:
+        assert sorted(a + b) == [0, 1, 2, 3, 4]
+
+        def wait(priority, name):
+            with slots.cores(priority):
+                order.append(name)
+
+        threads = [threading.Thread(target=wait, args=(p, n)) for p, n in ((3, "supervised"), (2, "ablation"))]
+        for waiting, thread in enumerate(threads, 1):  # both wait, the supervised one first
+            thread.start()
+            deadline = time.monotonic() + 5
+            while len(slots._waiting) < waiting and time.monotonic() < deadline:
+                time.sleep(0.01)
+        assert order == [] and len(slots._waiting) == 2
+    for thread in threads:
+        thread.join(5)
+    assert order == ["ablation", "supervised"]
+
+
+def test_jobs_run_at_most_one_per_core_set_after_what_they_need_and_fail_with_it(efficacy):
+    import threading
+    import time
+
+    jobs = efficacy.Jobs(efficacy.Slots(2, cores=[0, 1]))
+    running, most, lock = [], [0], threading.Lock()
+
+    def work(name, seconds=0.2, fail=False):
+        def fn(cores):
+            with lock:
+                running.append(name)
+                most[0] = max(most[0], len(running))
+            time.sleep(seconds)
+            with lock:
+                running.remove(name)
+            if fail:
+                raise SystemExit(f"{name} failed")
+            return name, cores
+        return fn
+
+    first = jobs.submit("first", 0, work("first"))
+    rest = [jobs.submit(f"job {i}", 1, work(f"job {i}")) for i in range(4)]
+    after = jobs.submit("after", 0, lambda cores: first.done(), after=(first,))
+    assert after.result(5) is True
+    assert {f.result(5)[1][0] for f in rest} <= {0, 1} and most[0] == 2
+    assert set(jobs.seconds) == {"first", "after", *(f"job {i}" for i in range(4))}
+    broken = jobs.submit("broken", 0, work("broken", fail=True))
+    downstream = jobs.submit("downstream", 0, work("downstream"), after=(broken,))
+    with pytest.raises(SystemExit, match="broken failed"):
+        downstream.result(5)
+    assert "downstream" not in jobs.seconds
+
+
+def test_a_stage_wait_believes_only_a_status_written_since_and_fails_when_the_run_ends_without_it(efficacy, tmp_path):
+    import concurrent.futures
+    import json
+    import os
+    import threading
+
+    status = tmp_path / "status.json"
+
+    def write(state):
+        status.write_text(json.dumps({"stages": [{"stage": "balance", "generation": 1, "state": state}]}))
+
+    write("Complete")
+    os.utime(status, (1, 1))  # an earlier invocation's: not believed
+    run = concurrent.futures.Future()
+    waiter = threading.Thread(target=efficacy.wait_for_stage, args=(tmp_path, "balance", 1, run, 0.05))
+    waiter.start()
+    waiter.join(0.3)
+    assert waiter.is_alive()
+    write("Running")
+    waiter.join(0.3)
+    assert waiter.is_alive()
+    write("Complete")
+    waiter.join(5)
+    assert not waiter.is_alive()
+
+    write("Running")
+    run.set_result(0.0)
+    with pytest.raises(SystemExit, match="ended without its balance stage of generation 1"):
+        efficacy.wait_for_stage(tmp_path, "balance", 1, run, 0.05)
