@@ -165,12 +165,16 @@ def child_env(device: str) -> dict[str, str]:
 PIN = "import os, sys; os.sched_setaffinity(0, map(int, sys.argv[1].split(','))); os.execvp(sys.argv[2], sys.argv[2:])"
 
 
+def available_cores() -> set[int]:
+    return os.sched_getaffinity(0) if hasattr(os, "sched_getaffinity") else set(range(os.cpu_count() or 1))
+
+
 def run_logged(cmd: list[str], log: Path, env: dict[str, str], cores: list[int] | None = None) -> float:
     """Run ``cmd`` (on ``cores`` only, when given) with its output in ``log``; returns wall seconds, exits on
     failure."""
     log.parent.mkdir(parents=True, exist_ok=True)
-    if cores is not None:
-        cmd = [sys.executable, "-c", PIN, ",".join(map(str, cores)), *cmd]
+    if cores is not None and hasattr(os, "sched_setaffinity"):  # elsewhere (macOS) side-by-side jobs share the
+        cmd = [sys.executable, "-c", PIN, ",".join(map(str, cores)), *cmd]  # cores (the workloads divide them)
     tic = time.perf_counter()
     with log.open("a") as f:
         code = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, env=env, cwd=ROOT).returncode
@@ -220,7 +224,7 @@ class Slots:
     """
 
     def __init__(self, jobs: int, cores: list[int] | None = None) -> None:
-        cores = sorted(cores if cores is not None else os.sched_getaffinity(0))
+        cores = sorted(cores if cores is not None else available_cores())
         jobs = max(1, min(jobs, len(cores)))
         self.sets = [cores[i * len(cores) // jobs:(i + 1) * len(cores) // jobs] for i in range(jobs)]
         self._free = list(self.sets)
@@ -634,7 +638,7 @@ def main(argv: list[str] | None = None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     env = child_env(args.device)
     selected = set(args.only or ["default", "references", *ABLATIONS])
-    slots = Slots(args.jobs if args.jobs else 1 if args.device == "cuda" else min(len(os.sched_getaffinity(0)), 8))
+    slots = Slots(args.jobs if args.jobs else 1 if args.device == "cuda" else min(len(available_cores()), 8))
     jobs = Jobs(slots)
     started = time.perf_counter()
     data = (jobs.submit("supervised-data", Jobs.DATA,
