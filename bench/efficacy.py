@@ -169,12 +169,26 @@ def available_cores() -> set[int]:
     return os.sched_getaffinity(0) if hasattr(os, "sched_getaffinity") else set(range(os.cpu_count() or 1))
 
 
+def pinned(cmd: list[str], cores: list[int] | None) -> list[str]:
+    """``cmd`` run on ``cores`` only (its children too); as it is without them, or where the platform cannot
+    pin (macOS: side-by-side jobs then share the cores, which the workloads divide among themselves)."""
+    if cores is None or not hasattr(os, "sched_setaffinity"):
+        return cmd
+    return [sys.executable, "-c", PIN, ",".join(map(str, cores)), *cmd]
+
+
+def split_cores(cores: list[int], jobs: int) -> list[list[int]]:
+    """``jobs`` disjoint, contiguous sets of ``cores`` (at most one per core)."""
+    cores = sorted(cores)
+    jobs = max(1, min(jobs, len(cores)))
+    return [cores[i * len(cores) // jobs:(i + 1) * len(cores) // jobs] for i in range(jobs)]
+
+
 def run_logged(cmd: list[str], log: Path, env: dict[str, str], cores: list[int] | None = None) -> float:
     """Run ``cmd`` (on ``cores`` only, when given) with its output in ``log``; returns wall seconds, exits on
     failure."""
     log.parent.mkdir(parents=True, exist_ok=True)
-    if cores is not None and hasattr(os, "sched_setaffinity"):  # elsewhere (macOS) side-by-side jobs share the
-        cmd = [sys.executable, "-c", PIN, ",".join(map(str, cores)), *cmd]  # cores (the workloads divide them)
+    cmd = pinned(cmd, cores)
     tic = time.perf_counter()
     with log.open("a") as f:
         code = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, env=env, cwd=ROOT).returncode
@@ -224,9 +238,7 @@ class Slots:
     """
 
     def __init__(self, jobs: int, cores: list[int] | None = None) -> None:
-        cores = sorted(cores if cores is not None else available_cores())
-        jobs = max(1, min(jobs, len(cores)))
-        self.sets = [cores[i * len(cores) // jobs:(i + 1) * len(cores) // jobs] for i in range(jobs)]
+        self.sets = split_cores(list(cores if cores is not None else available_cores()), jobs)
         self._free = list(self.sets)
         self._waiting: list[tuple[int, int]] = []
         self._tickets = itertools.count()
@@ -489,7 +501,7 @@ def schedule_seed(jobs: Jobs, args: argparse.Namespace, idx: Path, out: Path, en
     balanced (they reuse every stage before that), the supervised references once the default run ends
     (their budget is its longest student's), a later seed's default run once the data is prepared
     (``prepared``; ``data`` is the supervised references' data). Returns the seed's results and the
-    prepare stage's wait, as futures."""
+    wait for the prepared data (``prepared``, else this seed's prepare stage), as futures."""
     suffix = f"-s{seed}" if seed else ""
     base = default_run(args, idx)
     spec = base["spec"]
@@ -503,7 +515,7 @@ def schedule_seed(jobs: Jobs, args: argparse.Namespace, idx: Path, out: Path, en
                           after=(prepared,) if prepared else ())
     teacher_done = jobs.when(lambda: wait_for_stage(default_prefix, "teacher", 0, default))
     labels_done = jobs.when(lambda: wait_for_stage(default_prefix, "balance", 1, default))
-    prepare_done = jobs.when(lambda: wait_for_stage(default_prefix, "prepare", 0, default))
+    prepare_done = prepared or jobs.when(lambda: wait_for_stage(default_prefix, "prepare", 0, default))
 
     def teacher_config() -> dict[str, Any]:
         return json.loads(stage_file(run_status(default_prefix)["generations"][0], "config.json").read_text())
@@ -646,9 +658,8 @@ def main(argv: list[str] | None = None) -> int:
             if "references" in selected else None)
     scheduled, prepared = [], None
     for seed in range(args.seeds):
-        seed_results, prepare_done = schedule_seed(jobs, args, idx, out, env, seed, selected, data, prepared)
-        scheduled.append(seed_results)
-        prepared = prepared or prepare_done  # later seeds wait for seed 0's data, then share it
+        seed_results, prepared = schedule_seed(jobs, args, idx, out, env, seed, selected, data, prepared)
+        scheduled.append(seed_results)  # later seeds wait for seed 0's data, then share it
     per_seed = [f.result() for f in scheduled]
     results = {
         "dataset": "fashion-mnist",

@@ -28,14 +28,13 @@ import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from efficacy import EXAMPLE, PIN, locate_idx  # noqa: E402  (the efficacy bench's data and pinning)
+from efficacy import EXAMPLE, locate_idx, pack_supervised_data, pinned, split_cores  # noqa: E402
 
 import yaml  # noqa: E402
 
 
-def train_config(data: Path, output: Path, epochs: int) -> dict:
-    """The efficacy example's teacher model and noise, one supervised epoch of every training label."""
-    spec = yaml.safe_load(EXAMPLE.read_text())["spec"]
+def train_config(spec: dict, data: Path, output: Path, epochs: int) -> dict:
+    """The efficacy example's teacher model and noise, supervised epochs of every training label."""
     noise = spec["noise"]
     return {"role": "teacher", "model": spec["teacher"]["model"], "model_args": spec["teacher"].get("modelArgs", {}),
             "num_classes": spec["data"]["numClasses"], "image_size": spec["data"]["imageSize"],
@@ -50,8 +49,8 @@ def start(config: dict, directory: Path, cores: list[int]) -> subprocess.Popen:
     directory.mkdir(parents=True)
     (directory / "config.json").write_text(json.dumps(config | {"output": (directory / "out").as_uri() + "/"}))
     log = (directory / "log").open("w")
-    cmd = [sys.executable, "-c", PIN, ",".join(map(str, cores)), sys.executable, "-m",
-           "noisy_student_workloads.train", "--config", (directory / "config.json").as_uri()]
+    cmd = pinned([sys.executable, "-m", "noisy_student_workloads.train", "--config",
+                  (directory / "config.json").as_uri()], cores)
     return subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "CUDA_VISIBLE_DEVICES": ""})
 
 
@@ -74,11 +73,10 @@ def main() -> None:
     idx = locate_idx(args.data)
     with tempfile.TemporaryDirectory(prefix="side-by-side-") as tmp:
         work = Path(tmp)
-        subprocess.run([sys.executable, "-m", "noisy_student_workloads.data", "pack", "--source", "fashion-mnist",
-                        "--path", str(idx), "--labels-per-class", "5399", "--shard-size", "10000",
-                        "--output", (work / "data").as_uri()], check=True, stdout=subprocess.DEVNULL)
-        config = train_config(work / "data", work, args.epochs)
-        shares = [cores[i * len(cores) // args.jobs:(i + 1) * len(cores) // args.jobs] for i in range(args.jobs)]
+        spec = yaml.safe_load(EXAMPLE.read_text())["spec"]
+        data = pack_supervised_data(idx, work, spec, dict(os.environ))
+        config = train_config(spec, data, work, args.epochs)
+        shares = split_cores(cores, args.jobs)
         print(f"| round | one job on {len(cores)} cores, img/s | {args.jobs} jobs side by side, img/s (sum) | ratio |")
         print("|---|---|---|---|")
         ratios = []
