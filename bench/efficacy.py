@@ -296,13 +296,14 @@ class Jobs:
 def wait_for_stage(prefix: Path, stage: str, generation: int, run: concurrent.futures.Future,
                    poll_seconds: float = 5.0) -> None:
     """Block until the run writing ``prefix`` has the stage done (its status says Complete or Reused);
-    raise if the run ends without it. A status written before this call (by an earlier invocation, maybe
-    of another spec) is not believed."""
+    raise if the run ends without it. While the run goes on, a status written before this call (by an
+    earlier invocation, maybe of another spec) is not believed; once it has ended, what is there is its
+    status (a rerun that finds every stage done does not write it again)."""
     status, not_before = prefix / "status.json", time.time()
 
-    def done() -> bool:
+    def done(ended: bool = False) -> bool:
         try:
-            if status.stat().st_mtime < not_before:
+            if not ended and status.stat().st_mtime < not_before:
                 return False
             stages = json.loads(status.read_text())["stages"]
         except (OSError, ValueError, KeyError):
@@ -313,7 +314,7 @@ def wait_for_stage(prefix: Path, stage: str, generation: int, run: concurrent.fu
     while not done():
         if run.done():
             run.result()  # its error, if it failed
-            if not done():
+            if not done(ended=True):
                 raise SystemExit(f"{prefix}: the run ended without its {stage} stage of generation {generation}")
             return
         time.sleep(poll_seconds)

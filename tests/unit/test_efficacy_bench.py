@@ -216,3 +216,22 @@ def test_a_stage_wait_believes_only_a_status_written_since_and_fails_when_the_ru
     run.set_result(0.0)
     with pytest.raises(SystemExit, match="ended without its balance stage of generation 1"):
         efficacy.wait_for_stage(tmp_path, "balance", 1, run, 0.05)
+
+
+def test_a_stage_wait_believes_an_older_status_once_the_run_ended_without_rewriting_it(efficacy, tmp_path):
+    """A rerun whose stages are all done ends without writing its status again: what is there is its status."""
+    import concurrent.futures
+    import json
+    import os
+
+    status = tmp_path / "status.json"
+    status.write_text(json.dumps({"stages": [{"stage": "balance", "generation": 1, "state": "Complete"}]}))
+    os.utime(status, (1, 1))
+    run = concurrent.futures.Future()
+    run.set_result(0.0)
+    efficacy.wait_for_stage(tmp_path, "balance", 1, run, 0.05)
+
+    failed = concurrent.futures.Future()
+    failed.set_exception(SystemExit("fashion-mnist failed"))
+    with pytest.raises(SystemExit, match="fashion-mnist failed"):
+        efficacy.wait_for_stage(tmp_path, "balance", 1, failed, 0.05)
