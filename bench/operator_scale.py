@@ -236,6 +236,12 @@ def histogram_bounds(url: str, name: str, quantiles: tuple[float, ...]) -> tuple
     return count, [next(le for le, cumulative in buckets if cumulative >= q * count) for q in quantiles]
 
 
+def rss_now(operator: Any) -> str:
+    """The operator's resident set now and its peak so far, for the log: where the peak was reached."""
+    sizes = operator.memory_bytes()
+    return f"RSS {sizes['VmRSS'] / 2**20:.0f} MiB, peak {sizes['VmHWM'] / 2**20:.0f} MiB"
+
+
 def play(function: Any, items: list[Any]) -> list[Any]:
     with ThreadPoolExecutor(PLAYERS) as pool:
         return list(pool.map(function, items))
@@ -256,6 +262,7 @@ def bench_size(
                                args=[*args[:-1], str(metrics_port)])
     ensure_namespace(client, ns)
     operator.start()
+    log.info("N=%d: operator started (%s)", n, rss_now(operator))
     watch = JobWatch(client)
     budget = 300 + n * 2.0
     try:
@@ -268,13 +275,14 @@ def bench_size(
         current = {run: names[run][0] for run in runs}
         wait_for(lambda: all(watch.seen(k) for k in current.values()), budget, f"{n} teacher jobs",
                  interval=0.5, detail=operator.log_tail)
+        log.info("N=%d: every teacher job submitted (operator %s)", n, rss_now(operator))
         # The kubelet runs the pods Volcano binds: wait on the watch, not a player per job.
         wait_for(lambda: watch.all_in(current.values(), "Running"), budget, f"{n} teacher jobs Running",
                  interval=0.5, detail=operator.log_tail)
         wait_for(lambda: all(s.get("jobs") and s["jobs"][-1]["state"] == "Running"
                              for s in (h.status(ns, r) for r in runs)),
                  budget, "every run to see its job Running", interval=2.0, detail=operator.log_tail)
-        log.info("N=%d: all runs Running; measuring idle for %.0fs", n, idle_seconds)
+        log.info("N=%d: all runs Running (operator %s); measuring idle for %.0fs", n, rss_now(operator), idle_seconds)
         idle_running = measure_idle(audit_log, idle_seconds, ns)
 
         latencies: list[float] = []
@@ -304,15 +312,15 @@ def bench_size(
             latencies += [watch.seen(nexts[r]) - watch.completed_at(current[r]) for r in runs]
             handoffs, bounds = histogram_bounds(metrics_url, HANDOFF, (0.5, 0.95))
             log.info("N=%d: round %d of %d done; latency so far p50 %.2f s, p95 %.2f s; the operator's handoff "
-                     "over %d: p50 <= %g s, p95 <= %g s (load average %s)",
+                     "over %d: p50 <= %g s, p95 <= %g s (operator %s; load average %s)",
                      n, index + 1, stages - 1, statistics.median(latencies), percentile(latencies, 0.95),
-                     handoffs, *bounds, os.getloadavg())
+                     handoffs, *bounds, rss_now(operator), os.getloadavg())
             current = nexts
             wait_for(lambda: watch.all_in(current.values(), "Running"), budget,
                      f"round {index + 1}: every next-stage job Running", interval=0.5, detail=operator.log_tail)
         wait_for(lambda: all(h.status(ns, r).get("stage") == "Succeeded" for r in runs), budget,
                  "every run Succeeded", interval=2.0, detail=operator.log_tail)
-        log.info("N=%d: all runs Succeeded; measuring idle for %.0fs", n, idle_seconds)
+        log.info("N=%d: all runs Succeeded (operator %s); measuring idle for %.0fs", n, rss_now(operator), idle_seconds)
         idle_settled = measure_idle(audit_log, idle_seconds, ns)
         rss = operator.peak_rss_bytes()
         handoffs, (handoff_p50, handoff_p95) = histogram_bounds(metrics_url, HANDOFF, (0.5, 0.95))

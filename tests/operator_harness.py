@@ -265,12 +265,17 @@ class OperatorProcess:
 
     def peak_rss_bytes(self) -> int:
         """Peak resident set size (VmHWM) of the running operator process."""
+        return self.memory_bytes()["VmHWM"]
+
+    def memory_bytes(self) -> dict[str, int]:
+        """The running operator process's resident set size now (VmRSS) and at its peak (VmHWM)."""
         assert self.process is not None
         with open(f"/proc/{self.process.pid}/status") as status:
-            for line in status:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) * 1024
-        raise RuntimeError("no VmHWM in /proc status")
+            sizes = {k: int(v.split()[0]) * 1024 for k, _, v in (line.partition(":") for line in status)
+                     if k in ("VmRSS", "VmHWM")}
+        if len(sizes) != 2:
+            raise RuntimeError("no VmRSS or VmHWM in /proc status")
+        return sizes
 
     def log_tail(self, lines: int = 60) -> str:
         try:
