@@ -47,7 +47,9 @@ requests about the measured runs' namespace; the operator's cluster-wide
 requests (discovery, lists and watches of every namespace, the same for any
 number of runs) are printed apart; the sharded runs are deleted before the
 next measurement, so that their passes are not counted as another's. Peak RSS is the operator
-process's VmHWM. Prints tables; not a test.
+process's VmHWM; the log gives its resident set and peak at each phase (started, teachers
+submitted, all Running, each round, all Succeeded), so where the peak is reached. Prints
+tables; not a test.
 """
 
 from __future__ import annotations
