@@ -37,6 +37,7 @@ from .core.planner import (
     Remove,
     RunRef,
     Submit,
+    marker_summary,
     plan_run,
     record_submit_error,
 )
@@ -52,7 +53,7 @@ class ArtifactStoreError(RuntimeError):
     """The artifact store could not be read (no credentials, 403 without s3:ListBucket, unreachable)."""
 
 
-#: Markers kept in memory (a few hundred bytes each): the stages of thousands of runs.
+#: Markers kept in memory (their `marker_summary`, under 1 KB each): the stages of thousands of runs.
 MAX_CACHED_MARKERS = 20_000
 #: Seconds the operator's passes show a running stage's progress as last read (see `Reconciler`).
 PROGRESS_EVERY = 30.0
@@ -61,7 +62,8 @@ MAX_CACHED_PROGRESS = 4096
 
 
 class MarkerReader:
-    """Reads completion markers; a marker never changes once written, so it is cached.
+    """Reads completion markers; a marker never changes once written, so what a pass reads of it
+    (`marker_summary`) is cached.
 
     The cache is bounded (least recently used markers go first) and `forget`
     drops a deleted run's markers. With a `deadline`, a read that has taken
@@ -137,7 +139,7 @@ class MarkerReader:
                     f"the artifact store took more than {self.deadline:g} s for this pass; tried again later"
                 )
             try:
-                marker = store.get_json(uri)  # one GET, present or not
+                marker = marker_summary(store.get_json(uri))  # one GET, present or not
             except FileNotFoundError:
                 return None
             self._remember(uri, marker)

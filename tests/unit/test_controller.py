@@ -14,6 +14,7 @@ from noisy_student_operator.core.layout import BALANCE, EXPORT, LABEL, STUDENT, 
 from noisy_student_operator.core.planner import JobState
 from noisy_student_operator.kube import Conflict
 from noisy_student_operator.reconcile import MarkerReader, Reconciler
+from noisy_student_workloads.stage import write_done
 from noisy_student_workloads.store import open_store
 
 
@@ -348,6 +349,25 @@ def test_marker_cache_is_bounded_and_a_deleted_runs_markers_are_forgotten(setup)
     assert markers.cached == 2  # the least recently used went first
     controller.cancel_all(api.get("ml", "demo"))
     assert markers.cached == 0
+
+
+def test_the_marker_cache_keeps_what_a_pass_reads_of_a_marker_not_all_of_it(setup, monkeypatch):
+    """A real training marker holds every corruption's scores and each output's sha256 (4-11 KB as
+    Python objects): 20,000 cached (MAX_CACHED_MARKERS) would have been over 100 MB of the operator."""
+    api, backend, controller, events, store, layout = setup
+    monkeypatch.setenv("NSO_RUN", "ml/demo")
+    outputs = {layout.stage_uri(TEACHER_0, f): "ab" * 32 for f in ("checkpoint.pt", "config.json", "metrics.json")}
+    metrics = {"top1": 0.61, "top5": 0.9, "parameters": 10, "test_top1": 0.6, "corruption_top1": 0.5,
+               "corruption": {c: [0.6, 0.5, 0.4] for c in ("contrast", "gaussian_noise", "pixelate")}}
+    controller.reconcile("ml", "demo")
+    written = write_done(layout.stage_uri(TEACHER_0), "teacher", metrics, outputs)
+    backend.jobs[name(layout, TEACHER_0)] = JobState.SUCCEEDED
+    controller.reconcile("ml", "demo")
+    cached = controller.reconcilers["kubernetes"].markers._cached(layout.marker_uri(TEACHER_0))
+    assert cached == {"run": "ml/demo", "finished": written["finished"],
+                      "metrics": {"top1": 0.61, "top5": 0.9, "parameters": 10}}
+    teacher = api.objects[("ml", "demo")]["status"]["generations"][0]
+    assert (teacher["top1"], teacher["parameters"]) == (0.61, 10)
 
 
 class CountingStore:

@@ -15,6 +15,7 @@ from noisy_student_operator.core.planner import (
     Observation,
     RunRef,
     Submit,
+    marker_summary,
     plan_run,
 )
 
@@ -158,6 +159,43 @@ def test_happy_path_walks_every_stage_and_promotes():
     ]
     # Once finished, nothing more happens.
     assert world.step().actions == []
+
+
+def workload_marker(world, stage, top1, run):
+    """A completion marker as the workloads write it (`noisy_student_workloads.stage.write_done`),
+    with what people read of it too: every corruption's scores, each output's sha256."""
+    outputs = [world.uri(stage, f) for f in ("checkpoint.pt", "config.json", "metrics.json")]
+    metrics = {"images": 48520} if stage.kind == BALANCE else {}
+    if stage.is_training or stage.kind == EXPORT:
+        metrics = {"top1": top1, "top5": 0.99, "parameters": 373658, "test_top1": top1 - 0.01,
+                   "corruption": {c: [0.8, 0.7, 0.5] for c in ("brightness", "contrast", "gaussian_blur")},
+                   "corruption_top1": 0.7, "epochs": 9, "images_per_second": 1644.5, "weights": "ema"}
+    return {"stage": stage.kind, "metrics": metrics, "outputs": outputs, "sha256": {u: "ab" * 32 for u in outputs},
+            "finished": (T0 + timedelta(minutes=stage.generation)).isoformat(), "run": run}
+
+
+def test_planning_from_a_markers_summary_is_planning_from_the_marker():
+    """The operator caches `marker_summary` of each marker it reads (a training stage's marker is
+    4-11 KB as Python objects, and 20,000 are cached): every pass must plan the same from it."""
+    full, summarised = World(make_run(students=2)), World(make_run(students=2))
+    top1 = iter([0.8, 0.85, 0.87, 0.88])
+    for _ in range(12):
+        plans = [full.step(), summarised.step()]
+        assert plans[0].status == plans[1].status
+        assert plans[0].events == plans[1].events and plans[0].actions == plans[1].actions
+        if not plans[0].actions:
+            break
+        name = plans[0].actions[0].request.name
+        stage = next(s for s in full.layout.keys if full.name(s) == name)
+        marker = workload_marker(full, stage, next(top1) if stage.is_training or stage.kind == EXPORT else None,
+                                 "ml/other" if stage.kind == LABEL else "ml/demo")  # a label job shared
+        for world, written in ((full, marker), (summarised, marker_summary(marker))):
+            world.jobs[name] = JobObservation(JobState.SUCCEEDED)
+            world.mark(stage, written)
+    assert full.status.stage == "Succeeded"
+    assert [g.images_used for g in full.status.generations[1:]] == [48520, 48520]
+    assert [s.state for s in full.status.stages if s.stage == LABEL] == ["Reused", "Reused"]
+    assert len(repr(marker_summary(marker))) < len(repr(marker)) / 3
 
 
 def test_waits_while_running_and_never_submits_twice():
