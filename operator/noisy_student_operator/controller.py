@@ -59,6 +59,13 @@ class SchedulerNotServed(InvalidRun):
     reason = reasons.SCHEDULER_NOT_SERVED
 
 
+def _planned_from(body: dict[str, Any]) -> tuple[Any, ...]:
+    """What a pass reads of a run (`RunController._ref`, `_context`), and whether it is being deleted."""
+    meta = body["metadata"]
+    return (body.get("apiVersion"), body.get("kind"), body.get("spec"), body.get("status"),
+            *(meta.get(k) for k in ("uid", "generation", "deletionTimestamp")))
+
+
 def _removals(body: Any) -> list[datetime]:
     """When each finished job of the run that still has its object is due to be removed."""
     scheduler = (body.get("spec") or {}).get("scheduler") or {}
@@ -173,7 +180,7 @@ class RunController:
         `body`: the run as the watch stream last showed it (a timer's), read instead of a GET;
         without it, the run is read from the API server's watch cache. If what was read is
         stale, the status write meets the newer run (409) and the pass is done again from a
-        fresh read (from etcd)."""
+        fresh read (from etcd), unless only what a pass does not read changed (`_write_status`)."""
         started = time.perf_counter()
         key = f"{namespace}/{name}"
         with self._locks[key]:
@@ -262,13 +269,32 @@ class RunController:
         new_status = plan.status.model_dump(mode="json", by_alias=True)
         old_status = run.status.model_dump(mode="json", by_alias=True)
         if new_status != old_status:
-            version = body["metadata"].get("resourceVersion")
-            self.runs_api.patch_status(run.namespace, run.name, new_status, version)
-            if version is not None:
-                self._written_over[f"{run.namespace}/{run.name}"] = version
+            self._write_status(run, body, new_status)
         for event in plan.events:
             self.post_event(body, event.type, event.reason, event.message)
         return plan
+
+    def _write_status(self, run: RunRef, body: dict[str, Any], status: dict[str, Any]) -> None:
+        """Write a pass's status against the version it read (409 Conflict when the run changed since).
+
+        When the change is outside what a pass reads (`_planned_from`: kopf's annotations and
+        finalizers, labels), the plan stands and the status is written against the new version:
+        planning again would ask once more for each job the pass submitted (a create answered
+        409 each). A change of spec or status still raises `Conflict` (the pass is done again).
+        """
+        version = body["metadata"].get("resourceVersion")
+        for attempt in range(CONFLICT_RETRIES + 1):
+            try:
+                self.runs_api.patch_status(run.namespace, run.name, status, version)
+                break
+            except Conflict:
+                fresh = self.runs_api.get(run.namespace, run.name) if attempt < CONFLICT_RETRIES else None
+                if fresh is None or _planned_from(fresh) != _planned_from(body):
+                    raise
+                log.debug("%s/%s: only its metadata changed during the pass", run.namespace, run.name)
+                version = fresh["metadata"].get("resourceVersion")
+        if version is not None:
+            self._written_over[f"{run.namespace}/{run.name}"] = version
 
     def _mark_invalid(self, body: dict[str, Any], error: InvalidRun) -> None:
         meta = body["metadata"]
