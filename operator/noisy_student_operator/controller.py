@@ -43,7 +43,8 @@ log = logging.getLogger(__name__)
 EventFn = Callable[[Any, str, str, str], None]
 RequeueFn = Callable[[str, str, float], None]
 DEFAULT_TTL = SchedulerSpec.model_fields["ttl_seconds_after_finished"].default
-#: Passes done again after a status write met a newer run, before the error is reported.
+#: Tries again after a status write met a newer run (a pass, or the same status when only the
+#: run's metadata changed: `RunController._write_status`), before the error is reported.
 CONFLICT_RETRIES = 3
 
 
