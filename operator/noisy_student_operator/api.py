@@ -405,6 +405,13 @@ class TrainingSpec(ApiModel):
         description="`ratio` (official): loss = (labeled·B + pseudo·rB)/B, each pseudo-labeled image "
         "weighs as much as a labeled one; `equal`: the two mean losses added.",
     )
+    horizontal_flip: bool = Field(
+        default=False,
+        description="Mirror half of every model's training images left-right, with the random crop every "
+        "training image gets (the official code's base augmentation). Only for data a mirror image keeps "
+        "the meaning of (clothes, natural images), not digits or letters. Enters the training stages' keys "
+        "only when set.",
+    )
     seed: int = Field(default=0, ge=0, le=MAX_SEED, description="Seed of every stage.")
     compile: bool = Field(
         default=False,

@@ -58,6 +58,9 @@ EXPORTED = [(2, EXPORT)]
         ("training.emaDecay", 0.999, [(0, TEACHER), (1, LABEL), (1, BALANCE), (1, STUDENT), *ALL_OF_GEN_2, *EXPORTED]),
         ("training.labelSmoothing", 0.0,
          [(0, TEACHER), (1, LABEL), (1, BALANCE), (1, STUDENT), *ALL_OF_GEN_2, *EXPORTED]),
+        ("training.horizontalFlip", True,
+         [(0, TEACHER), (1, LABEL), (1, BALANCE), (1, STUDENT), *ALL_OF_GEN_2, *EXPORTED]),
+        ("training.horizontalFlip", False, []),  # the default: rendered only when set, so old keys stay
         # The last student only.
         ("students.1.epochs", 3, [(2, STUDENT), *EXPORTED]),
         ("students.1.modelArgs", {"output_stride": 16}, [(2, STUDENT), *EXPORTED]),

@@ -229,6 +229,24 @@ def test_train_batches_decode_and_target_real_images(tmp_path: Path) -> None:
         assert ((y[:4] >= 0) & (y[:4] < 10)).all() and ((y[4:] >= 0) & (y[4:] < 10)).all()
 
 
+@pytest.mark.parametrize("hflip", [False, True])
+def test_train_batches_mirror_half_the_images_only_when_asked(tmp_path: Path, hflip: bool) -> None:
+    store = FileStore()
+    ramp = np.tile(np.arange(0, 240, 30, dtype=np.uint8), (8, 1))  # brighter to the right
+    with ShardWriter(store, f"file://{tmp_path}/ramp-%06d.tar", 50) as w:
+        for i in range(200):
+            w.write(f"ramp-{i:05d}", encode_png(ramp), i % 10)
+    store.put_json(f"file://{tmp_path}/_DONE.json", {"sha256": dict(zip(w.uris, w.sha256)),
+                                                      "shard_samples": dict(zip(w.uris, w.counts))})
+    data = TrainBatches([stream_of(w.uris)], [20], 10, 0, 1, seed=0, first_epoch=0, image_size=8,
+                        targets=[lambda samples: torch.zeros(len(samples))], hflip=hflip)
+    x = torch.cat([x for x, _, _ in data])
+    as_stored = torch.from_numpy(ramp).expand(3, 8, 8)
+    mirrored = (x == as_stored.flip(-1)).flatten(1).all(1)
+    assert ((x == as_stored).flatten(1).all(1) ^ mirrored).all()
+    assert (70 < int(mirrored.sum()) < 130) if hflip else not mirrored.any()
+
+
 def test_corrupt_png_names_shard_and_key(tmp_path: Path) -> None:
     store = FileStore()
     with ShardWriter(store, f"file://{tmp_path}/bad-%06d.tar", 10) as w:

@@ -123,6 +123,8 @@ class TrainConfig(_Strict):
     ema_decay: float = Field(0.9999, ge=0, lt=1, description="weight EMA decay (0: none); evaluated, labels")
     unlabeled_loss_weight: Literal["ratio", "equal"] = Field(
         "ratio", description="ratio: (labeled·B + pseudo·rB)/B, the official weighting; equal: the two means added")
+    hflip: bool = Field(False, description="mirror half the training images left-right (the official code's base "
+                        "augmentation; not for digits or letters)")
     seed: int = 0
     teacher: TeacherRef | None = None
     allow_smaller_student: bool = False

@@ -9,8 +9,10 @@ Transforms, chosen for small images:
 
 * eval (validation, labeling): resize only — no crop, no flip, no noise;
 * train: a random crop with ``image_size // 8`` zero padding (translation,
-  the classic small-image augmentation), no horizontal flip (it changes the
-  meaning of digits and letters);
+  the classic small-image augmentation), and a horizontal flip of half the
+  images only when asked (``hflip``: the official code flips every training
+  image with probability 0.5, but a mirror image changes the meaning of
+  digits and letters);
 * student input noise: timm ``RandAugment`` (``rand-m{M}-n{N}-mstd0.5-mmax{X}``),
   applied before the crop, with a fill colour for rotated or sheared borders
   (the data set's mean pixel, or black for a black background).
@@ -55,6 +57,12 @@ def random_crop(x: torch.Tensor, padding: int, generator: torch.Generator | None
     batch = torch.arange(n)[:, None, None, None]
     chans = torch.arange(x.shape[1])[None, :, None, None]
     return padded[batch, chans, rows, cols]
+
+
+def random_flip(x: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+    """Each image of a batch mirrored left-right with probability 0.5."""
+    flip = torch.rand(x.shape[0], generator=generator) < 0.5
+    return torch.where(flip[:, None, None, None], x.flip(-1), x)
 
 
 def rand_augment(ops: int, magnitude: float, image_size: int, fill: Sequence[int],

@@ -516,11 +516,13 @@ class TrainBatches(IterableDataset):  # type: ignore[misc]
     def __init__(
         self, streams: Sequence[Stream], batches: Sequence[int], steps: int, rank: int, world: int, seed: int,
         first_epoch: int, image_size: int, targets: Sequence[Any], augment: Any = None, padding: int = 0,
+        hflip: bool = False,
     ) -> None:
         self.streams, self.batches, self.steps = list(streams), list(batches), steps
         self.rank, self.world, self.seed = rank, world, seed
         self.epoch = first_epoch - 1
         self.image_size, self.targets, self.augment, self.padding = image_size, list(targets), augment, padding
+        self.hflip = hflip
 
     def __len__(self) -> int:
         return self.steps
@@ -541,7 +543,7 @@ class TrainBatches(IterableDataset):  # type: ignore[misc]
     def __iter__(self) -> Iterator[tuple[Any, Any, int]]:
         import torch
 
-        from .images import random_crop
+        from .images import random_crop, random_flip
 
         self.epoch += 1
         worker, workers = _worker()
@@ -558,7 +560,8 @@ class TrainBatches(IterableDataset):  # type: ignore[misc]
                 images = [decode(s, self.image_size) for s in samples]
                 if self.augment is not None:
                     images = [self.augment(im) for im in images]
-                xs.append(random_crop(torch.stack([to_tensor(im) for im in images]), self.padding))
+                x = random_crop(torch.stack([to_tensor(im) for im in images]), self.padding)
+                xs.append(random_flip(x) if self.hflip else x)
                 ys.append(target(samples))
             yield torch.cat(xs), torch.cat(ys), len(batches[0])
 

@@ -583,7 +583,7 @@ def run(cfg: TrainConfig) -> dict[str, Any]:
 
     # loop
     data = TrainBatches(streams, batches, steps, d.rank, d.world, cfg.seed, start, cfg.image_size, targets,
-                        augment, padding=cfg.image_size // 8)
+                        augment, padding=cfg.image_size // 8, hflip=cfg.hflip)
     loader = torch.utils.data.DataLoader(
         data, batch_size=None, num_workers=workers, persistent_workers=workers > 0,
         pin_memory=d.device.type == "cuda", prefetch_factor=4 if workers > 0 else None,

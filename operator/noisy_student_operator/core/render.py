@@ -91,6 +91,7 @@ def render_train_config(
         "workers": spec.resources.workers,
         # only when set: the keys of runs that never asked for it stay as they were
         **({"compile": True} if spec.training.compile else {}),
+        **({"hflip": True} if spec.training.horizontal_flip else {}),
         # The robustness check's inputs are part of what the stage computes (its metrics): rendered, so that
         # they enter its key.
         "corruption_images": CORRUPTION_IMAGES,
