@@ -38,7 +38,8 @@ Recipe:
   offers for labeling and export (its ``ema`` entry), and what epoch
   checkpoints resume.
 * **Noise.** Input: timm RandAugment when ``noise.rand_augment`` is set, plus
-  a small random crop for every training image. Model: dropout before the
+  a small random crop for every training image (and, with ``hflip``, a mirror
+  image for half of them). Model: dropout before the
   classifier (``drop_rate``) and stochastic depth (``drop_path_rate``).
 * **Schedule.** timm optimizer factory (``sgd`` is SGD with Nesterov
   momentum 0.9) and a per-step cosine schedule with linear warm-up.
