@@ -68,6 +68,7 @@ import argparse
 import concurrent.futures
 import contextlib
 import copy
+import hashlib
 import heapq
 import itertools
 import json
@@ -210,14 +211,14 @@ def run_pipeline(run: dict[str, Any], out: Path, env: dict[str, str], cores: lis
 
 def run_direct(name: str, config: dict[str, Any], out: Path, env: dict[str, str],
                cores: list[int] | None = None) -> tuple[dict[str, Any], float]:
-    """A train workload outside any run (references); resumes, and skips a finished one, when it
-    was given the same configuration (else its directory is started afresh: a changed recipe
-    must not score the old model)."""
-    stage = out / "direct" / name
+    """A train workload outside any run (references), under a directory named by its configuration's
+    digest, as a run's stages are: it resumes, and a finished one is skipped, only for the same
+    configuration (a changed recipe never scores the old model), and one trained with another recipe
+    is kept for when that recipe comes back."""
+    digest = hashlib.sha256(json.dumps(config, sort_keys=True).encode()).hexdigest()[:16]
+    stage = out / "direct" / name / digest
     config = {**config, "output": stage.as_uri() + "/"}
     given = stage / "input-config.json"
-    if given.exists() and json.loads(given.read_text()) != config:
-        shutil.rmtree(stage)
     seconds = 0.0
     if not (stage / "_DONE.json").exists():
         stage.mkdir(parents=True, exist_ok=True)

@@ -106,8 +106,8 @@ def test_one_seed_judges_no_ablation(efficacy):
 
 
 def test_a_reference_is_reused_only_for_the_same_configuration(efficacy, tmp_path, monkeypatch):
-    """References resume by name under --out; one trained with another recipe was scored again as
-    if it were the new one."""
+    """References resume under --out by name and configuration: one trained with another recipe is
+    never scored as the new one, and is kept for when that recipe comes back."""
     import json
 
     trained = []
@@ -124,6 +124,7 @@ def test_a_reference_is_reused_only_for_the_same_configuration(efficacy, tmp_pat
     assert efficacy.run_direct("ref", {"lr": 0.1}, tmp_path, {})[0] == {"top1": 0.1}
     assert efficacy.run_direct("ref", {"lr": 0.1}, tmp_path, {}) == ({"top1": 0.1}, 0.0)  # kept
     assert efficacy.run_direct("ref", {"lr": 0.2}, tmp_path, {})[0] == {"top1": 0.2}  # trained again
+    assert efficacy.run_direct("ref", {"lr": 0.1}, tmp_path, {}) == ({"top1": 0.1}, 0.0)  # the first one, kept
     assert trained == [0.1, 0.2]
 
 
