@@ -30,13 +30,16 @@ from noisy_student_workloads.shards import ShardWriter, encode_png
 from noisy_student_workloads.store import FileStore
 
 
-def write_shards(tmp_path: Path, name: str, n: int, per_shard: int, labeled: bool = False) -> tuple[list[str], list[str]]:
-    """``n`` real 8×8 PNG samples in shards of ``per_shard``, with a packing marker (digests, counts)."""
+def write_shards(tmp_path: Path, name: str, n: int, per_shard: int, labeled: bool = False,
+                 image: np.ndarray | None = None) -> tuple[list[str], list[str]]:
+    """``n`` real 8×8 PNG samples in shards of ``per_shard`` (sample i a flat grey i, or ``image``), with a
+    packing marker (digests, counts)."""
     store = FileStore()
     keys = [f"{name}-{i:05d}" for i in range(n)]
     with ShardWriter(store, f"file://{tmp_path}/{name}-%06d.tar", per_shard) as w:
         for i, key in enumerate(keys):
-            w.write(key, encode_png(np.full((8, 8), i % 256, np.uint8)), i % 10 if labeled else None)
+            pixels = np.full((8, 8), i % 256, np.uint8) if image is None else image
+            w.write(key, encode_png(pixels), i % 10 if labeled else None)
     store.put_json(f"file://{tmp_path}/_DONE.json", {
         "sha256": {**_existing(tmp_path, "sha256"), **dict(zip(w.uris, w.sha256))},
         "shard_samples": {**_existing(tmp_path, "shard_samples"), **dict(zip(w.uris, w.counts))},
@@ -231,14 +234,9 @@ def test_train_batches_decode_and_target_real_images(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize("hflip", [False, True])
 def test_train_batches_mirror_half_the_images_only_when_asked(tmp_path: Path, hflip: bool) -> None:
-    store = FileStore()
     ramp = np.tile(np.arange(0, 240, 30, dtype=np.uint8), (8, 1))  # brighter to the right
-    with ShardWriter(store, f"file://{tmp_path}/ramp-%06d.tar", 50) as w:
-        for i in range(200):
-            w.write(f"ramp-{i:05d}", encode_png(ramp), i % 10)
-    store.put_json(f"file://{tmp_path}/_DONE.json", {"sha256": dict(zip(w.uris, w.sha256)),
-                                                      "shard_samples": dict(zip(w.uris, w.counts))})
-    data = TrainBatches([stream_of(w.uris)], [20], 10, 0, 1, seed=0, first_epoch=0, image_size=8,
+    uris, _ = write_shards(tmp_path, "ramp", 200, 50, labeled=True, image=ramp)
+    data = TrainBatches([stream_of(uris)], [20], 10, 0, 1, seed=0, first_epoch=0, image_size=8,
                         targets=[lambda samples: torch.zeros(len(samples))], hflip=hflip)
     x = torch.cat([x for x, _, _ in data])
     as_stored = torch.from_numpy(ramp).expand(3, 8, 8)
