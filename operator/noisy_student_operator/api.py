@@ -334,6 +334,13 @@ class StudentSpec(ModelSpec):
         description="This student's noise instead of the run's `noise` (an ablation, or a noise "
         "schedule over generations); the teacher keeps the run's noise.",
     )
+    init: Literal["scratch", "teacher"] = Field(
+        default="scratch",
+        description="`scratch`: random weights, as in the paper; `teacher`: start from the weights of "
+        "the model that labeled this student's data (its average when it keeps one; the official "
+        "code's `--init_model_path`), so a small budget trains on from there. Needs the teacher's "
+        "model and `modelArgs`.",
+    )
 
 
 class PseudoLabelSpec(ApiModel):
@@ -766,6 +773,17 @@ class RunSpec(ApiModel):
             ]
         }
     )
+
+    @model_validator(mode="after")
+    def _init_from_teacher(self) -> RunSpec:
+        for i, student in enumerate(self.students):
+            teacher = self.model_spec_for(i)
+            if student.init == "teacher" and (student.model, student.model_args) != (teacher.model, teacher.model_args):
+                raise ValueError(
+                    f"students[{i}].init: 'teacher' needs the teacher's model and modelArgs "
+                    f"({teacher.model!r}, {teacher.model_args}), not ({student.model!r}, {student.model_args})"
+                )
+        return self
 
     def placement_for(self, kind: str) -> PlacementFields:
         """The placement of a stage kind (see `PlacementSpec`)."""

@@ -64,6 +64,11 @@ def test_defaults_fill_in():
         ({"teacher": {"model": "resnet18", "modelArgs": {"output-stride": 8}}}, "spec.teacher"),
         ({"teacher": {"model": "resnet18", "modelArgs": {"num_classes": 3}}}, "spec.teacher"),
         ({"students": [{"model": "resnet18", "modelArgs": {"x": {"nested": 1}}}]}, "spec.students[0].modelArgs.x"),
+        # a student starts from its teacher's weights only when it is the teacher's model with its arguments
+        ({"students": [{"model": "resnet34", "init": "teacher"}]}, "students[0].init: 'teacher' needs"),
+        ({"students": [{"model": "resnet18", "init": "teacher", "modelArgs": {"output_stride": 8}}]},
+         "students[0].init: 'teacher' needs"),
+        ({"students": [{"model": "resnet18", "init": "pretrained"}]}, "spec.students[0].init"),
         ({"resources": {"image": "x" * 513}}, "spec.resources.image"),
         ({"resources": {"memoryMiB": 2**23}}, "spec.resources.memoryMiB"),
         ({"resources": {"balance": {"gpu": 1}}}, "spec.resources.balance.gpu"),

@@ -251,6 +251,18 @@ def test_training_compile_reaches_the_training_configs_and_their_keys_only_when_
     assert compiled_keys[Stage(0, TEACHER)] != keys[Stage(0, TEACHER)]
 
 
+def test_a_student_started_from_its_teacher_is_given_the_checkpoint_of_the_teachers_stage():
+    from noisy_student_operator.core.render import render_train_config
+    from noisy_student_workloads.config import TrainConfig
+
+    document = {**BASE, "students": [{"model": BASE["teacher"]["model"], "init": "teacher"}, BASE["teacher"]]}
+    spec = RunSpec.model_validate(document)
+    layout = run_layout(spec, "ml", "demo", "image:test")
+    first, second = (TrainConfig.model_validate(render_train_config(spec, layout, g, 10**6)) for g in (1, 2))
+    assert first.init == layout.checkpoint_uri(0) and layout.keys[Stage(0, TEACHER)] in first.init
+    assert second.init is None and "init" not in render_train_config(spec, layout, 0, None)
+
+
 # ----------------------------------------------------------------------------- Volcano's CRD
 
 

@@ -65,6 +65,8 @@ EXPORTED = [(2, EXPORT)]
         ("students.1.epochs", 3, [(2, STUDENT), *EXPORTED]),
         ("students.1.modelArgs", {"output_stride": 16}, [(2, STUDENT), *EXPORTED]),
         ("students.1.noise", {"dropout": 0.1}, [(2, STUDENT), *EXPORTED]),
+        ("students.1.init", "teacher", [(2, STUDENT), *EXPORTED]),
+        ("students.1.init", "scratch", []),  # the default: rendered only when it is the teacher, so old keys stay
         # Pseudo labels: balancing and the students, never the teacher or the labels.
         ("pseudoLabels.confidenceThreshold", 0.5, [(1, BALANCE), (1, STUDENT), *ALL_OF_GEN_2, *EXPORTED]),
         ("pseudoLabels.type", "hard", [(1, STUDENT), *ALL_OF_GEN_2, *EXPORTED]),

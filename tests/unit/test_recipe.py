@@ -12,7 +12,7 @@ from PIL import Image
 from noisy_student_operator.api import load_run_file
 from noisy_student_workloads.config import ConfigError, RandAugmentConfig, TrainConfig, parse_config
 from noisy_student_workloads.images import rand_augment
-from noisy_student_workloads.models import create_model, load_final, save_final
+from noisy_student_workloads.models import create_model, load_final, save_final, start_from
 from noisy_student_workloads.train import (
     FILLS, LabeledTargets, data_loss, manifest_targets, smoothed, soft_cross_entropy, weight_ema,
 )
@@ -86,6 +86,24 @@ def test_the_final_checkpoint_keeps_the_ema_under_its_own_key_and_labeling_uses_
     loaded, meta = load_final((tmp_path / "old.pt").as_uri())
     assert meta["weights"] == "state_dict"
     assert torch.equal(next(loaded.parameters()), next(old.parameters()))
+
+
+def test_a_student_started_from_its_teacher_gets_the_teachers_average_and_only_from_its_own_kind(tmp_path):
+    uri = (tmp_path / "teacher.pt").as_uri()
+    args = {"output_stride": 8}
+    teacher, average = create_model("test_resnet", 10, model_args=args), create_model("test_resnet", 10, model_args=args)
+    with torch.no_grad():
+        for p in average.parameters():
+            p.fill_(0.01)
+    save_final(uri, teacher, "test_resnet", 10, 28, args, average)
+    student = create_model("test_resnet", 10, 0.3, 0.2, args)  # the noise adds no weights
+    start_from(uri, student, "test_resnet", 10, args)
+    assert all(bool((p == 0.01).all()) for p in student.parameters())  # the average, not the raw weights
+    for name, classes, other in (("test_resnet", 10, {}), ("resnet10t", 10, args), ("test_resnet", 5, args)):
+        with pytest.raises(ConfigError, match=r"^init: .*teacher.pt holds 'test_resnet'.*its own kind"):
+            start_from(uri, create_model(name, classes, model_args=other), name, classes, other)
+    with pytest.raises(ConfigError, match=r"^init: .*missing\.pt"):
+        start_from((tmp_path / "missing.pt").as_uri(), student, "test_resnet", 10, args)
 
 
 def feature_sizes(model: torch.nn.Module, size: int) -> list[int]:

@@ -126,6 +126,9 @@ class TrainConfig(_Strict):
     hflip: bool = Field(False, description="mirror half the training images left-right (the official code's base "
                         "augmentation; not for digits or letters)")
     seed: int = 0
+    init: str | None = Field(None, min_length=1, description="URI of a final checkpoint (its average when it has one) "
+                             "the model starts from instead of random weights (the official code's "
+                             "--init_model_path); same model and model_args")
     teacher: TeacherRef | None = None
     allow_smaller_student: bool = False
     workers: int = Field(2, ge=0, description="most data-loader worker processes (fewer when cores are short)")

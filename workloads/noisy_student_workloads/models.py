@@ -96,19 +96,39 @@ def save_final(uri: str, model: torch.nn.Module, name: str, num_classes: int, im
     return data
 
 
-def load_final(uri: str) -> tuple[torch.nn.Module, dict[str, Any]]:
-    """Load a final checkpoint: the model (eval mode, no dropout or drop path; the ``ema`` weights when
-    there are some) and its metadata (``weights``: ``ema`` or ``state_dict``)."""
+def read_final(uri: str, field: str = "checkpoint") -> tuple[dict[str, Any], str]:
+    """A final checkpoint's payload and the key of the weights to use (``ema`` when there is one);
+    errors name ``field``."""
     try:
         data = open_store(uri).get_bytes(uri)
     except FileNotFoundError as exc:
-        raise ConfigError(f"checkpoint: {exc}") from None
+        raise ConfigError(f"{field}: {exc}") from None
     payload = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
     missing = {"model", "num_classes", "image_size", "state_dict"} - set(payload)
     if missing:
-        raise ConfigError(f"checkpoint: {uri} is not a final checkpoint (missing {sorted(missing)})")
+        raise ConfigError(f"{field}: {uri} is not a final checkpoint (missing {sorted(missing)})")
     weights = "ema" if "ema" in payload else "state_dict"
     check_finite(payload[weights], uri)
+    return payload, weights
+
+
+def start_from(uri: str, model: torch.nn.Module, name: str, num_classes: int,
+               model_args: Mapping[str, Any] | None = None) -> None:
+    """Load a final checkpoint's weights (its average when it has one) into ``model``, which must be the
+    same model with the same constructor arguments and classes; errors name ``init``."""
+    payload, weights = read_final(uri, "init")
+    theirs = (payload["model"], dict(payload.get("model_args") or {}), payload["num_classes"])
+    ours = (name, dict(model_args or {}), num_classes)
+    if theirs != ours:
+        raise ConfigError(f"init: {uri} holds {theirs[0]!r} with model_args {theirs[1]} and {theirs[2]} classes, "
+                          f"not {ours[0]!r} with {ours[1]} and {ours[2]}; a model starts only from its own kind")
+    model.load_state_dict(payload[weights])
+
+
+def load_final(uri: str) -> tuple[torch.nn.Module, dict[str, Any]]:
+    """Load a final checkpoint: the model (eval mode, no dropout or drop path; the ``ema`` weights when
+    there are some) and its metadata (``weights``: ``ema`` or ``state_dict``)."""
+    payload, weights = read_final(uri)
     model = create_model(payload["model"], payload["num_classes"], model_args=payload.get("model_args"))
     model.load_state_dict(payload[weights])
     model.eval()

@@ -99,7 +99,7 @@ from . import images as imgs
 from .config import ConfigError, PseudoConfig, TrainConfig
 from .corruptions import corrupt
 from .manifest import Manifest
-from .models import count_parameters, create_model, normalization, save_final
+from .models import count_parameters, create_model, normalization, save_final, start_from
 from .pipeline import (
     Copies, DataError, ImageBatches, ShardCatalog, Stream, TrainBatches, decode, unwrap,
 )
@@ -538,6 +538,9 @@ def run(cfg: TrainConfig) -> dict[str, Any]:
         raise ConfigError(f"batch_size: {cfg.batch_size} is smaller than the {d.world} training processes")
     check_optimizer(cfg.optimizer)
     model, parameters = build_model(cfg)  # cheap checks first, before any data is read
+    if cfg.init is not None and latest_checkpoint(out) is None:  # a resumed run has its own weights
+        start_from(cfg.init, model, cfg.model, cfg.num_classes, cfg.model_args)
+        event("init", checkpoint=cfg.init)
     digests: dict[str, str] = {}
     if d.main:
         put_json(join_uri(out, "config.json"), cfg.model_dump(mode="json"), digests)

@@ -92,6 +92,8 @@ def render_train_config(
         # only when set: the keys of runs that never asked for it stay as they were
         **({"compile": True} if spec.training.compile else {}),
         **({"hflip": True} if spec.training.horizontal_flip else {}),
+        **({"init": layout.checkpoint_uri(generation - 1)} if student and spec.students[generation - 1].init == "teacher"
+           else {}),
         # The robustness check's inputs are part of what the stage computes (its metrics): rendered, so that
         # they enter its key.
         "corruption_images": CORRUPTION_IMAGES,
