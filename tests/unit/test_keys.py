@@ -61,6 +61,9 @@ EXPORTED = [(2, EXPORT)]
         ("training.horizontalFlip", True,
          [(0, TEACHER), (1, LABEL), (1, BALANCE), (1, STUDENT), *ALL_OF_GEN_2, *EXPORTED]),
         ("training.horizontalFlip", False, []),  # the default: rendered only when set, so old keys stay
+        # The pseudo-labeled batch and its loss: the students, never the teacher (it has neither).
+        ("training.unlabeledRatio", 5, [(1, STUDENT), *ALL_OF_GEN_2, *EXPORTED]),
+        ("training.unlabeledLossWeight", "equal", [(1, STUDENT), *ALL_OF_GEN_2, *EXPORTED]),
         # The last student only.
         ("students.1.epochs", 3, [(2, STUDENT), *EXPORTED]),
         ("students.1.modelArgs", {"output_stride": 16}, [(2, STUDENT), *EXPORTED]),

@@ -84,7 +84,9 @@ def render_train_config(
         "warmup_epochs": spec.training.warmup_epochs,
         "label_smoothing": spec.training.label_smoothing,
         "ema_decay": spec.training.ema_decay,
-        "unlabeled_loss_weight": spec.training.unlabeled_loss_weight,
+        # A teacher has no pseudo-labeled loss: it keeps the default, so the field never reruns a teacher
+        # (and the keys of teachers trained before stay).
+        "unlabeled_loss_weight": spec.training.unlabeled_loss_weight if student else "ratio",
         "seed": spec.training.seed + generation,
         "teacher": teacher,
         "allow_smaller_student": spec.training.allow_smaller_student,
