@@ -428,7 +428,8 @@ class TrainingSpec(ApiModel):
     allow_smaller_student: bool = Field(
         default=False,
         description="Allow a student with fewer parameters than its teacher (the method "
-        "expects equal or larger students).",
+        "expects equal or larger students). Enters only the export's key (its report shows the "
+        "recipe): allowing it keeps every trained stage.",
     )
 
 

@@ -251,6 +251,16 @@ def test_training_compile_reaches_the_training_configs_and_their_keys_only_when_
     assert compiled_keys[Stage(0, TEACHER)] != keys[Stage(0, TEACHER)]
 
 
+def test_allowing_a_smaller_student_reaches_its_job_but_not_the_training_keys():
+    from noisy_student_operator.core.render import render_train_config
+
+    spec = RunSpec.model_validate({**BASE, "training": {"allowSmallerStudent": True}})
+    layout = run_layout(spec, "ml", "demo", "image:test")
+    plain = run_layout(RunSpec.model_validate(BASE), "ml", "demo", "image:test")
+    assert render_train_config(spec, layout, 1, 10**6)["allow_smaller_student"] is True
+    assert layout.keys[Stage(1, STUDENT)] == plain.keys[Stage(1, STUDENT)]
+
+
 def test_a_student_started_from_its_teacher_is_given_the_checkpoint_of_the_teachers_stage():
     from noisy_student_operator.core.render import render_train_config
     from noisy_student_workloads.config import TrainConfig

@@ -50,6 +50,9 @@ EXPORTED = [(2, EXPORT)]
         ("scheduler.queue", "research", []),
         ("resources.cpu", 16, []),
         ("resources.memoryMiB", 65536, []),
+        # A guard: it lets a smaller student run or refuses it, and changes no training; only the export, whose
+        # report shows the recipe, runs again.
+        ("training.allowSmallerStudent", True, EXPORTED),
         # The teacher: everything downstream of it.
         ("teacher.epochs", 3, [(0, TEACHER), (1, LABEL), (1, BALANCE), (1, STUDENT), *ALL_OF_GEN_2, *EXPORTED]),
         ("teacher.model", "resnet34", [(0, TEACHER), (1, LABEL), (1, BALANCE), (1, STUDENT), *ALL_OF_GEN_2, *EXPORTED]),

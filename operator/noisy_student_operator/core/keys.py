@@ -7,7 +7,9 @@ location contains the producer's key. A key therefore covers its whole
 upstream chain. The artifact root (`<artifacts.uri>/<namespace>`) and the
 workload version (the image on a cluster, the package version locally) enter
 every key; scheduling, retries, `suspend`, resources that cannot change a
-result (CPU, memory) and the run's name do not. See `docs/stage-keys.md`.
+result (CPU, memory), guards that only refuse a job (`allowSmallerStudent`;
+the export's report shows it) and the run's name do not. See
+`docs/stage-keys.md`.
 
     python -c "from noisy_student_operator.core.keys import stage_keys; help(stage_keys)"
 """
@@ -29,6 +31,9 @@ KEY_LENGTH = 16
 _PLACEMENT_ARGS = ("image", "cpu", "memMB", "gpu", "output")
 #: Config keys that say where outputs go, not what they are (the export's copy of the report for its run).
 _PLACEMENT_CONFIG = ("output", "run_prefix")
+#: Config keys that only let a job run or refuse it, never change what it computes: held at their default in the
+#: key, so that allowing what a check refused keeps every stage done, and the keys of stages stored before stay.
+_GUARD_CONFIG = {"allow_smaller_student": False}
 #: Bump when the meaning of key material changes, so that no old output is taken for a new one.
 KEY_SCHEMA = 1
 
@@ -52,7 +57,7 @@ def key_material(request_args: Mapping[str, Any], config: Mapping[str, Any] | No
     args = {k: v for k, v in request_args.items() if k not in _PLACEMENT_ARGS}
     cfg = None
     if config is not None:
-        cfg = {k: v for k, v in config.items() if k not in _PLACEMENT_CONFIG}
+        cfg = {k: _GUARD_CONFIG.get(k, v) for k, v in config.items() if k not in _PLACEMENT_CONFIG}
         if isinstance(cfg.get("teacher"), dict):
             # The teacher's parameter count is a function of the teacher's key, read after it ran.
             cfg["teacher"] = {k: v for k, v in cfg["teacher"].items() if k != "parameters"}
