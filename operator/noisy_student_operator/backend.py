@@ -25,7 +25,7 @@ import json
 import logging
 import os
 import threading
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -401,13 +401,26 @@ class TorchXJobBackend:
         self._log_dirs: dict[str, str] = {}
         self._lock = threading.Lock()
         self._volcano = volcano
+        self._explained: Callable[[str, str], None] | None = None
 
     @property
     def volcano(self) -> VolcanoJobs:
         """The Volcano Jobs seen through the Kubernetes API (created on first use)."""
         if self._volcano is None:
             self._volcano = VolcanoJobs()
+            self._volcano.answered = self._answered
         return self._volcano
+
+    def on_explained(self, callback: Callable[[str, str], None]) -> None:
+        """Call `callback(namespace, run)` when the explainer learns why a job of the run waits."""
+        self._explained = callback
+        if self._volcano is not None:
+            self._volcano.answered = self._answered
+
+    def _answered(self, namespace: str, labels: Mapping[str, str]) -> None:
+        run = labels.get(LABEL_RUN)
+        if run and self._explained is not None:
+            self._explained(namespace, run)
 
     # -- kubernetes ------------------------------------------------------------
 

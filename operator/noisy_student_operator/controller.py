@@ -355,6 +355,14 @@ class RunController:
             return True
         return any([record(event_type, job) is not False for record in records])  # a list: each one records
 
+    def on_explained(self, callback: Callable[[str, str], None]) -> None:
+        """Call `callback(namespace, run)` when a backend learns why a job of the run waits (on
+        its explainer's thread), so that the run's status says so on a pass at once."""
+        for backend in self.backends.values():
+            hook = getattr(backend, "on_explained", None)
+            if hook is not None:
+                hook(callback)
+
     def cancel_all(self, body: dict[str, Any]) -> list[str]:
         """Cancel the run's running jobs (the run is being deleted)."""
         try:

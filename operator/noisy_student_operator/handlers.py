@@ -262,6 +262,7 @@ def register(run_controller: RunController, interval: float = 10.0, watch_jobs: 
     _controller = run_controller
     run_controller.post_event = _event
     run_controller.requeue = _requeues.schedule
+    run_controller.on_explained(lambda namespace, run: _hints.hint(namespace, run, 0.0))
     resource = dict(group=GROUP, version=VERSION, plural=PLURAL)
     kopf.on.startup()(on_startup)
     kopf.on.resume(**resource, when=unsettled)(on_resume)

@@ -20,9 +20,10 @@
   every Event of the namespace from etcd, seconds each once a namespace
   holds tens of thousands. So no pass asks: a pass over a Job due to be
   asked queues it, and one explainer thread asks the queued Jobs one at a
-  time, at most `EXPLAIN_PER_SECOND` a second, whatever their number; the
-  next pass after an answer reports it, and until then the run's status
-  keeps the last one.
+  time, at most `EXPLAIN_PER_SECOND` a second, whatever their number; an
+  answer calls `answered` (the operator asks for a pass of the Job's run at
+  once), that pass reports it, and until then the run's status keeps the
+  last one.
 * **Cancel**: a DELETE with foreground propagation. The Job object stays
   (with a deletion timestamp) until the garbage collector has deleted its
   pods, so "gone" (404) means no pod of it runs any more. TorchX's cancel
@@ -34,11 +35,13 @@
 
 from __future__ import annotations
 
+import contextvars
 import logging
 import re
 import threading
 import time
 from collections import deque
+from collections.abc import Callable, Mapping
 from typing import Any
 
 from noisy_student_workloads.stage import CONFIG_ERROR_EXIT_CODE, CONFIG_ERROR_PREFIX
@@ -230,7 +233,7 @@ def pending_reason(job: dict[str, Any], pods: list[dict[str, Any]], podgroup: di
 def _observed_part(job: dict[str, Any]) -> dict[str, Any]:
     """What `observe` reads of a Job (kept per Job: its spec's pod templates are not)."""
     meta = job["metadata"]
-    kept = {key: meta[key] for key in ("name", "namespace", "uid", "deletionTimestamp") if meta.get(key)}
+    kept = {key: meta[key] for key in ("name", "namespace", "uid", "labels", "deletionTimestamp") if meta.get(key)}
     return {"metadata": kept, "spec": {"queue": (job.get("spec") or {}).get("queue")},
             "status": {"state": dict((job.get("status") or {}).get("state") or {})}}
 
@@ -258,6 +261,9 @@ class VolcanoJobs:
         self._lock = threading.Condition()
         self._background = explainer
         self._explainer: threading.Thread | None = None
+        #: Called (namespace, the Job's labels) on the explainer's thread when it has an answer
+        #: for a waiting Job, so that a pass of its run can report it now rather than on its timer.
+        self.answered: Callable[[str, Mapping[str, str]], None] | None = None
 
     def record(self, event_type: str | None, job: dict[str, Any]) -> bool:
         """A Job as the watch stream delivered it (None: listed at start; DELETED: gone); False when
@@ -360,7 +366,9 @@ class VolcanoJobs:
                 self._queued.add(key)
                 self._queue.append((key, _observed_part(job)))
                 if self._background and self._explainer is None:
-                    self._explainer = threading.Thread(target=self._explain_forever, name="explainer", daemon=True)
+                    # In a copy of this pass's context (kopf's): the passes `answered` asks for post Events.
+                    self._explainer = threading.Thread(target=contextvars.copy_context().run,
+                                                       args=(self._explain_forever,), name="explainer", daemon=True)
                     self._explainer.start()
                 self._lock.notify()
             return self._answers.pop(key, None)
@@ -384,8 +392,14 @@ class VolcanoJobs:
                 answer = None
             asked += 1
             with self._lock:
-                if answer is not None and key in self._asked:
+                fresh = answer is not None and key in self._asked
+                if fresh:
                     self._answers[key] = answer
+            if fresh and self.answered is not None:
+                try:
+                    self.answered(key[0], job["metadata"].get("labels") or {})
+                except Exception:  # the run's timer reports it instead
+                    log.debug("could not ask for a pass of %s/%s's run", *key, exc_info=True)
             self.sleep(1.0 / EXPLAIN_PER_SECOND)
 
     def _explain_forever(self) -> None:

@@ -453,6 +453,44 @@ def test_the_operator_asks_waiting_jobs_why_one_at_a_time_a_few_a_second_and_nev
     assert "Volcano has not created its pods yet" in message
 
 
+def test_an_answer_of_the_explainer_asks_for_a_pass_of_the_jobs_run_at_once_in_kopfs_context():
+    """The explainer's answer waited for the run's next timer pass (up to `--interval`) to reach
+    its status: now the answer asks for a pass of the Job's run (a hint, due at once), from the
+    explainer's thread, in the context of the pass that started it (kopf's, where Events post)."""
+    import contextvars
+    import threading
+
+    from noisy_student_operator.backend import LABEL_RUN, TorchXJobBackend
+    from noisy_student_operator.controller import RunController
+    from noisy_student_operator.volcano import EXPLAIN_PENDING_AFTER, VolcanoJobs
+
+    handler_context = contextvars.ContextVar("handler_context", default=None)
+    for background in (False, True):
+        now, hinted, done = [0.0], [], threading.Event()
+
+        def hint(namespace, run):
+            hinted.append((namespace, run, handler_context.get()))
+            done.set()
+
+        jobs = VolcanoJobs(clock=lambda: now[0], explainer=background, sleep=lambda seconds: None)
+        jobs.objects, jobs.core = CountingJobsApi(), CountingCore()
+        jobs.objects.jobs[("ml", "a-u")] = podgroup("Pending")
+        controller = RunController(runs_api=None, backends={
+            "kubernetes": TorchXJobBackend("kubernetes", runner=object(), volcano=jobs)})
+        controller.on_explained(hint)
+        jobs.record(None, volcano_job("a", "Pending", uid="u", labels={LABEL_RUN: "r"}))
+        jobs.observe("ml", "a")
+        now[0] += EXPLAIN_PENDING_AFTER
+        handler_context.set("kopf")  # the pass that queues the Job (and starts the explainer) runs in it
+        jobs.observe("ml", "a")
+        if not background:
+            assert jobs.explain() == 1
+        assert done.wait(5)
+        assert hinted == [("ml", "r", "kopf")]
+        assert "Volcano has not created its pods yet" in jobs.observe("ml", "a").message
+        handler_context.set(None)
+
+
 def test_the_job_handler_feeds_the_backends_observation(monkeypatch):
     seen = []
 
