@@ -44,13 +44,56 @@ def test_supervised_budget_sees_as_many_images_as_one_student(efficacy):
 
 
 def test_checks_pass_when_generations_climb_and_noise_helps(efficacy):
-    r = results([0.83, 0.85, 0.855, 0.86], no_noise=[0.83, 0.84], gap=0.55)
+    r = results([0.83, 0.85, 0.855, 0.86], no_noise=[0.83, 0.845, 0.846, 0.846], gap=0.55)
     assert efficacy.checks(r) == {"generations_monotone": True, "noise_helps": True, "gap_closed_goal": True}
 
 
 def test_checks_fail_on_a_dip_a_useless_noise_or_a_small_gap(efficacy):
-    r = results([0.83, 0.85, 0.849], no_noise=[0.83, 0.86], gap=0.2)
+    r = results([0.83, 0.85, 0.849], no_noise=[0.83, 0.84, 0.86], gap=0.2)
     assert efficacy.checks(r) == {"generations_monotone": False, "noise_helps": False, "gap_closed_goal": False}
+
+
+def test_the_noise_check_compares_the_last_generations_beyond_their_spread(efficacy):
+    """Noise is what lets the generations go on climbing: the check compares the last students of the two
+    chains (a first student without noise may match the noisy one), against the spread of that generation."""
+    last_below = results([0.83, 0.85, 0.86, 0.87], no_noise=[0.83, 0.851, 0.853, 0.855])
+    assert efficacy.checks(last_below)["noise_helps"] is True
+    first_below_only = results([0.83, 0.85, 0.86, 0.87], no_noise=[0.83, 0.84, 0.86, 0.871])
+    assert efficacy.checks(first_below_only)["noise_helps"] is False
+    for name, sd in (("default", 0.02), ("no-noise", 0.001)):
+        last_below["variants"][name]["top1_sd"] = [0.0, 0.001, 0.001, sd]
+    assert efficacy.checks(last_below)["noise_helps"] is False  # 1.5 points, a spread of 2
+    one_generation = results([0.83, 0.85, 0.86, 0.87], no_noise=[0.83, 0.84])  # an older result: its only student
+    assert efficacy.checks(one_generation)["noise_helps"] is True
+
+
+def test_the_students_without_noise_iterate_from_the_defaults_stages_and_the_other_ablations_do_not(efficacy):
+    import argparse
+
+    from noisy_student_operator.api import parse_run
+    from noisy_student_operator.core.keys import workload_identity
+    from noisy_student_operator.core.layout import BALANCE, STUDENT, RunLayout
+
+    args = argparse.Namespace(labels_per_class=100, scale_epochs=1.0, quick=False, device="cpu")
+    base = efficacy.default_run(args, Path("/data/fashion-mnist"))
+
+    def keys(run):
+        spec = parse_run(run).spec
+        return spec, RunLayout.for_run(spec, "default", run["metadata"]["name"],
+                                       workload_identity(spec, spec.scheduler.name)).keys
+
+    default_spec, default_keys = keys(base)
+    spec, chain = keys(efficacy.variant_run(base, "no-noise"))
+    assert len(spec.students) == len(default_spec.students) == 3
+    assert all(s.noise.rand_augment is None and s.noise.dropout == 0 == s.noise.stochastic_depth
+               for s in spec.students)
+    assert [s.epochs for s in spec.students] == [s.epochs for s in default_spec.students]
+    # everything up to the first student's data is the default run's; every student is its own
+    shared = {stage for stage in chain if default_keys.get(stage) == chain[stage]}
+    assert {(s.generation, s.kind) for s in shared} >= {(1, BALANCE)}
+    assert not {s for s in shared if s.kind == STUDENT or s.generation > 1}
+    spec, _ = keys(efficacy.variant_run(base, "hard"))
+    assert len(spec.students) == 1
 
 
 def test_checks_say_not_run_without_the_ablation_or_the_references(efficacy):
@@ -66,7 +109,7 @@ def test_table_shows_every_generation_and_the_verdicts(efficacy):
     assert "| default | — | 83.7 | 85.2 | 85.2 | 85.9 |" in table
     assert "| no-noise | no noise | 83.7 | 84.4 |  |  |" in table
     assert "**29.3 %**" in table
-    assert "no-noise student below the noisy one by more than the spread: yes" in table
+    assert "the last student without noise below the default's by more than the spread: yes" in table
     assert "gap closed ≥ 50%: **no**" in table
 
 
@@ -90,19 +133,28 @@ def test_seeds_give_mean_and_sd_per_cell_and_an_ablation_counts_only_beyond_the_
     assert r["references"]["supervised, no noise"]["corruption_top1"] is None
     r["checks"], r["ablations"] = efficacy.checks(r), efficacy.ablation_effects(r)
     # no-noise: 0.840 vs 0.860, 2.0 points below with a spread of 1.0: noise helps
-    assert r["checks"]["noise_helps"] is True and r["ablations"]["no-noise"]["verdict"] == "hurts"
+    assert r["checks"]["noise_helps"] is True and r["ablations"]["no-noise"][0]["verdict"] == "hurts"
     # hard: 0.8547 vs 0.860, 0.5 points below, within the spread (hard's sd 0.6, default's 1.0)
-    assert r["ablations"]["hard"]["verdict"] == "within the spread"
+    assert r["ablations"]["hard"] == [{"generation": 1, "difference": pytest.approx(-0.00533, abs=1e-5),
+                                       "spread": pytest.approx(0.01), "verdict": "within the spread"}]
     table = efficacy.render_table(r)
     assert "| default | — | 83.0 ± 1.0 | 86.0 ± 1.0 |" in table
     assert "Robustness" in table and "| default | — | 50.0 ± 0.0 | 50.0 ± 0.0 |" in table
-    assert "hard -0.5 (spread 1.0): within the spread" in table
+    assert "hard, student 1: -0.5 (spread 1.0): within the spread" in table
 
 
 def test_one_seed_judges_no_ablation(efficacy):
     r = efficacy.summarise([seed_results(0, [0.83, 0.85], [0.83, 0.80], [0.83, 0.86])])
     assert r["variants"]["default"]["top1_sd"] == [None, None]
-    assert {e["verdict"] for e in efficacy.ablation_effects(r).values()} == {"one seed"}
+    assert {e["verdict"] for compared in efficacy.ablation_effects(r).values() for e in compared} == {"one seed"}
+
+
+def test_an_iterated_ablation_is_judged_at_its_first_and_its_last_student(efficacy):
+    per_seed = [seed_results(s, [0.83, 0.85 + d, 0.86 + d, 0.87 + d], [0.83, 0.85 + d, 0.855 + d, 0.855 + d],
+                             [0.83, 0.85 + d]) for s, d in enumerate((0.0, 0.001, -0.001))]
+    effects = efficacy.ablation_effects(efficacy.summarise(per_seed))
+    assert [(e["generation"], e["verdict"]) for e in effects["no-noise"]] == [(1, "within the spread"), (3, "hurts")]
+    assert [e["generation"] for e in effects["hard"]] == [1]
 
 
 def test_a_reference_is_reused_only_for_the_same_configuration(efficacy, tmp_path, monkeypatch):
