@@ -373,6 +373,17 @@ def spread(results: dict[str, Any], a: str, b: str, generation: int = 1) -> floa
     return max([sd[0] for sd in sds if sd and sd[0] is not None], default=0.0)
 
 
+def against_default(results: dict[str, Any], name: str, generation: int) -> tuple[float, float]:
+    """A variant's student of ``generation`` minus the default's, and the seeds' spread of the two cells."""
+    return (results["variants"][name]["top1"][generation] - results["variants"]["default"]["top1"][generation],
+            spread(results, "default", name, generation))
+
+
+def last_common_generation(results: dict[str, Any], name: str) -> int:
+    """The last generation a variant and the default run both trained."""
+    return min(len(results["variants"][v]["top1"]) for v in ("default", name)) - 1
+
+
 def checks(results: dict[str, Any]) -> dict[str, bool | None]:
     """What the default run must show: each generation at or above the previous one, noise worth
     having (the students without noise, iterated as many generations, end below the default's last
@@ -383,8 +394,8 @@ def checks(results: dict[str, Any]) -> dict[str, bool | None]:
     gap = results["gap_closed"]["noisy_teacher"]
     noise_helps = None
     if len(no_noise) > 1 and len(default) > 1:
-        last = min(len(default), len(no_noise)) - 1
-        noise_helps = default[last] - no_noise[last] > spread(results, "default", "no-noise", last)
+        difference, sd = against_default(results, "no-noise", last_common_generation(results, "no-noise"))
+        noise_helps = -difference > sd
     return {
         "generations_monotone": all(b >= a for a, b in zip(default, default[1:])),
         "noise_helps": noise_helps,
@@ -403,8 +414,8 @@ def ablation_effects(results: dict[str, Any]) -> dict[str, list[dict[str, Any]]]
         if name == "default" or len(v["top1"]) < 2 or len(default) < 2:
             continue
         compared = []
-        for generation in sorted({1, min(len(default), len(v["top1"])) - 1}):
-            diff, sd = v["top1"][generation] - default[generation], spread(results, "default", name, generation)
+        for generation in sorted({1, last_common_generation(results, name)}):
+            diff, sd = against_default(results, name, generation)
             verdict = ("one seed" if one_seed else
                        "hurts" if diff < -sd else "helps" if diff > sd else "within the spread")
             compared.append({"generation": generation, "difference": diff, "spread": sd, "verdict": verdict})
