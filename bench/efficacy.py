@@ -54,6 +54,8 @@ and each starts as soon as what it needs is done: the teacher without noise once
 teacher is, the ablations once its first pseudo labels are balanced, the supervised references once it
 ends, a later seed's default run once the data is prepared. These small models do not scale across
 threads: on two cores, two one-core jobs train about 1.7× the images per second of one two-core job.
+One invocation runs on a machine at a time (a second one exits naming the first): each splits all
+the cores among its own jobs.
 
 Budgets: the default is sized for two CPU cores; ``--quick`` trains a
 40-epoch teacher and 3-epoch students on 1,000 pseudo labels per class (a
@@ -71,6 +73,7 @@ import argparse
 import concurrent.futures
 import contextlib
 import copy
+import fcntl
 import hashlib
 import heapq
 import itertools
@@ -82,6 +85,7 @@ import shutil
 import statistics
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -186,6 +190,30 @@ def pinned(cmd: list[str], cores: list[int] | None) -> list[str]:
     if cores is None or not hasattr(os, "sched_setaffinity"):
         return cmd
     return [sys.executable, "-c", PIN, ",".join(map(str, cores)), *cmd]
+
+
+#: Held by the running invocation: each one splits all of this machine's cores among its own jobs, so two
+#: at once would pin two jobs to each core (and time neither honestly).
+LOCK = Path(tempfile.gettempdir()) / "noisy-student-efficacy.lock"
+
+
+@contextlib.contextmanager
+def sole_invocation(out: Path, lock: Path = LOCK) -> Iterator[None]:
+    """Hold ``lock`` while writing to ``out``; exits naming the holder when another invocation has it."""
+    with open(lock, "a+") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            f.seek(0)
+            raise SystemExit(f"another bench/efficacy.py is running on this machine ({f.read().strip() or 'unknown'}; "
+                             f"lock {lock}): it pins its jobs to every core, so wait for it to end") from None
+        f.truncate(0)
+        f.write(f"pid {os.getpid()}, --out {out}")
+        f.flush()
+        try:
+            yield
+        finally:
+            f.truncate(0)
 
 
 def split_cores(cores: list[int], jobs: int) -> list[list[int]]:
@@ -680,40 +708,41 @@ def main(argv: list[str] | None = None) -> int:
         if not torch.cuda.is_available():
             raise SystemExit("--device cuda: torch sees no CUDA device")
     out = args.out.resolve()
-    out.mkdir(parents=True, exist_ok=True)
-    env = child_env(args.device)
-    selected = set(args.only or ["default", "references", *ABLATIONS])
-    slots = Slots(args.jobs if args.jobs else 1 if args.device == "cuda" else min(len(available_cores()), 8))
-    jobs = Jobs(slots)
-    started = time.perf_counter()
-    data = (jobs.submit("supervised-data", Jobs.DATA,
-                        lambda cores: pack_supervised_data(idx, out, default_run(args, idx)["spec"], env, cores))
-            if "references" in selected else None)
-    scheduled, prepared = [], None
-    for seed in range(args.seeds):
-        seed_results, prepared = schedule_seed(jobs, args, idx, out, env, seed, selected, data, prepared)
-        scheduled.append(seed_results)  # later seeds wait for seed 0's data, then share it
-    per_seed = [f.result() for f in scheduled]
-    results = {
-        "dataset": "fashion-mnist",
-        "labels_per_class": args.labels_per_class,
-        "quick": args.quick,
-        "device": args.device,
-        "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, {platform.node()}",
-        "wall_seconds": round(time.perf_counter() - started, 1),
-        "jobs_side_by_side": len(slots.sets),
-        "job_seconds": {k: round(v, 1) for k, v in jobs.seconds.items()},
-        "run_file": per_seed[0]["run_file"],
-        **summarise(per_seed),
-        "per_seed": per_seed,
-    }
-    results["checks"] = checks(results)
-    results["ablations"] = ablation_effects(results)
-    (out / "results.json").write_text(json.dumps(results, indent=1))
-    table = render_table(results)
-    (out / "results.md").write_text(table)
-    plot(results, out / "efficacy.png")
-    sys.stdout.write(table + f"\nwall time {results['wall_seconds'] / 60:.1f} min; outputs in {out}\n")
+    with sole_invocation(out):
+        out.mkdir(parents=True, exist_ok=True)
+        env = child_env(args.device)
+        selected = set(args.only or ["default", "references", *ABLATIONS])
+        slots = Slots(args.jobs if args.jobs else 1 if args.device == "cuda" else min(len(available_cores()), 8))
+        jobs = Jobs(slots)
+        started = time.perf_counter()
+        data = (jobs.submit("supervised-data", Jobs.DATA,
+                            lambda cores: pack_supervised_data(idx, out, default_run(args, idx)["spec"], env, cores))
+                if "references" in selected else None)
+        scheduled, prepared = [], None
+        for seed in range(args.seeds):
+            seed_results, prepared = schedule_seed(jobs, args, idx, out, env, seed, selected, data, prepared)
+            scheduled.append(seed_results)  # later seeds wait for seed 0's data, then share it
+        per_seed = [f.result() for f in scheduled]
+        results = {
+            "dataset": "fashion-mnist",
+            "labels_per_class": args.labels_per_class,
+            "quick": args.quick,
+            "device": args.device,
+            "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, {platform.node()}",
+            "wall_seconds": round(time.perf_counter() - started, 1),
+            "jobs_side_by_side": len(slots.sets),
+            "job_seconds": {k: round(v, 1) for k, v in jobs.seconds.items()},
+            "run_file": per_seed[0]["run_file"],
+            **summarise(per_seed),
+            "per_seed": per_seed,
+        }
+        results["checks"] = checks(results)
+        results["ablations"] = ablation_effects(results)
+        (out / "results.json").write_text(json.dumps(results, indent=1))
+        table = render_table(results)
+        (out / "results.md").write_text(table)
+        plot(results, out / "efficacy.png")
+        sys.stdout.write(table + f"\nwall time {results['wall_seconds'] / 60:.1f} min; outputs in {out}\n")
     return 0
 
 

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import importlib.util
+import os
+import re
 from pathlib import Path
 
 import pytest
@@ -243,7 +245,6 @@ def test_jobs_run_at_most_one_per_core_set_after_what_they_need_and_fail_with_it
 def test_a_stage_wait_believes_only_a_status_written_since_and_fails_when_the_run_ends_without_it(efficacy, tmp_path):
     import concurrent.futures
     import json
-    import os
     import threading
 
     status = tmp_path / "status.json"
@@ -275,7 +276,6 @@ def test_a_stage_wait_believes_an_older_status_once_the_run_ended_without_rewrit
     """A rerun whose stages are all done ends without writing its status again: what is there is its status."""
     import concurrent.futures
     import json
-    import os
 
     status = tmp_path / "status.json"
     status.write_text(json.dumps({"stages": [{"stage": "balance", "generation": 1, "state": "Complete"}]}))
@@ -288,3 +288,15 @@ def test_a_stage_wait_believes_an_older_status_once_the_run_ended_without_rewrit
     failed.set_exception(SystemExit("fashion-mnist failed"))
     with pytest.raises(SystemExit, match="fashion-mnist failed"):
         efficacy.wait_for_stage(tmp_path, "balance", 1, failed, 0.05)
+
+
+def test_a_second_invocation_on_the_machine_is_refused_naming_the_first(efficacy, tmp_path):
+    # each invocation pins its jobs to every core: two at once would put two jobs on each
+    lock = tmp_path / "efficacy.lock"
+    with efficacy.sole_invocation(tmp_path / "first", lock):
+        with pytest.raises(SystemExit, match=re.escape(f"pid {os.getpid()}, --out {tmp_path / 'first'}")):
+            with efficacy.sole_invocation(tmp_path / "second", lock):
+                pass
+    with efficacy.sole_invocation(tmp_path / "second", lock):  # released when the first ends
+        assert str(tmp_path / "second") in lock.read_text()
+    assert lock.read_text() == ""
