@@ -199,21 +199,31 @@ LOCK = Path(tempfile.gettempdir()) / "noisy-student-efficacy.lock"
 
 @contextlib.contextmanager
 def sole_invocation(out: Path, lock: Path = LOCK) -> Iterator[None]:
-    """Hold ``lock`` while writing to ``out``; exits naming the holder when another invocation has it."""
-    with open(lock, "a+") as f:
+    """Hold ``lock`` while writing to ``out``; exits naming the holder when another invocation has it.
+
+    The lock is the machine's, so whoever creates it leaves it writable for every user; one this user
+    cannot write (another's umask) is still locked, read-only (``flock`` needs no more), holder unwritten."""
+    try:
+        fd, writable = os.open(lock, os.O_RDWR | os.O_CREAT, 0o666), True
+        with contextlib.suppress(PermissionError):  # the umask's share; only the owner may change it
+            os.fchmod(fd, 0o666)
+    except PermissionError:
+        fd, writable = os.open(lock, os.O_RDONLY), False
+    with open(fd, "r+" if writable else "r") as f:
         try:
             fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError:
-            f.seek(0)
             raise SystemExit(f"another bench/efficacy.py is running on this machine ({f.read().strip() or 'unknown'}; "
                              f"lock {lock}): it pins its jobs to every core, so wait for it to end") from None
-        f.truncate(0)
-        f.write(f"pid {os.getpid()}, --out {out}")
-        f.flush()
+        if writable:
+            f.truncate(0)
+            f.write(f"pid {os.getpid()}, --out {out}")
+            f.flush()
         try:
             yield
         finally:
-            f.truncate(0)
+            if writable:
+                f.truncate(0)
 
 
 def split_cores(cores: list[int], jobs: int) -> list[list[int]]:

@@ -300,3 +300,29 @@ def test_a_second_invocation_on_the_machine_is_refused_naming_the_first(efficacy
     with efficacy.sole_invocation(tmp_path / "second", lock):  # released when the first ends
         assert str(tmp_path / "second") in lock.read_text()
     assert lock.read_text() == ""
+
+
+def test_the_lock_serves_every_user_of_the_machine(efficacy, tmp_path, monkeypatch):
+    # one lock per machine in the shared temporary directory: whoever creates it leaves it writable for
+    # the others, and a user who cannot write it (left by an older version, or another umask) still locks
+    # it, read-only, instead of failing with a traceback
+    lock = tmp_path / "efficacy.lock"
+    with efficacy.sole_invocation(tmp_path / "first", lock):
+        assert lock.stat().st_mode & 0o777 == 0o666
+
+    real_open = os.open
+
+    def another_user(path, flags, *args):
+        if Path(path) == lock and flags & (os.O_WRONLY | os.O_RDWR):
+            raise PermissionError(13, "Permission denied", str(path))
+        return real_open(path, flags, *args)
+
+    with efficacy.sole_invocation(tmp_path / "first", lock):
+        monkeypatch.setattr(efficacy.os, "open", another_user)
+        with pytest.raises(SystemExit, match=re.escape(f"pid {os.getpid()}, --out {tmp_path / 'first'}")):
+            with efficacy.sole_invocation(tmp_path / "second", lock):
+                pass
+        monkeypatch.undo()
+    monkeypatch.setattr(efficacy.os, "open", another_user)
+    with efficacy.sole_invocation(tmp_path / "second", lock):  # free: taken read-only, its holder unwritten
+        pass
