@@ -6,7 +6,8 @@ share them: label replicas that ``local_cwd`` starts side by side, or the
 ranks of a training job. Each process holds one *slot* — an advisory lock
 on a file in a host-wide directory — for as long as it runs, and divides
 the cores by the number of slots held. Locks vanish with their process, so
-a crashed replica never keeps its share. Pods in a cluster each have their
+a crashed replica never keeps its share. The directory serves every user of
+the host, as ``/tmp`` does. Pods in a cluster each have their
 own ``/dev/shm`` and count only themselves.
 
 Example::
@@ -17,6 +18,7 @@ s = CoreShare(); print(s.cores(), s.holders(), s.budget())"
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import math
 import os
@@ -47,8 +49,27 @@ def _slot_dir() -> str:
         shm = "/dev/shm"
         base = os.path.join(shm if os.path.isdir(shm) and os.access(shm, os.W_OK) else tempfile.gettempdir(),
                             "noisy-student-cpu")
-    os.makedirs(base, exist_ok=True)
+    try:
+        os.makedirs(base)
+    except FileExistsError:
+        return base
+    os.chmod(base, 0o1777)  # the host's, as /tmp is: every user's workloads take slots in it
     return base
+
+
+def _open_slot(path: str) -> int | None:
+    """A slot file, opened read-only (``flock`` needs no more), so that one another user created serves too;
+    created readable by all if missing. None if this user cannot open it."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_CREAT, 0o666)
+    except PermissionError:  # another user's, in a directory that protects them from O_CREAT
+        try:
+            return os.open(path, os.O_RDONLY)
+        except OSError:
+            return None
+    with contextlib.suppress(PermissionError):  # the umask's share; only the owner may change it
+        os.fchmod(fd, 0o666)
+    return fd
 
 
 class CoreShare:
@@ -59,7 +80,9 @@ class CoreShare:
         self._fd: int | None = None
         self.slot: int | None = None
         for i in range(SLOTS):
-            fd = os.open(os.path.join(self.directory, f"slot-{i:03d}"), os.O_RDWR | os.O_CREAT, 0o666)
+            fd = _open_slot(os.path.join(self.directory, f"slot-{i:03d}"))
+            if fd is None:
+                continue
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except OSError:
@@ -73,12 +96,12 @@ class CoreShare:
 
     def holders(self) -> int:
         """Workload processes holding a slot on this host, this one included."""
-        held = 1 if self.slot is not None else 0
+        held, mine = (0, None) if self.slot is None else (1, f"slot-{self.slot:03d}")
         for name in os.listdir(self.directory):
-            if not name.startswith("slot-") or name == f"slot-{self.slot:03d}":
+            if not name.startswith("slot-") or name == mine:
                 continue
             try:
-                fd = os.open(os.path.join(self.directory, name), os.O_RDWR)
+                fd = os.open(os.path.join(self.directory, name), os.O_RDONLY)
             except OSError:
                 continue
             try:
